@@ -1,0 +1,75 @@
+//! The node's one port, as seen by a format.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::body::Body;
+use crate::error::RegistryError;
+use crate::model::{BlobInfo, NewVersion, PackageChange, PackageKey, PackageRecord, VersionRecord};
+
+/// The repository a request addresses.
+#[derive(Debug, Clone)]
+pub struct RepositoryRef {
+    /// Domain name.
+    pub domain: String,
+    /// Repository name.
+    pub repository: String,
+    /// The format's endpoint for this repository, with a trailing slash:
+    /// `{public_url}/{format}/{domain}/{repository}/`. Absolute URLs in documents start here.
+    pub base_url: String,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// A display name for the principal (npm `whoami`).
+    pub username: String,
+}
+
+/// Metadata, blobs and document cache of one repository and format, as the node offers them.
+///
+/// Reads see every change acknowledged before the request began. Writes are decided
+/// atomically (conflicts such as an existing version come back as [`RegistryError`]).
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// The repository this request addresses.
+    fn repository(&self) -> &RepositoryRef;
+
+    /// The authenticated caller.
+    fn caller(&self) -> &Caller;
+
+    /// The package record, if the package has any version (or tag) here.
+    async fn package(&self, key: &PackageKey) -> Result<Option<PackageRecord>, RegistryError>;
+
+    /// Every version of a package, in no particular order.
+    async fn versions(&self, key: &PackageKey) -> Result<Vec<VersionRecord>, RegistryError>;
+
+    /// One version.
+    async fn version(
+        &self,
+        key: &PackageKey,
+        version: &str,
+    ) -> Result<Option<VersionRecord>, RegistryError>;
+
+    /// Streams a body into the blob store (hashing as it goes) and returns what was stored.
+    /// The blob is durable when this returns, but referenced only once a publish names it.
+    async fn store_blob(&self, body: Body) -> Result<BlobInfo, RegistryError>;
+
+    /// Opens a blob for streaming by SHA-256: its size and a body.
+    async fn open_blob(&self, sha256: &str) -> Result<Option<(u64, Body)>, RegistryError>;
+
+    /// Publishes a new version; fails with [`RegistryError::VersionExists`] if the version
+    /// exists or existed.
+    async fn publish(&self, version: NewVersion) -> Result<(), RegistryError>;
+
+    /// Applies a change to an existing package.
+    async fn change(&self, key: &PackageKey, change: PackageChange) -> Result<(), RegistryError>;
+
+    /// A cached rendered document of a package (`variant` names the rendering), valid only
+    /// for the package record whose `stamp` is given.
+    fn cached_document(&self, key: &PackageKey, variant: &'static str, stamp: u64)
+    -> Option<Bytes>;
+
+    /// Caches a rendered document for the package record with this `stamp`.
+    fn cache_document(&self, key: &PackageKey, variant: &'static str, stamp: u64, doc: Bytes);
+}

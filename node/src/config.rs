@@ -1,0 +1,265 @@
+//! The node's configuration: one TOML file, every field documented with its default.
+//!
+//! `Config::load` parses and validates; unknown keys are rejected. Secrets (the admin
+//! secret key, the cluster secret) never live here: they come from the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys included).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's Raft id, unique in the cluster. Default: `1`.
+    pub node_id: u64,
+    /// Directory holding the node's RocksDB (Raft log, state, blobs). Default: `./granary-data`.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP front (package endpoints, CodeArtifact API, health).
+    /// Default: `127.0.0.1:8080`.
+    pub http_addr: SocketAddr,
+    /// Address of the gRPC endpoint for peer traffic. Default: `127.0.0.1:8081`.
+    pub grpc_addr: SocketAddr,
+    /// The URL clients reach the cluster at (the load balancer's address); repository
+    /// endpoints are built from it. Default: `http://{http_addr}`.
+    pub public_url: Option<String>,
+    /// The region SigV4 requests are signed for, and that ARNs carry. Default: `us-east-1`.
+    pub aws_region: String,
+    /// The account that owns the admin principal and, by default, new domains.
+    /// Default: `000000000000`.
+    pub default_account: String,
+    /// This node's region label (placement and fetch routing). Default: `local`.
+    pub region: String,
+    /// Largest request body accepted on the package endpoints, in bytes. npm publishes
+    /// carry the tarball base64-encoded (+33%). Default: 1 GiB.
+    pub max_body_bytes: u64,
+    /// Largest request body accepted by the CodeArtifact API (JSON documents), in bytes.
+    /// Default: 1 MiB.
+    pub max_api_body_bytes: u64,
+    /// Largest clock skew accepted on SigV4 requests, in seconds. Default: `900` (AWS's).
+    pub sigv4_max_skew_secs: u64,
+    /// Raft timing and log retention.
+    pub raft: RaftConfig,
+    /// Repository actors.
+    pub actors: ActorConfig,
+}
+
+/// Raft timing. The defaults suit one region (round trips of a few milliseconds).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Interval between leader heartbeats, in milliseconds. Default: `100`.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the election timeout, in milliseconds. Default: `400`.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the election timeout, in milliseconds. Default: `800`.
+    pub election_timeout_max_ms: u64,
+    /// Build a state snapshot (and purge the log before it) after this many entries.
+    /// Default: `20000`.
+    pub snapshot_after_entries: u64,
+}
+
+/// Repository actor lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorConfig {
+    /// Stop a repository actor after this many seconds without a message. Default: `300`.
+    pub idle_stop_secs: u64,
+    /// How many restarts a failing actor gets within `restart_window_secs` before the
+    /// failure is escalated. Default: `5`.
+    pub max_restarts: u32,
+    /// The window for `max_restarts`, in seconds. Default: `60`.
+    pub restart_window_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./granary-data"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            public_url: None,
+            aws_region: "us-east-1".to_owned(),
+            default_account: "000000000000".to_owned(),
+            region: "local".to_owned(),
+            max_body_bytes: 1 << 30,
+            max_api_body_bytes: 1 << 20,
+            sigv4_max_skew_secs: 900,
+            raft: RaftConfig::default(),
+            actors: ActorConfig::default(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_after_entries: 20_000,
+        }
+    }
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            idle_stop_secs: 300,
+            max_restarts: 5,
+            restart_window_secs: 60,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.node_id == 0 {
+            return invalid("node_id must be at least 1");
+        }
+        if self.default_account.len() != 12
+            || !self.default_account.bytes().all(|b| b.is_ascii_digit())
+        {
+            return invalid("default_account must be 12 digits");
+        }
+        if self.aws_region.is_empty() || self.region.is_empty() {
+            return invalid("aws_region and region must not be empty");
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("public_url must start with http:// or https://");
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms {
+            return invalid("raft.election_timeout_min_ms must exceed raft.heartbeat_ms > 0");
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return invalid(
+                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms",
+            );
+        }
+        if self.max_body_bytes < 1024 || self.max_api_body_bytes < 1024 {
+            return invalid("body limits must be at least 1024 bytes");
+        }
+        Ok(())
+    }
+
+    /// The public base URL without a trailing slash.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.http_addr),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.aws_region, "us-east-1");
+        assert_eq!(c.default_account, "000000000000");
+        assert_eq!(c.public_url(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::parse("htp_addr = \"1.2.3.4:5\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = Config::parse("[raft]\nheartbeat = 5").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(Config::parse("default_account = \"12\"").is_err());
+        assert!(Config::parse("public_url = \"ftp://x\"").is_err());
+        assert!(Config::parse("[raft]\nelection_timeout_min_ms = 50").is_err());
+    }
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in walk(&dir) {
+            if entry.extension().is_some_and(|e| e == "toml") {
+                Config::load(&entry).unwrap_or_else(|e| panic!("{}: {e}", entry.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1, "no configs found in {}", dir.display());
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+}

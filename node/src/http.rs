@@ -1,0 +1,280 @@
+//! The HTTP front: accepts connections, gives each request an id, and routes it to the
+//! health endpoints, the CodeArtifact API (`/v1/…`) or a format's package endpoints
+//! (`/{format}/{domain}/{repository}/…`), authenticating on the way.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use granary_format::{Action, Body, Caller, Format, FormatError, RepositoryRef};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api;
+use crate::auth::{self, TokenAuthError};
+use crate::node::Node;
+use crate::registry::NodeRegistry;
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Serves HTTP on `listener` until `cancel` fires, then lets open requests finish (bounded).
+pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, cancel: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let npm = Arc::new(granary_format_npm::NpmFormat::new(
+        node.config.max_body_bytes as usize,
+    ));
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let npm = npm.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let node = node.clone();
+            let npm = npm.clone();
+            async move { Ok::<_, Infallible>(route(node, npm, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        // Per-connection task, tied to the shutdown signal through `graceful`.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("connections still open after 10 s; closing them");
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(granary_format::body::full(text.to_owned()))
+        .unwrap_or_else(|_| Response::new(granary_format::body::empty()))
+}
+
+async fn route(
+    node: Arc<Node>,
+    npm: Arc<granary_format_npm::NpmFormat>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let request_id = format!(
+        "{:x}-{:x}",
+        node.started.elapsed().as_millis(),
+        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = req.uri().path().to_owned();
+    let mut resp = if path == "/healthz" || path == "/readyz" {
+        if node.ready() {
+            plain(StatusCode::OK, "ok\n")
+        } else {
+            plain(StatusCode::SERVICE_UNAVAILABLE, "no leader\n")
+        }
+    } else if path.starts_with("/v1/") {
+        api::handle(&node, req, &request_id).await
+    } else if let Some(rest) = path.strip_prefix("/npm/") {
+        let rest = rest.to_owned();
+        serve_format(&node, &*npm, req, &rest, &request_id).await
+    } else {
+        plain(StatusCode::NOT_FOUND, "not found\n")
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn format_error<F: Format>(format: &F, err: FormatError, request_id: &str) -> Response<Body> {
+    if let FormatError::Internal(detail) = &err {
+        tracing::error!(request_id, format = F::NAME, error = %detail, "internal error");
+    }
+    let mut resp = format.error_response(&err);
+    if err.status() == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert("retry-after", http::HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Checks the path under a repository before any format sees it: no empty segments (a
+/// trailing slash aside), no `.` or `..` (also percent-encoded), no backslashes or control
+/// characters.
+fn path_is_safe(inner: &str) -> bool {
+    let trimmed = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return true;
+    }
+    trimmed.split('/').all(|seg| {
+        let Ok(decoded) = percent_encoding::percent_decode_str(seg).decode_utf8() else {
+            return false;
+        };
+        !seg.is_empty()
+            && !decoded.chars().any(|c| c == '\\' || c.is_control())
+            && decoded.split('/').all(|part| part != "." && part != "..")
+    })
+}
+
+/// Checks one path segment naming a domain or repository.
+fn segment_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+async fn serve_format<F: Format>(
+    node: &Arc<Node>,
+    format: &F,
+    req: Request<Incoming>,
+    rest: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let mut segments = rest.splitn(3, '/');
+    let domain = segments.next().unwrap_or("");
+    let repository = segments.next().unwrap_or("");
+    let Some(inner) = segments.next() else {
+        return format_error(
+            format,
+            FormatError::NotFound("Not found".into()),
+            request_id,
+        );
+    };
+    if !segment_ok(domain) || !segment_ok(repository) {
+        return format_error(
+            format,
+            FormatError::BadRequest("invalid domain or repository in the path".into()),
+            request_id,
+        );
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if !path_is_safe(inner) {
+        return format_error(
+            format,
+            FormatError::BadRequest(
+                "invalid path: empty, '.' or '..' segments are not allowed".into(),
+            ),
+            request_id,
+        );
+    }
+    let claims = match auth::authenticate_token(&node.state, req.headers(), domain, now) {
+        Ok(c) => c,
+        Err(TokenAuthError::Store(e)) => {
+            return format_error(format, FormatError::Internal(e.to_string()), request_id);
+        }
+        Err(TokenAuthError::WrongDomain(d)) => {
+            return format_error(
+                format,
+                FormatError::Forbidden(format!(
+                    "the authorization token is not valid for domain {d}"
+                )),
+                request_id,
+            );
+        }
+        Err(e) => {
+            tracing::debug!(request_id, error = %e, "package request not authenticated");
+            return format_error(format, FormatError::Unauthorized, request_id);
+        }
+    };
+    match node.state.repository(domain, repository) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return format_error(
+                format,
+                FormatError::NotFound(format!(
+                    "repository {repository} not found in domain {domain}"
+                )),
+                request_id,
+            );
+        }
+        Err(e) => return format_error(format, FormatError::Internal(e.to_string()), request_id),
+    }
+    let (parts, body) = req.into_parts();
+    let route = match format.route(&parts, inner) {
+        Ok(r) => r,
+        Err(e) => return format_error(format, e, request_id),
+    };
+    // Every principal with a token for the domain may read and publish until policies
+    // (a later change) narrow it; the action is still computed so that check has a place.
+    let _action: Action = F::action(&route);
+    let body: Body = http_body_util::Limited::new(body, node.config.max_body_bytes as usize)
+        .map_err(|e| e as granary_format::body::BodyError)
+        .boxed_unsync();
+    let registry = NodeRegistry {
+        node: node.clone(),
+        format: F::NAME,
+        repo: RepositoryRef {
+            domain: domain.to_owned(),
+            repository: repository.to_owned(),
+            base_url: format!("{}/{}/{domain}/{repository}/", node.public_url, F::NAME),
+        },
+        caller: Caller {
+            username: claims
+                .principal
+                .rsplit('/')
+                .next()
+                .unwrap_or("aws")
+                .to_owned(),
+        },
+    };
+    match format.handle(route, body, &registry).await {
+        Ok(resp) => resp,
+        Err(e) => format_error(format, e, request_id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for ok in [
+            "",
+            "pkg",
+            "@s%2fp",
+            "@s/p",
+            "p/-/p-1.0.0.tgz",
+            "simple/",
+            "-/package/p/dist-tags/latest",
+        ] {
+            assert!(path_is_safe(ok), "{ok}");
+        }
+        for bad in [
+            "/p",
+            "a//b",
+            "..",
+            "a/../b",
+            "./a",
+            "%2e%2e/a",
+            "a/..%2f..%2fx",
+            "a%5cb",
+            "a%00b",
+            "a/%2E",
+        ] {
+            assert!(!path_is_safe(bad), "{bad}");
+        }
+    }
+}

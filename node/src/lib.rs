@@ -1,0 +1,29 @@
+//! granary-node: one Granary node — HTTP front, CodeArtifact API, authentication, Raft
+//! metadata, RocksDB storage, repository actors — and [`run`], which starts and stops it.
+//!
+//! ```text
+//!  client ─HTTP─▶ http (hyper) ─▶ auth (SigV4 | token) ─┬─▶ api    (/v1/…, CodeArtifact)
+//!                                                       └─▶ formats (/npm/{domain}/{repo}/…)
+//!                                                              │ via registry (the Registry port)
+//!        reads ─▶ state::StateView (RocksDB)     blobs ─▶ store::blob (RocksDB, chunked)
+//!        writes ─▶ actors::RepositoryActor ─▶ raft (openraft) ─▶ state::apply on every node
+//!  peers ─gRPC─▶ grpc (Raft traffic, status)
+//! ```
+//!
+//! The node depends on every other Granary crate; none of them depends on it.
+
+mod actors;
+mod api;
+mod auth;
+pub mod config;
+mod docs;
+mod grpc;
+mod http;
+mod node;
+pub mod raft;
+mod registry;
+pub mod state;
+pub mod store;
+
+pub use config::Config;
+pub use node::{Error, Node, run};

@@ -1,0 +1,114 @@
+//! The `granary` binary: parses the command line, loads the configuration, runs the node,
+//! and maps errors to an exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use granary_node::Config;
+
+/// Granary: a self-hosted artifact repository service in the shape of AWS CodeArtifact.
+#[derive(Parser)]
+#[command(name = "granary", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. With no options: one node, data in ./granary-data, HTTP on
+    /// 127.0.0.1:8080, gRPC on 127.0.0.1:8081.
+    Server(ServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// TOML configuration file (see configs/single.toml for every key and its default).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address (overrides `http_addr`).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// gRPC listen address (overrides `grpc_addr`).
+    #[arg(long, value_name = "ADDR")]
+    grpc: Option<SocketAddr>,
+    /// Public URL clients use (overrides `public_url`).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+}
+
+fn load(args: ServerArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(a) = args.http {
+        config.http_addr = a;
+    }
+    if let Some(a) = args.grpc {
+        config.grpc_addr = a;
+    }
+    if let Some(u) = args.public_url {
+        config.public_url = Some(u);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(args) => load(args).and_then(|config| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(granary_node::run(config, shutdown_signal()))?;
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("granary: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

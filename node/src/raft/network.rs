@@ -1,0 +1,181 @@
+//! Raft traffic between nodes over gRPC (`granary_protocol::pb::raft_*`).
+//!
+//! openraft's requests and responses travel as JSON payloads inside the protobuf
+//! messages; the receiving side ([`RaftService`]) hands them to its local Raft.
+
+use granary_protocol::pb;
+use granary_protocol::pb::raft_client::RaftClient;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+
+use super::{NodeId, NodeInfo, Raft, TypeConfig};
+
+/// Creates one [`PeerClient`] per target.
+#[derive(Clone, Default)]
+pub(crate) struct GrpcNetwork;
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
+        PeerClient {
+            target,
+            addr: format!("http://{}", node.grpc_addr),
+            client: None,
+        }
+    }
+}
+
+/// A connection to one peer, made on first use and kept.
+pub(crate) struct PeerClient {
+    target: NodeId,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+type RpcErr<E> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl PeerClient {
+    async fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let channel = Channel::from_shared(self.addr.clone())
+            .map_err(|e| Unreachable::new(&Msg(e.to_string())))?
+            .connect()
+            .await
+            .map_err(|e| Unreachable::new(&e))?;
+        let c = RaftClient::new(channel);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call<Req, Resp, E>(&mut self, kind: Kind, req: &Req) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client().await?;
+        let request = pb::RaftRequest { payload };
+        let reply = match kind {
+            Kind::Append => client.append_entries(request).await,
+            Kind::Vote => client.vote(request).await,
+            Kind::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                self.client = None;
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+        };
+        if reply.is_error {
+            let err: RaftError<NodeId, E> = serde_json::from_slice(&reply.payload)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Err(RPCError::RemoteError(RemoteError::new(self.target, err)));
+        }
+        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+enum Kind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call(Kind::Append, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call(Kind::Snapshot, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call(Kind::Vote, &rpc).await
+    }
+}
+
+/// The receiving side: hands peer requests to the local Raft.
+pub(crate) struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub(crate) fn new(raft: Raft) -> Self {
+        RaftService { raft }
+    }
+}
+
+fn reply<T: Serialize, E: Serialize>(
+    r: Result<T, E>,
+) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
+    let (payload, is_error) = match r {
+        Ok(v) => (serde_json::to_vec(&v), false),
+        Err(e) => (serde_json::to_vec(&e), true),
+    };
+    let payload = payload.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    Ok(tonic::Response::new(pb::RaftReply { payload, is_error }))
+}
+
+fn parse<T: DeserializeOwned>(req: tonic::Request<pb::RaftRequest>) -> Result<T, tonic::Status> {
+    serde_json::from_slice(&req.into_inner().payload)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: tonic::Request<pb::RaftRequest>,
+    ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
+        let req: AppendEntriesRequest<TypeConfig> = parse(request)?;
+        reply(self.raft.append_entries(req).await)
+    }
+
+    async fn vote(
+        &self,
+        request: tonic::Request<pb::RaftRequest>,
+    ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
+        let req: VoteRequest<NodeId> = parse(request)?;
+        reply(self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: tonic::Request<pb::RaftRequest>,
+    ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = parse(request)?;
+        reply(self.raft.install_snapshot(req).await)
+    }
+}

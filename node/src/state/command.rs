@@ -1,0 +1,194 @@
+//! Raft commands: every metadata mutation, and what applying it returned.
+//!
+//! Commands carry everything apply needs (timestamps included) so that apply is
+//! deterministic on every node. Conflicts are decided in apply and returned as
+//! [`CommandResult::Failed`], never as storage errors.
+
+use granary_format::model::{PackageKey, VersionRecord};
+use serde::{Deserialize, Serialize};
+
+use super::model::{DomainRecord, Principal, RepositoryRecord, TokenKey};
+
+/// A metadata mutation, proposed through Raft and applied on every node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds a token-signing key.
+    PutTokenKey(TokenKey),
+    /// Adds or replaces a principal and its access key.
+    PutPrincipal(Principal),
+    /// Creates a domain.
+    CreateDomain(DomainRecord),
+    /// Deletes a domain that has no repositories.
+    DeleteDomain {
+        /// Domain name.
+        name: String,
+    },
+    /// Creates a repository.
+    CreateRepository(RepositoryRecord),
+    /// Changes a repository's description or upstream list.
+    UpdateRepository {
+        /// Domain name.
+        domain: String,
+        /// Repository name.
+        name: String,
+        /// New description, if given.
+        description: Option<String>,
+        /// New upstream list (replaces the old one), if given.
+        upstreams: Option<Vec<String>>,
+    },
+    /// Deletes a repository and its packages.
+    DeleteRepository {
+        /// Domain name.
+        domain: String,
+        /// Repository name.
+        name: String,
+    },
+    /// Publishes a new package version.
+    PublishVersion {
+        /// Where.
+        target: PackageTarget,
+        /// The version; `revision` is assigned by apply.
+        version: Box<VersionRecord>,
+        /// Tags to point at it.
+        tags: Vec<String>,
+    },
+    /// Changes an existing package.
+    ChangePackage {
+        /// Where.
+        target: PackageTarget,
+        /// What.
+        change: Change,
+        /// When (Unix milliseconds).
+        now_ms: i64,
+    },
+}
+
+/// A package in a repository and format.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PackageTarget {
+    /// Domain name.
+    pub domain: String,
+    /// Repository name.
+    pub repository: String,
+    /// Format name (`npm`).
+    pub format: String,
+    /// The package.
+    pub package: PackageKey,
+}
+
+/// A change to an existing package (the replicated form of
+/// `granary_format::model::PackageChange`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Change {
+    /// Point a tag at an existing version.
+    SetTag {
+        /// Tag.
+        tag: String,
+        /// Version.
+        version: String,
+    },
+    /// Remove a tag.
+    RemoveTag {
+        /// Tag.
+        tag: String,
+    },
+    /// Replace a version's format metadata.
+    ReplaceMetadata {
+        /// Version.
+        version: String,
+        /// New manifest.
+        metadata: serde_json::Value,
+    },
+    /// Delete a version.
+    DeleteVersion {
+        /// Version.
+        version: String,
+    },
+}
+
+impl From<granary_format::model::PackageChange> for Change {
+    fn from(c: granary_format::model::PackageChange) -> Self {
+        use granary_format::model::PackageChange as P;
+        match c {
+            P::SetTag { tag, version } => Change::SetTag { tag, version },
+            P::RemoveTag { tag } => Change::RemoveTag { tag },
+            P::ReplaceMetadata { version, metadata } => {
+                Change::ReplaceMetadata { version, metadata }
+            }
+            P::DeleteVersion { version } => Change::DeleteVersion { version },
+        }
+    }
+}
+
+/// The kinds of resource the API names in its errors (`resourceType`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ResourceKind {
+    /// A domain.
+    Domain,
+    /// A repository.
+    Repository,
+    /// A package.
+    Package,
+    /// A package version.
+    PackageVersion,
+    /// An asset.
+    Asset,
+}
+
+impl ResourceKind {
+    /// The API's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Domain => "domain",
+            ResourceKind::Repository => "repository",
+            ResourceKind::Package => "package",
+            ResourceKind::PackageVersion => "package-version",
+            ResourceKind::Asset => "asset",
+        }
+    }
+}
+
+/// Why apply refused a command. Nothing was changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A resource the command names does not exist.
+    #[error("{} {id} not found", kind.as_str())]
+    NotFound {
+        /// What kind.
+        kind: ResourceKind,
+        /// Which.
+        id: String,
+    },
+    /// The command conflicts with the current state.
+    #[error("{message}")]
+    Conflict {
+        /// What kind.
+        kind: ResourceKind,
+        /// Which.
+        id: String,
+        /// Why.
+        message: String,
+    },
+    /// The version exists already.
+    #[error("version {version} already exists")]
+    VersionExists {
+        /// The version.
+        version: String,
+    },
+    /// The command is invalid for the current state.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What applying a command returned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Applied; nothing to return.
+    Done,
+    /// Applied; the domain as it is now (or was, when deleted).
+    Domain(DomainRecord),
+    /// Applied; the repository as it is now (or was, when deleted).
+    Repository(RepositoryRecord),
+    /// Refused; nothing changed.
+    Failed(ApplyError),
+}

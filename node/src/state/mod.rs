@@ -1,0 +1,216 @@
+//! The replicated state: what every node holds after applying the Raft log.
+//!
+//! `apply` (deterministic, one WriteBatch per entry) is the only writer; [`StateView`] is
+//! the read side used by the API, the formats' registry and authentication. Neither calls
+//! actors; after apply, the Raft state machine publishes a change notification.
+
+pub(crate) mod apply;
+pub mod command;
+pub(crate) mod keys;
+pub mod model;
+
+use granary_format::model::{PackageKey, PackageRecord, VersionRecord};
+use serde::de::DeserializeOwned;
+
+use crate::store::{CF_STATE, Store, StoreError};
+use model::{DomainRecord, Principal, RepositoryRecord, TokenKey};
+
+/// Read access to the applied state.
+#[derive(Clone)]
+pub struct StateView {
+    store: Store,
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+impl StateView {
+    /// A view over the store's state column family.
+    pub fn new(store: Store) -> Self {
+        StateView { store }
+    }
+
+    fn get<T: DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        let cf = self.store.cf(CF_STATE);
+        match self.store.db().get_pinned_cf(cf, key)? {
+            Some(v) => decode(what, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every (key, value) under a prefix, in key order, decoded.
+    fn scan<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let cf = self.store.cf(CF_STATE);
+        let mut out = Vec::new();
+        let iter = self.store.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), decode(what, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Whether any key starts with `prefix`.
+    fn any(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        let cf = self.store.cf(CF_STATE);
+        let mut iter = self.store.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
+        match iter.next() {
+            Some(item) => Ok(item?.0.starts_with(prefix)),
+            None => Ok(false),
+        }
+    }
+
+    /// A domain.
+    pub fn domain(&self, name: &str) -> Result<Option<DomainRecord>, StoreError> {
+        self.get("domain", &keys::domain(name))
+    }
+
+    /// Every domain, by name.
+    pub fn domains(&self) -> Result<Vec<DomainRecord>, StoreError> {
+        Ok(self
+            .scan("domain", &[keys::DOMAIN])?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
+    }
+
+    /// A repository.
+    pub fn repository(
+        &self,
+        domain: &str,
+        name: &str,
+    ) -> Result<Option<RepositoryRecord>, StoreError> {
+        self.get("repository", &keys::repository(domain, name))
+    }
+
+    /// Every repository of a domain (or of all domains), by domain then name.
+    pub fn repositories(&self, domain: Option<&str>) -> Result<Vec<RepositoryRecord>, StoreError> {
+        let prefix = match domain {
+            Some(d) => keys::key(keys::REPOSITORY, &[d]),
+            None => vec![keys::REPOSITORY],
+        };
+        Ok(self
+            .scan("repository", &prefix)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// Whether a domain has any repository.
+    pub fn has_repositories(&self, domain: &str) -> Result<bool, StoreError> {
+        self.any(&keys::key(keys::REPOSITORY, &[domain]))
+    }
+
+    /// A package in a repository and format.
+    pub fn package(
+        &self,
+        domain: &str,
+        repo: &str,
+        format: &str,
+        pkg: &PackageKey,
+    ) -> Result<Option<PackageRecord>, StoreError> {
+        self.get("package", &keys::package(domain, repo, format, pkg))
+    }
+
+    /// Packages of a repository, optionally of one format, by format, namespace, name.
+    pub fn packages(
+        &self,
+        domain: &str,
+        repo: &str,
+        format: Option<&str>,
+    ) -> Result<Vec<(String, PackageRecord)>, StoreError> {
+        let prefix = match format {
+            Some(f) => keys::key(keys::PACKAGE, &[domain, repo, f]),
+            None => keys::key(keys::PACKAGE, &[domain, repo]),
+        };
+        Ok(self
+            .scan::<PackageRecord>("package", &prefix)?
+            .into_iter()
+            .map(|(k, p)| {
+                let format = keys::parts(&k)
+                    .get(2)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                (format, p)
+            })
+            .collect())
+    }
+
+    /// Every version of a package.
+    pub fn versions(
+        &self,
+        domain: &str,
+        repo: &str,
+        format: &str,
+        pkg: &PackageKey,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        let prefix = keys::key(
+            keys::VERSION,
+            &[
+                domain,
+                repo,
+                format,
+                pkg.namespace.as_deref().unwrap_or(""),
+                &pkg.name,
+            ],
+        );
+        Ok(self
+            .scan("version", &prefix)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// One version.
+    pub fn version(
+        &self,
+        domain: &str,
+        repo: &str,
+        format: &str,
+        pkg: &PackageKey,
+        version: &str,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        self.get(
+            "version",
+            &keys::version(domain, repo, format, pkg, version),
+        )
+    }
+
+    /// The principal holding an access key.
+    pub fn principal(&self, access_key_id: &str) -> Result<Option<Principal>, StoreError> {
+        self.get("principal", &keys::access_key(access_key_id))
+    }
+
+    /// Whether any principal exists.
+    pub fn has_principals(&self) -> Result<bool, StoreError> {
+        self.any(&[keys::ACCESS_KEY])
+    }
+
+    /// A token-signing key.
+    pub fn token_key(&self, kid: &str) -> Result<Option<TokenKey>, StoreError> {
+        self.get("token key", &keys::token_key(kid))
+    }
+
+    /// Every token-signing key, by id.
+    pub fn token_keys(&self) -> Result<Vec<TokenKey>, StoreError> {
+        Ok(self
+            .scan("token key", &[keys::TOKEN_KEY])?
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect())
+    }
+}

@@ -1,0 +1,93 @@
+//! Local storage of one node: a single RocksDB with one column family per concern.
+//!
+//! ```text
+//!   raft_log   index (u64 BE)            → openraft Entry (JSON)
+//!   raft_meta  "vote" | "committed" | "purged" | "snapshot"
+//!   state      the replicated state machine (see `state::keys`)
+//!   blobs      data id (16 B) ‖ chunk# (u32 BE) → chunk bytes      (blob files on)
+//!   blob_meta  sha256 (32 B)                → BlobMeta (JSON)
+//! ```
+//!
+//! This module owns opening the database and checking its column families; the Raft log,
+//! the state machine and the blob store each own their column families' contents.
+
+pub(crate) mod blob;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options};
+
+pub(crate) const CF_RAFT_LOG: &str = "raft_log";
+pub(crate) const CF_RAFT_META: &str = "raft_meta";
+pub(crate) const CF_STATE: &str = "state";
+pub(crate) const CF_BLOBS: &str = "blobs";
+pub(crate) const CF_BLOB_META: &str = "blob_meta";
+
+const ALL_CFS: [&str; 5] = [CF_RAFT_LOG, CF_RAFT_META, CF_STATE, CF_BLOBS, CF_BLOB_META];
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB reported an error (disk full, I/O error, corruption detected by RocksDB).
+    #[error("storage: {0}")]
+    Io(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        StoreError::Io(e.into_string())
+    }
+}
+
+/// The node's RocksDB, shared by the Raft log, the state machine and the blob store.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`, with every column family.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            if *name == CF_BLOBS {
+                // Chunks are large and written once: keep them out of the LSM tree so
+                // compaction does not rewrite them.
+                cf.set_enable_blob_files(true);
+                cf.set_min_blob_size(4096);
+                cf.set_enable_blob_gc(true);
+            }
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
+        for name in ALL_CFS {
+            if db.cf_handle(name).is_none() {
+                return Err(StoreError::Corrupt(format!("column family {name} missing")));
+            }
+        }
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// The database.
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// A column family handle; every family is checked at open.
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| unreachable!("column family {name} is checked at open"))
+    }
+}

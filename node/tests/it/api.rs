@@ -1,0 +1,317 @@
+use serde_json::json;
+
+use crate::harness::{Resp, Server, fake_tgz, npm_path, npm_publish_body};
+
+fn assert_error(r: &Resp, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(
+        r.headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok()),
+        Some(code),
+        "{}",
+        r.text()
+    );
+    let body = r.json();
+    assert_eq!(body["__type"], code);
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn domain_and_repository_lifecycle() {
+    let server = Server::start();
+    let c = server.client();
+    let r = c
+        .api(
+            "POST",
+            "/v1/domain?domain=lifecycle",
+            Some(json!({"tags": [{"key": "team", "value": "a"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = r.json()["domain"].clone();
+    assert_eq!(d["name"], "lifecycle");
+    assert_eq!(d["owner"], "000000000000");
+    assert_eq!(
+        d["arn"],
+        "arn:aws:codeartifact:us-east-1:000000000000:domain/lifecycle"
+    );
+    assert!(d["createdTime"].as_f64().unwrap() > 1.7e9);
+
+    assert_error(
+        &c.api("POST", "/v1/domain?domain=lifecycle", None).await,
+        409,
+        "ConflictException",
+    );
+    let r = c.api("GET", "/v1/domain?domain=nope", None).await;
+    assert_error(&r, 404, "ResourceNotFoundException");
+    assert_eq!(r.json()["resourceType"], "domain");
+
+    for repo in ["base", "mid", "top"] {
+        let r = c
+            .api(
+                "POST",
+                &format!("/v1/repository?domain=lifecycle&repository={repo}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Upstreams: stored in order, unknown ones refused, cycles refused.
+    let r = c
+        .api(
+            "PUT",
+            "/v1/repository?domain=lifecycle&repository=top",
+            Some(json!({"upstreams": [{"repositoryName": "mid"}, {"repositoryName": "base"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["repository"]["upstreams"],
+        json!([{"repositoryName": "mid"}, {"repositoryName": "base"}])
+    );
+    let r = c
+        .api(
+            "PUT",
+            "/v1/repository?domain=lifecycle&repository=mid",
+            Some(json!({"upstreams": [{"repositoryName": "top"}]})),
+        )
+        .await;
+    assert_error(&r, 400, "ValidationException");
+    let r = c
+        .api(
+            "PUT",
+            "/v1/repository?domain=lifecycle&repository=mid",
+            Some(json!({"upstreams": [{"repositoryName": "ghost"}]})),
+        )
+        .await;
+    assert_error(&r, 404, "ResourceNotFoundException");
+    let r = c
+        .api(
+            "GET",
+            "/v1/repository?domain=lifecycle&repository=mid",
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.json()["repository"]["upstreams"],
+        json!([]),
+        "refused updates changed nothing"
+    );
+
+    // Listing with paging.
+    let r = c
+        .api(
+            "POST",
+            "/v1/domain/repositories?domain=lifecycle&max-results=2",
+            None,
+        )
+        .await;
+    let page = r.json();
+    assert_eq!(page["repositories"].as_array().unwrap().len(), 2);
+    let next = page["nextToken"].as_str().unwrap().to_owned();
+    let r = c
+        .api(
+            "POST",
+            &format!("/v1/domain/repositories?domain=lifecycle&max-results=2&next-token={next}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["repositories"].as_array().unwrap().len(), 1);
+    let r = c
+        .api("POST", "/v1/repositories?repository-prefix=mi", None)
+        .await;
+    assert_eq!(r.json()["repositories"][0]["name"], "mid");
+
+    // Endpoint and token.
+    let r = c
+        .api(
+            "GET",
+            "/v1/repository/endpoint?domain=lifecycle&repository=top&format=npm",
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.json()["repositoryEndpoint"],
+        format!("{}/npm/lifecycle/top/", server.url())
+    );
+    let r = c
+        .api(
+            "POST",
+            "/v1/authorization-token?domain=lifecycle&duration=900",
+            None,
+        )
+        .await;
+    let tok = r.json();
+    let exp = tok["expiration"].as_f64().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!((exp - now - 900.0).abs() < 30.0, "{tok}");
+    assert_error(
+        &c.api(
+            "POST",
+            "/v1/authorization-token?domain=lifecycle&duration=100",
+            None,
+        )
+        .await,
+        400,
+        "ValidationException",
+    );
+
+    // Deletion order: a domain with repositories and an upstream in use are refused.
+    assert_error(
+        &c.api("DELETE", "/v1/domain?domain=lifecycle", None).await,
+        409,
+        "ConflictException",
+    );
+    assert_error(
+        &c.api(
+            "DELETE",
+            "/v1/repository?domain=lifecycle&repository=mid",
+            None,
+        )
+        .await,
+        409,
+        "ConflictException",
+    );
+    for repo in ["top", "mid", "base"] {
+        let r = c
+            .api(
+                "DELETE",
+                &format!("/v1/repository?domain=lifecycle&repository={repo}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = c.api("DELETE", "/v1/domain?domain=lifecycle", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["domain"]["status"], "Deleted");
+    let r = c.api("POST", "/v1/domains", Some(json!({}))).await;
+    assert_eq!(r.json()["domains"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn package_operations_show_published_versions() {
+    let server = Server::start();
+    let c = server.client();
+    let token = c.setup("pk", "repo").await;
+    for (name, version) in [
+        ("@team/lib", "1.0.0"),
+        ("@team/lib", "1.1.0"),
+        ("plain", "0.1.0"),
+    ] {
+        let tgz = fake_tgz(version.len() as u64 + name.len() as u64, 3000);
+        let body = npm_publish_body(
+            name,
+            version,
+            &tgz,
+            json!({"license": "MIT", "homepage": "https://example.com/lib"}),
+        );
+        let r = c
+            .raw(
+                "PUT",
+                &format!("/npm/pk/repo/{}", npm_path(name)),
+                &[
+                    ("authorization", format!("Bearer {token}")),
+                    ("content-type", "application/json".into()),
+                ],
+                body.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let r = c
+        .api(
+            "POST",
+            "/v1/packages?domain=pk&repository=repo&format=npm",
+            None,
+        )
+        .await;
+    let pkgs = r.json()["packages"].clone();
+    assert_eq!(pkgs.as_array().unwrap().len(), 2, "{pkgs}");
+    assert!(
+        pkgs.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["namespace"] == "team" && p["package"] == "lib")
+    );
+    assert_eq!(
+        pkgs[0]["originConfiguration"]["restrictions"]["publish"],
+        "ALLOW"
+    );
+    assert_eq!(
+        pkgs[0]["originConfiguration"]["restrictions"]["upstream"],
+        "BLOCK"
+    );
+
+    let r = c
+        .api(
+            "GET",
+            "/v1/package?domain=pk&repository=repo&format=npm&namespace=team&package=lib",
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["package"]["name"], "lib", "{}", r.text());
+
+    let r = c
+        .api(
+            "POST",
+            "/v1/package/versions?domain=pk&repository=repo&format=npm&namespace=team&package=lib",
+            None,
+        )
+        .await;
+    let v = r.json();
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["defaultDisplayVersion"], "1.1.0");
+    assert_eq!(v["versions"][0]["version"], "1.0.0");
+
+    let r = c
+        .api("GET", "/v1/package/version?domain=pk&repository=repo&format=npm&namespace=team&package=lib&version=1.1.0", None)
+        .await;
+    let pv = r.json()["packageVersion"].clone();
+    assert_eq!(pv["displayName"], "@team/lib", "{pv}");
+    assert_eq!(pv["homePage"], "https://example.com/lib");
+    assert_eq!(pv["licenses"], json!([{"name": "MIT"}]));
+
+    let r = c
+        .api("POST", "/v1/package/version/assets?domain=pk&repository=repo&format=npm&namespace=team&package=lib&version=1.1.0", None)
+        .await;
+    let assets = r.json();
+    let asset = &assets["assets"][0];
+    assert_eq!(asset["name"], "lib-1.1.0.tgz", "{assets}");
+    let tgz = fake_tgz("1.1.0".len() as u64 + "@team/lib".len() as u64, 3000);
+    assert_eq!(asset["size"], 3000);
+    assert_eq!(
+        asset["hashes"]["SHA-256"],
+        granary_format::hashing::hash_bytes(&tgz).sha256
+    );
+
+    let r = c
+        .api(
+            "GET",
+            "/v1/package/version/asset?domain=pk&repository=repo&format=npm&namespace=team&package=lib&version=1.1.0&asset=lib-1.1.0.tgz",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, tgz);
+    assert_eq!(r.headers["x-packageversion"], "1.1.0");
+
+    let r = c
+        .api(
+            "GET",
+            "/v1/package/version?domain=pk&repository=repo&format=npm&package=plain&version=9.9.9",
+            None,
+        )
+        .await;
+    assert_error(&r, 404, "ResourceNotFoundException");
+    assert_eq!(r.json()["resourceType"], "package-version");
+    let r = c
+        .api(
+            "GET",
+            "/v1/package?domain=pk&repository=repo&format=pip&package=plain",
+            None,
+        )
+        .await;
+    assert_error(&r, 400, "ValidationException");
+}

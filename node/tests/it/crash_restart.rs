@@ -1,0 +1,146 @@
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{Server, fake_tgz, npm_path, npm_publish_body};
+
+/// SIGKILL the node in the middle of a burst of publishes, restart it on the same data
+/// directory: every publish that was acknowledged (201) is there, with the right bytes.
+#[test]
+fn sigkill_during_publish_burst_keeps_every_acknowledged_publish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut server = Server::start_on(&dir, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = server.client();
+    let token = rt.block_on(client.setup("crash", "repo"));
+
+    // version -> tarball bytes, for every 201 the clients saw.
+    let acked: Arc<Mutex<BTreeMap<String, Vec<u8>>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let (client, token, acked, stop) =
+            (client.clone(), token.clone(), acked.clone(), stop.clone());
+        workers.push(rt.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 10_000 {
+                let name = format!("pkg-{w}");
+                let version = format!("1.0.{i}");
+                let tgz = fake_tgz(w * 100_000 + i, 2000 + (i as usize % 7) * 1000);
+                let body = npm_publish_body(&name, &version, &tgz, json!({}));
+                let r = reqwest::Client::new()
+                    .put(format!(
+                        "{}/npm/crash/repo/{}",
+                        client.base,
+                        npm_path(&name)
+                    ))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().as_u16() == 201 => {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(format!("{name}@{version}"), tgz);
+                    }
+                    Ok(r) => {
+                        let s = r.status();
+                        panic!(
+                            "unexpected status {s}: {}",
+                            r.text().await.unwrap_or_default()
+                        );
+                    }
+                    Err(_) => return, // the server is gone
+                }
+                i += 1;
+            }
+        }));
+    }
+    // Kill once the burst is well under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 150 {
+        assert!(
+            Instant::now() < deadline,
+            "publishes are not being acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        rt.block_on(w).unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 150);
+
+    let server = Server::start_on(&dir, &[]);
+    let client = server.client();
+    let token = rt.block_on(client.token("crash"));
+    rt.block_on(async {
+        for (id, tgz) in &acked {
+            let (name, version) = id.split_once('@').unwrap();
+            let r = client
+                .raw(
+                    "GET",
+                    &format!("/npm/crash/repo/{name}/-/{name}-{version}.tgz"),
+                    &[("authorization", format!("Bearer {token}"))],
+                    vec![],
+                )
+                .await;
+            assert_eq!(r.status, 200, "{id} lost after restart: {}", r.text());
+            assert_eq!(&r.body, tgz, "{id} has other bytes after restart");
+        }
+        // And the packuments list them.
+        for w in 0..8 {
+            let name = format!("pkg-{w}");
+            let r = client
+                .raw(
+                    "GET",
+                    &format!("/npm/crash/repo/{name}"),
+                    &[("authorization", format!("Bearer {token}"))],
+                    vec![],
+                )
+                .await;
+            if r.status == 404 {
+                assert!(!acked.keys().any(|k| k.starts_with(&format!("{name}@"))));
+                continue;
+            }
+            let doc = r.json();
+            for id in acked.keys().filter(|k| k.starts_with(&format!("{name}@"))) {
+                let v = id.split_once('@').unwrap().1;
+                assert!(
+                    doc["versions"].get(v).is_some(),
+                    "{id} missing from the packument"
+                );
+            }
+        }
+    });
+}
+
+/// A clean shutdown (SIGTERM) exits 0, and the data is there after a restart.
+#[test]
+fn sigterm_shuts_down_cleanly_and_restart_keeps_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut server = Server::start_on(&dir, &[]);
+    rt.block_on(server.client().setup("keep", "repo"));
+    assert!(
+        server.terminate(),
+        "granary did not exit cleanly: {:?}",
+        server.output.lock().unwrap()
+    );
+    let server = Server::start_on(&dir, &[]);
+    let r = rt.block_on(server.client().api(
+        "GET",
+        "/v1/repository?domain=keep&repository=repo",
+        None,
+    ));
+    assert_eq!(r.status, 200, "{}", r.text());
+}

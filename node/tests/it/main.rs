@@ -1,0 +1,15 @@
+//! Integration tests of the `granary` binary, driven as users drive it: real processes,
+//! real HTTP, the real AWS CLI and npm where installed (required under `CI=true`). API
+//! requests are signed with AWS's own `aws-sigv4`, an oracle independent of the server's.
+
+/// Starting and stopping `granary` processes; signed API calls; tool discovery.
+mod harness;
+
+/// The CodeArtifact API: shapes, errors and validation, with signed requests.
+mod api;
+/// Bad input on every surface: clear 4xx errors, nothing changed.
+mod bad_input;
+/// SIGKILL during a publish burst: every acknowledged publish survives a restart.
+mod crash_restart;
+/// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).
+mod npm_awscli;

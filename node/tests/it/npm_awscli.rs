@@ -1,0 +1,263 @@
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::{ACCESS_KEY, REGION, SECRET_KEY, Server, require};
+
+/// Runs the AWS CLI against the server with the admin's credentials and `home` as HOME.
+fn aws(server: &Server, home: &Path, args: &[&str]) -> String {
+    let out = Command::new("aws")
+        .args(args)
+        .args(["--endpoint-url", &server.url(), "--output", "json"])
+        .env("HOME", home)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_DEFAULT_REGION", REGION)
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", home.join("aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("aws-credentials"))
+        .output()
+        .expect("run aws");
+    assert!(
+        out.status.success(),
+        "aws {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn aws_json(server: &Server, home: &Path, args: &[&str]) -> Value {
+    let out = aws(server, home, args);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("aws {args:?} printed non-JSON ({e}): {out}"))
+}
+
+fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {
+    let out = Command::new("npm")
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("npm_config_cache", home.join("npm-cache"))
+        .env("npm_config_update_notifier", "false")
+        .env("npm_config_fund", "false")
+        .env("npm_config_audit", "false")
+        .env_remove("npm_config_registry")
+        .env_remove("NPM_CONFIG_REGISTRY")
+        .output()
+        .expect("run npm");
+    assert!(
+        out.status.success(),
+        "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
+        cwd.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// The walk-through of the README: the AWS CLI creates a domain and a repository and
+/// configures npm with `aws codeartifact login`; npm publishes a scoped and an unscoped
+/// package (one depending on the other) and installs them into a fresh project; the API
+/// lists and describes what was published.
+#[test]
+fn awscli_login_then_npm_publish_and_install() {
+    if !require("aws") || !require("npm") {
+        return;
+    }
+    let server = Server::start();
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+
+    let d = aws_json(
+        &server,
+        home,
+        &["codeartifact", "create-domain", "--domain", "acme"],
+    );
+    assert_eq!(d["domain"]["name"], "acme");
+    assert_eq!(d["domain"]["status"], "Active");
+    let r = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "create-repository",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+            "--description",
+            "apps",
+        ],
+    );
+    assert_eq!(r["repository"]["name"], "app");
+    aws(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "login",
+            "--tool",
+            "npm",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+        ],
+    );
+    let npmrc = std::fs::read_to_string(home.join(".npmrc"))
+        .expect("aws codeartifact login wrote ~/.npmrc");
+    let endpoint = format!("{}/npm/acme/app/", server.url());
+    assert!(npmrc.contains(&format!("registry={endpoint}")), "{npmrc}");
+    assert!(npmrc.contains("_authToken="), "{npmrc}");
+
+    // A scoped library and an unscoped app that depends on it.
+    let lib = home.join("src/util");
+    write(
+        &lib.join("package.json"),
+        r#"{"name":"@acme/util","version":"1.0.0","description":"shared helpers","main":"index.js","license":"MIT"}"#,
+    );
+    write(
+        &lib.join("index.js"),
+        "module.exports = { answer: () => 42 };\n",
+    );
+    npm(home, &lib, &["publish"]);
+    let app = home.join("src/app");
+    write(
+        &app.join("package.json"),
+        r#"{"name":"acme-app","version":"1.0.0","description":"the app","main":"main.js","license":"MIT","dependencies":{"@acme/util":"^1.0.0"}}"#,
+    );
+    write(
+        &app.join("main.js"),
+        "console.log(require('@acme/util').answer());\n",
+    );
+    npm(home, &app, &["publish"]);
+
+    // `npm view` reads the packument.
+    let view = npm(home, home, &["view", "acme-app", "--json"]);
+    let view: Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["version"], "1.0.0");
+    assert_eq!(view["dependencies"]["@acme/util"], "^1.0.0");
+
+    // A fresh project installs both, with the published contents.
+    let fresh = home.join("fresh");
+    write(
+        &fresh.join("package.json"),
+        r#"{"name":"fresh","version":"0.0.0","private":true}"#,
+    );
+    npm(home, &fresh, &["install", "acme-app@1.0.0"]);
+    let installed = std::fs::read_to_string(fresh.join("node_modules/acme-app/main.js")).unwrap();
+    assert_eq!(installed, "console.log(require('@acme/util').answer());\n");
+    let installed =
+        std::fs::read_to_string(fresh.join("node_modules/@acme/util/index.js")).unwrap();
+    assert_eq!(installed, "module.exports = { answer: () => 42 };\n");
+    let run = Command::new("node")
+        .arg("node_modules/acme-app/main.js")
+        .current_dir(&fresh)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "42");
+
+    // The API sees both.
+    let v = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "list-package-versions",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+            "--format",
+            "npm",
+            "--package",
+            "acme-app",
+        ],
+    );
+    assert_eq!(v["versions"][0]["version"], "1.0.0", "{v}");
+    assert_eq!(v["versions"][0]["status"], "Published");
+    assert_eq!(v["defaultDisplayVersion"], "1.0.0");
+    let v = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "describe-package-version",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+            "--format",
+            "npm",
+            "--namespace",
+            "acme",
+            "--package",
+            "util",
+            "--package-version",
+            "1.0.0",
+        ],
+    );
+    let pv = &v["packageVersion"];
+    assert_eq!(pv["namespace"], "acme", "{v}");
+    assert_eq!(pv["packageName"], "util");
+    assert_eq!(pv["version"], "1.0.0");
+    assert_eq!(pv["status"], "Published");
+    assert_eq!(pv["summary"], "shared helpers");
+    assert_eq!(pv["origin"]["originType"], "INTERNAL");
+    let assets = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "list-package-version-assets",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+            "--format",
+            "npm",
+            "--namespace",
+            "acme",
+            "--package",
+            "util",
+            "--package-version",
+            "1.0.0",
+        ],
+    );
+    assert_eq!(assets["assets"][0]["name"], "util-1.0.0.tgz", "{assets}");
+    let pkgs = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "list-packages",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+        ],
+    );
+    assert_eq!(pkgs["packages"].as_array().unwrap().len(), 2, "{pkgs}");
+
+    // The same version again is refused with npm's message.
+    let out = Command::new("npm")
+        .arg("publish")
+        .current_dir(&lib)
+        .env("HOME", home)
+        .env("npm_config_cache", home.join("npm-cache"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot publish over the previously published versions"),
+        "{err}"
+    );
+}

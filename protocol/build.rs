@@ -1,0 +1,13 @@
+//! Generates the gRPC code from `proto/*.proto` with a vendored `protoc`, so building needs
+//! no system package.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/granary.proto"],
+        &["proto"],
+    )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

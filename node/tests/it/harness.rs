@@ -51,15 +51,27 @@ impl Server {
 
     /// Starts a node on `dir` (kept by the caller), with extra arguments.
     pub(crate) fn start_on(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_granary"))
-            .arg("server")
+        Server::spawn(dir, extra, true)
+    }
+
+    /// Starts a node; `admin_from_env` passes the test admin's key in the environment
+    /// (otherwise the node generates one on its first start).
+    pub(crate) fn spawn(dir: &Path, extra: &[&str], admin_from_env: bool) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_granary"));
+        cmd.arg("server")
             .arg("--data-dir")
             .arg(dir)
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
             .args(extra)
-            .env("GRANARY_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("GRANARY_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        if admin_from_env {
+            cmd.env("GRANARY_ADMIN_ACCESS_KEY_ID", ACCESS_KEY)
+                .env("GRANARY_ADMIN_SECRET_ACCESS_KEY", SECRET_KEY);
+        } else {
+            cmd.env_remove("GRANARY_ADMIN_ACCESS_KEY_ID")
+                .env_remove("GRANARY_ADMIN_SECRET_ACCESS_KEY");
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -9,6 +9,8 @@ mod harness;
 mod api;
 /// Bad input on every surface: clear 4xx errors, nothing changed.
 mod bad_input;
+/// The command line: defaults, config errors, first-start credentials.
+mod cli;
 /// SIGKILL during a publish burst: every acknowledged publish survives a restart.
 mod crash_restart;
 /// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).

@@ -261,3 +261,124 @@ fn awscli_login_then_npm_publish_and_install() {
         "{err}"
     );
 }
+
+/// The rest of the npm CLI against a real node: dist-tag add/ls/rm, deprecate, view,
+/// whoami, ping, unpublish of one version.
+#[test]
+fn npm_cli_tags_deprecate_whoami_ping_unpublish() {
+    if !require("aws") || !require("npm") {
+        return;
+    }
+    let server = Server::start();
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    aws(
+        &server,
+        home,
+        &["codeartifact", "create-domain", "--domain", "tools"],
+    );
+    aws(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "create-repository",
+            "--domain",
+            "tools",
+            "--repository",
+            "main",
+        ],
+    );
+    aws(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "login",
+            "--tool",
+            "npm",
+            "--domain",
+            "tools",
+            "--repository",
+            "main",
+        ],
+    );
+
+    let pkg = home.join("src/cli");
+    for version in ["1.0.0", "1.1.0", "2.0.0-beta.1"] {
+        write(
+            &pkg.join("package.json"),
+            &format!(
+                r#"{{"name":"@tools/cli","version":"{version}","description":"a cli","license":"MIT"}}"#
+            ),
+        );
+        write(
+            &pkg.join("index.js"),
+            &format!("module.exports = '{version}';\n"),
+        );
+        let tag: &[&str] = if version.contains("beta") {
+            &["--tag", "beta"]
+        } else {
+            &[]
+        };
+        let mut args = vec!["publish"];
+        args.extend_from_slice(tag);
+        npm(home, &pkg, &args);
+    }
+
+    assert_eq!(npm(home, home, &["whoami"]).trim(), "admin");
+    npm(home, home, &["ping"]);
+
+    let tags = npm(home, home, &["dist-tag", "ls", "@tools/cli"]);
+    assert!(
+        tags.contains("latest: 1.1.0") && tags.contains("beta: 2.0.0-beta.1"),
+        "{tags}"
+    );
+    npm(
+        home,
+        home,
+        &["dist-tag", "add", "@tools/cli@1.0.0", "stable"],
+    );
+    let tags = npm(home, home, &["dist-tag", "ls", "@tools/cli"]);
+    assert!(tags.contains("stable: 1.0.0"), "{tags}");
+    npm(home, home, &["dist-tag", "rm", "@tools/cli", "stable"]);
+    let tags = npm(home, home, &["dist-tag", "ls", "@tools/cli"]);
+    assert!(!tags.contains("stable"), "{tags}");
+
+    npm(home, home, &["deprecate", "@tools/cli@1.0.0", "use 1.1.0"]);
+    let view: Value =
+        serde_json::from_str(&npm(home, home, &["view", "@tools/cli@1.0.0", "--json"])).unwrap();
+    assert_eq!(view["deprecated"], "use 1.1.0", "{view}");
+    let view: Value =
+        serde_json::from_str(&npm(home, home, &["view", "@tools/cli", "--json"])).unwrap();
+    assert_eq!(view["version"], "1.1.0");
+    assert_eq!(view["dist-tags"]["beta"], "2.0.0-beta.1");
+
+    npm(home, home, &["unpublish", "@tools/cli@2.0.0-beta.1"]);
+    let view: Value = serde_json::from_str(&npm(
+        home,
+        home,
+        &["view", "@tools/cli", "versions", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(view, serde_json::json!(["1.0.0", "1.1.0"]));
+    let v = aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "list-package-versions",
+            "--domain",
+            "tools",
+            "--repository",
+            "main",
+            "--format",
+            "npm",
+            "--namespace",
+            "tools",
+            "--package",
+            "cli",
+        ],
+    );
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
+}

@@ -138,3 +138,108 @@ impl Actors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::raft::log_store::LogStore;
+    use crate::raft::network::GrpcNetwork;
+    use crate::raft::state_machine::StateMachine;
+    use crate::state::model::DomainRecord;
+    use crate::store::Store;
+
+    async fn one_node_raft(dir: &std::path::Path) -> Raft {
+        let store = Store::open(dir).unwrap();
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let raft = Raft::new(
+            1,
+            Arc::new(config),
+            GrpcNetwork,
+            LogStore::new(store.clone()),
+            StateMachine::new(store),
+        )
+        .await
+        .unwrap();
+        let me = crate::raft::NodeInfo::default();
+        raft.initialize(std::collections::BTreeMap::from([(1, me)]))
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.current_leader == Some(1), "leader")
+            .await
+            .unwrap();
+        raft
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repository_actors_spawn_on_use_restart_after_failure_and_stop_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = one_node_raft(dir.path()).await;
+        let mut config = Config::default();
+        config.actors.idle_stop_secs = 1;
+        let actors = Actors::start(&config, raft.clone()).await.unwrap();
+        let name = repository_name("npm", "sup", "repo");
+        assert!(
+            ractor::registry::where_is(name.clone()).is_none(),
+            "not spawned before use"
+        );
+
+        let cmd = Command::CreateDomain(DomainRecord {
+            name: "sup".into(),
+            owner: "000000000000".into(),
+            created_ms: 0,
+            encryption_key: "k".into(),
+            tags: vec![],
+        });
+        let result = actors
+            .propose("npm", "sup", "repo", cmd)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(result, CommandResult::Domain(_)), "{result:?}");
+        let first = ractor::registry::where_is(name.clone()).expect("spawned on first use");
+
+        // A failure is followed by a restart (after a backoff) under the same name.
+        let actor: ActorRef<RepositoryMsg> = first.clone().into();
+        actor.send_message(RepositoryMsg::Crash).unwrap();
+        wait_for("the failed actor to be replaced", || {
+            ractor::registry::where_is(name.clone()).is_some_and(|c| c.get_id() != first.get_id())
+        })
+        .await;
+
+        // Unused for idle_stop_secs: it stops, and comes back on the next use.
+        wait_for("the idle actor to stop", || {
+            ractor::registry::where_is(name.clone()).is_none()
+        })
+        .await;
+        let again = Command::DeleteDomain { name: "sup".into() };
+        let result = actors
+            .propose("npm", "sup", "repo", again)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(result, CommandResult::Domain(_)), "{result:?}");
+        assert!(ractor::registry::where_is(name).is_some());
+
+        actors.stop().await;
+        raft.shutdown().await.unwrap();
+    }
+}

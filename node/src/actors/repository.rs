@@ -23,6 +23,9 @@ pub(crate) enum RepositoryMsg {
     ),
     /// Stop if idle for long enough.
     IdleCheck,
+    /// Fail on purpose, to exercise supervision.
+    #[cfg(test)]
+    Crash,
 }
 
 /// Arguments.
@@ -110,6 +113,8 @@ impl Actor for RepositoryActor {
                     }
                 }
             }
+            #[cfg(test)]
+            RepositoryMsg::Crash => return Err("crash requested by a test".into()),
             RepositoryMsg::IdleCheck => {
                 if state.last_active.elapsed() >= state.idle_stop {
                     myself.stop(Some("idle".into()));

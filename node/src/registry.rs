@@ -167,7 +167,7 @@ impl Registry for NodeRegistry {
     async fn change(&self, key: &PackageKey, change: PackageChange) -> Result<(), RegistryError> {
         self.write(Command::ChangePackage {
             target: self.target(key),
-            change: change.into(),
+            change,
             now_ms: Node::now_ms(),
         })
         .await

@@ -262,8 +262,9 @@ pub struct NewVersion {
     pub tags: Vec<String>,
 }
 
-/// A change to an existing version or package, decided atomically by the node.
-#[derive(Debug, Clone)]
+/// A change to an existing version or package, decided atomically by the node (which
+/// replicates it as it is: hence serde).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PackageChange {
     /// Point `tag` at `version` (which must exist).
     SetTag {

@@ -5,7 +5,7 @@ use http::Response;
 use serde_json::{Value, json};
 
 use super::error::field;
-use super::{ApiError, ApiRequest, epoch, ok_json, paginate, validate_domain_name};
+use super::{ApiError, ApiRequest, epoch, ok_json, ok_page, paginate, validate_domain_name};
 use crate::node::Node;
 use crate::state::command::{Command, CommandResult};
 use crate::state::model::{DomainRecord, Tag};
@@ -142,9 +142,6 @@ pub(super) fn list(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
         .iter()
         .map(|d| description(req, d, false))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut out = json!({ "domains": domains });
-    if let Some(n) = next {
-        out["nextToken"] = json!(n);
-    }
-    ok_json(out)
+    let out = json!({ "domains": domains });
+    ok_page(out, next)
 }

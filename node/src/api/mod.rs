@@ -264,6 +264,14 @@ pub(crate) fn ok_json(v: Value) -> Result<Response<Body>, ApiError> {
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// A JSON 200 response for a page of a listing, with `nextToken` when more follow.
+pub(crate) fn ok_page(mut out: Value, next: Option<String>) -> Result<Response<Body>, ApiError> {
+    if let Some(n) = next {
+        out["nextToken"] = serde_json::json!(n);
+    }
+    ok_json(out)
+}
+
 /// Offset paging with opaque tokens: returns the page and the next token.
 pub(crate) fn paginate<T>(
     items: Vec<T>,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::error::{field, not_found};
 use super::tokens::FORMATS;
-use super::{ApiError, ApiRequest, epoch, int_param, ok_json, paginate};
+use super::{ApiError, ApiRequest, epoch, int_param, ok_json, ok_page, paginate};
 use crate::state::command::ResourceKind;
 use crate::state::model::{DomainRecord, RepositoryRecord};
 
@@ -168,11 +168,8 @@ pub(super) fn list_packages(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiE
             )
         })
         .collect();
-    let mut out = json!({ "packages": list });
-    if let Some(n) = next {
-        out["nextToken"] = json!(n);
-    }
-    ok_json(out)
+    let out = json!({ "packages": list });
+    ok_page(out, next)
 }
 
 pub(super) fn describe_package(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
@@ -258,10 +255,7 @@ pub(super) fn list_versions(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiE
     if let Some(d) = default_display {
         out["defaultDisplayVersion"] = json!(d);
     }
-    if let Some(n) = next {
-        out["nextToken"] = json!(n);
-    }
-    ok_json(out)
+    ok_page(out, next)
 }
 
 pub(super) fn describe_version(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
@@ -319,7 +313,7 @@ pub(super) fn list_assets(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiErr
         req.q("next-token"),
         1000,
     )?;
-    let mut out = with_namespace(
+    let out = with_namespace(
         json!({
             "format": t.format,
             "package": t.key.name,
@@ -329,10 +323,7 @@ pub(super) fn list_assets(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiErr
         }),
         &t.key,
     );
-    if let Some(n) = next {
-        out["nextToken"] = json!(n);
-    }
-    ok_json(out)
+    ok_page(out, next)
 }
 
 pub(super) fn get_asset(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {

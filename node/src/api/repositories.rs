@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::domains::parse_tags;
 use super::error::field;
 use super::{
-    ApiError, ApiRequest, epoch, int_param, ok_json, paginate, validate_account,
+    ApiError, ApiRequest, epoch, int_param, ok_json, ok_page, paginate, validate_account,
     validate_repository_name,
 };
 use crate::node::Node;
@@ -185,11 +185,8 @@ fn listing(
         .iter()
         .map(|(owner, r)| summary(req, owner, r))
         .collect();
-    let mut out = json!({ "repositories": list });
-    if let Some(n) = next {
-        out["nextToken"] = json!(n);
-    }
-    ok_json(out)
+    let out = json!({ "repositories": list });
+    ok_page(out, next)
 }
 
 pub(super) fn list(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {

@@ -2,11 +2,13 @@
 //! the entry's WriteBatch. Deterministic: the same command on the same state gives the
 //! same batch and result on every node.
 
-use granary_format::model::{OriginRestrictions, PackageKey, PackageRecord, VersionRecord};
+use granary_format::model::{
+    OriginRestrictions, PackageChange, PackageKey, PackageRecord, VersionRecord,
+};
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
-use super::command::{ApplyError, Change, Command, CommandResult, PackageTarget, ResourceKind};
+use super::command::{ApplyError, Command, CommandResult, PackageTarget, ResourceKind};
 use super::{StateView, keys};
 use crate::store::{CF_STATE, Store, StoreError};
 
@@ -317,7 +319,7 @@ impl Tx<'_> {
     fn change(
         &mut self,
         t: &PackageTarget,
-        change: &Change,
+        change: &PackageChange,
         now_ms: i64,
         log_index: u64,
     ) -> TxResult<CommandResult> {
@@ -337,23 +339,23 @@ impl Tx<'_> {
         };
         let pkey = keys::package(&t.domain, &t.repository, &t.format, &t.package);
         match change {
-            Change::SetTag { tag, version } => {
+            PackageChange::SetTag { tag, version } => {
                 find(self, version)?;
                 pkg.tags.insert(tag.clone(), version.clone());
             }
-            Change::RemoveTag { tag } => {
+            PackageChange::RemoveTag { tag } => {
                 if pkg.tags.remove(tag).is_none() {
                     return Err(not_found(ResourceKind::Package, format!("tag {tag}")));
                 }
             }
-            Change::ReplaceMetadata { version, metadata } => {
+            PackageChange::ReplaceMetadata { version, metadata } => {
                 let mut v = find(self, version)?;
                 v.metadata = metadata.clone();
                 v.modified_ms = now_ms;
                 v.revision = revision(log_index);
                 self.put(&vkey(version), &v)?;
             }
-            Change::DeleteVersion { version } => {
+            PackageChange::DeleteVersion { version } => {
                 find(self, version)?;
                 self.delete(&vkey(version));
                 pkg.tags.retain(|_, v| v != version);
@@ -517,7 +519,7 @@ mod tests {
         for v in ["1.0.0", "1.1.0"] {
             let r = f.run(Command::ChangePackage {
                 target: target(),
-                change: Change::DeleteVersion { version: v.into() },
+                change: PackageChange::DeleteVersion { version: v.into() },
                 now_ms: 9,
             });
             assert!(matches!(r, CommandResult::Done));
@@ -571,7 +573,7 @@ mod tests {
                 repository: "a".into(),
                 ..target()
             },
-            change: Change::SetTag {
+            change: PackageChange::SetTag {
                 tag: "x".into(),
                 version: "1".into(),
             },

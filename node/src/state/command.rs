@@ -4,7 +4,7 @@
 //! deterministic on every node. Conflicts are decided in apply and returned as
 //! [`CommandResult::Failed`], never as storage errors.
 
-use granary_format::model::{PackageKey, VersionRecord};
+use granary_format::model::{PackageChange, PackageKey, VersionRecord};
 use serde::{Deserialize, Serialize};
 
 use super::model::{DomainRecord, Principal, RepositoryRecord, TokenKey};
@@ -57,7 +57,7 @@ pub enum Command {
         /// Where.
         target: PackageTarget,
         /// What.
-        change: Change,
+        change: PackageChange,
         /// When (Unix milliseconds).
         now_ms: i64,
     },
@@ -74,50 +74,6 @@ pub struct PackageTarget {
     pub format: String,
     /// The package.
     pub package: PackageKey,
-}
-
-/// A change to an existing package (the replicated form of
-/// `granary_format::model::PackageChange`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Change {
-    /// Point a tag at an existing version.
-    SetTag {
-        /// Tag.
-        tag: String,
-        /// Version.
-        version: String,
-    },
-    /// Remove a tag.
-    RemoveTag {
-        /// Tag.
-        tag: String,
-    },
-    /// Replace a version's format metadata.
-    ReplaceMetadata {
-        /// Version.
-        version: String,
-        /// New manifest.
-        metadata: serde_json::Value,
-    },
-    /// Delete a version.
-    DeleteVersion {
-        /// Version.
-        version: String,
-    },
-}
-
-impl From<granary_format::model::PackageChange> for Change {
-    fn from(c: granary_format::model::PackageChange) -> Self {
-        use granary_format::model::PackageChange as P;
-        match c {
-            P::SetTag { tag, version } => Change::SetTag { tag, version },
-            P::RemoveTag { tag } => Change::RemoveTag { tag },
-            P::ReplaceMetadata { version, metadata } => {
-                Change::ReplaceMetadata { version, metadata }
-            }
-            P::DeleteVersion { version } => Change::DeleteVersion { version },
-        }
-    }
 }
 
 /// The kinds of resource the API names in its errors (`resourceType`).

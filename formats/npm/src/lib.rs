@@ -10,11 +10,13 @@
 //!                          │
 //!                          └──handle()──┬─ packument.rs  GET packument / version / tarball / dist-tags
 //!                                       ├─ publish.rs    PUT publish / deprecate / unpublish / tags
+//!                                       │    └─ stream.rs  PUT bodies: skeleton + streamed tarball
 //!                                       └─ lib.rs        whoami, ping, search, audit, login
 //! ```
 //!
 //! Modules: `router` (paths → [`Route`]), `validate` (names, versions, tags), `model`
-//! (wire types), `packument` (reads), `publish` (writes), `reply` (responses), `error`
+//! (wire types), `packument` (reads), `publish` (writes), `stream` (scanning publish
+//! bodies, streaming their tarball into the blob store), `reply` (responses), `error`
 //! (npm's `{"error": …}` bodies).
 
 mod error;
@@ -23,6 +25,7 @@ mod packument;
 mod publish;
 mod reply;
 mod router;
+mod stream;
 pub mod validate;
 
 use http::{Response, StatusCode};
@@ -34,7 +37,9 @@ use crate::model::{OkBody, SearchResults, Whoami};
 pub use crate::router::{ReadRequest, Route};
 
 /// The default limit of a publish body (`PUT {name}`): the tarball travels base64-encoded
-/// inside JSON, a third larger than the file. The node bounds bodies as well.
+/// inside JSON, a third larger than the file. The node bounds bodies as well. The body is
+/// streamed (the tarball straight into the blob store), so the limit bounds the upload,
+/// not memory.
 pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 512 * 1024 * 1024;
 
 /// What npm shows when someone tries `npm login`/`npm adduser`.

@@ -36,10 +36,16 @@ pub(crate) struct PackageDocument {
     pub(crate) attachments: Option<BTreeMap<String, Attachment>>,
 }
 
-/// One `_attachments` entry.
+/// One `_attachments` entry, as the skeleton of `stream` holds it.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Attachment {
-    /// Base64 of the tarball (standard alphabet, padded).
+    /// Base64 of the tarball (standard alphabet, padded) in the body; always `""` here,
+    /// since the scanner streams the content to the blob store. Kept so that a missing
+    /// or non-string `data` still fails the parse.
+    #[expect(
+        dead_code,
+        reason = "the content is streamed; only its presence is checked"
+    )]
     pub(crate) data: String,
     /// The decoded length in bytes.
     #[serde(default)]

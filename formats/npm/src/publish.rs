@@ -2,16 +2,24 @@
 //! unpublish, tarball delete and dist-tag changes.
 //!
 //! ```text
-//!   PUT {name} ─read body─▶ _attachments? ──yes─▶ publish:
-//!        │                      validate names, SemVer, base64, length, shasum, integrity,
-//!        │                      gzip magic ─▶ store_blob ─▶ publish(NewVersion) ─▶ 201
+//!   PUT {name} ─stream::scan─┬─ skeleton ─▶ _attachments? ──yes─▶ publish:
+//!        │                   │     validate names, SemVer, one version and attachment,
+//!        │                   │     not a duplicate, base64, length, gzip magic
+//!        │                   │       ─pass─▶ end the tarball's body ─▶ BlobInfo ─▶ shasum,
+//!        │                   │               integrity ─▶ publish(NewVersion) ─▶ 201
+//!        │                   │       ─fail─▶ cut the tarball's body short ─▶ 4xx
+//!        │                   └─ tarball ─▶ store_blob, while the body streams in
 //!        └──────── no ─▶ document update: `deprecated` changes ─▶ ReplaceMetadata
 //!   PUT {name}/-rev/{rev}   same, and versions missing from the body ─▶ DeleteVersion,
 //!                           moved dist-tags ─▶ SetTag
 //! ```
 //!
-//! Everything is validated before the tarball is stored, so a rejected publish stores
-//! nothing. The stored manifest is the client's version object with our own `_id`,
+//! A publish never holds its tarball in memory: `stream` decodes it into the blob store
+//! while the rest of the document is scanned. The tarball's body ends only once every
+//! check that does not need its digests has passed; a publish refused by those checks
+//! cuts the body short and stores nothing. The digests come from the store, so a publish
+//! refused for a `shasum` or `integrity` mismatch leaves a stored blob that no metadata
+//! names. The stored manifest is the client's version object with our own `_id`,
 //! `_npmUser` and `dist` (`shasum`, `integrity`); `dist.tarball` is added when serving.
 
 use std::collections::BTreeMap;
@@ -19,21 +27,22 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{Bytes, BytesMut};
+use futures::future;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use granary_format::hashing::hash_bytes;
 use granary_format::model::{
-    AssetRecord, Hashes, NewVersion, PackageChange, PackageKey, VersionRecord, VersionStatus,
-    VersionSummary,
+    AssetRecord, BlobInfo, Hashes, NewVersion, PackageChange, PackageKey, VersionRecord,
+    VersionStatus, VersionSummary,
 };
-use granary_format::{Body, FormatError, Registry, body};
+use granary_format::{Body, FormatError, Registry};
 
 use crate::error::{cannot_publish_over, from_registry, internal, not_found};
 use crate::model::{self, Attachment, Object, OkBody, PackageDocument};
 use crate::packument::{listed_sorted, revision};
 use crate::reply;
+use crate::stream::{self, Scanned, Tarball, TarballSender};
 use crate::validate::{self, PackageName};
 
 /// The largest dist-tag body (a JSON string holding a version).
@@ -43,6 +52,9 @@ const TAG_BODY_LIMIT: usize = 64 * 1024;
 const LATEST: &str = "latest";
 
 /// `PUT {name}` (`rev` is `None`) and `PUT {name}/-rev/{rev}`.
+///
+/// The body is scanned ([`stream::scan`]) and its tarball, if any, stored while it
+/// arrives: the scan with the checks after it, and the store, run side by side.
 pub(crate) async fn put_package(
     repo: &dyn Registry,
     name: &PackageName,
@@ -50,8 +62,68 @@ pub(crate) async fn put_package(
     body: Body,
     limit: usize,
 ) -> Result<Response<Body>, FormatError> {
-    let bytes = read_body(body, limit).await?;
-    let doc: PackageDocument = serde_json::from_slice(&bytes)
+    let (sender, receiver) = stream::tarball_channel();
+    let (prepared, stored) = future::join(
+        prepare(repo, name, body, limit, sender),
+        stream::store_tarball(repo, receiver),
+    )
+    .await;
+    // The document's errors come first: they are why a tarball's body was cut short.
+    match prepared? {
+        Prepared::Update(doc) => update_document(repo, name, &doc, rev.is_some()).await,
+        Prepared::Publish(checked) => {
+            let info = stored?.ok_or_else(|| internal("a checked tarball was not stored"))?;
+            complete_publish(repo, name, checked, info).await
+        }
+    }
+}
+
+/// What a scanned and checked `PUT {name}` body asks for.
+enum Prepared {
+    /// A document without attachments.
+    Update(PackageDocument),
+    /// A new version, checked but for its digests.
+    Publish(CheckedPublish),
+}
+
+/// A publish that passed every check but those of the tarball's digests.
+struct CheckedPublish {
+    key: PackageKey,
+    version: String,
+    manifest: Object,
+    tags: Vec<String>,
+    /// Decoded size of the tarball.
+    size: u64,
+}
+
+/// Scans the body and checks it; then ends the tarball's body if this is a publish that
+/// passed, and cuts it short otherwise, so that the store keeps nothing for a refused
+/// publish (or for a document update, which has no tarball).
+async fn prepare(
+    repo: &dyn Registry,
+    name: &PackageName,
+    body: Body,
+    limit: usize,
+    mut tarball: TarballSender,
+) -> Result<Prepared, FormatError> {
+    let result = scan_and_check(repo, name, body, limit, &mut tarball).await;
+    match &result {
+        Ok(Prepared::Publish(_)) => tarball.finish().await,
+        Ok(Prepared::Update(_)) | Err(_) => tarball.abort(),
+    }
+    result
+}
+
+/// The scan, then the checks that need no digest of the tarball.
+async fn scan_and_check(
+    repo: &dyn Registry,
+    name: &PackageName,
+    body: Body,
+    limit: usize,
+    tarball: &mut TarballSender,
+) -> Result<Prepared, FormatError> {
+    let scanned = stream::scan(body, limit, tarball).await?;
+    let doc: PackageDocument = serde_json::from_slice(&scanned.skeleton)
         .map_err(|e| FormatError::BadRequest(format!("invalid package document: {e}")))?;
     let full = name.full();
     for (field, value) in [("_id", &doc.id), ("name", &doc.name)] {
@@ -64,17 +136,21 @@ pub(crate) async fn put_package(
         }
     }
     match &doc.attachments {
-        Some(attachments) if !attachments.is_empty() => publish(repo, name, &doc).await,
-        _ => update_document(repo, name, &doc, rev.is_some()).await,
+        Some(attachments) if !attachments.is_empty() => check_publish(repo, name, &doc, &scanned)
+            .await
+            .map(Prepared::Publish),
+        _ => Ok(Prepared::Update(doc)),
     }
 }
 
-/// A new version with its tarball.
-async fn publish(
+/// The checks of a new version that do not need its tarball's digests, in the order the
+/// client sees their errors.
+async fn check_publish(
     repo: &dyn Registry,
     name: &PackageName,
     doc: &PackageDocument,
-) -> Result<Response<Body>, FormatError> {
+    scanned: &Scanned,
+) -> Result<CheckedPublish, FormatError> {
     let key = name.key();
     let full = name.full();
     let (version, manifest) = match doc.versions.as_ref().map(|v| v.iter().collect::<Vec<_>>()) {
@@ -86,7 +162,8 @@ async fn publish(
         .as_ref()
         .map(|a| a.iter().collect::<Vec<_>>())
     {
-        Some(a) if a.len() == 1 => a[0],
+        // Two `data` strings under one file name reach us as one map entry.
+        Some(a) if a.len() == 1 && scanned.data_strings <= 1 => a[0],
         _ => return Err(bad("a publish must contain exactly one attachment")),
     };
     validate::parse_version(version)?;
@@ -118,28 +195,56 @@ async fn publish(
         return Err(cannot_publish_over(version));
     }
     let tags = publish_tags(doc, version, existing.as_ref().map(|p| &p.tags))?;
+    // `data` was a string only if the scanner saw one; otherwise the skeleton's parse
+    // already refused the document.
+    let tarball = scanned.tarball.clone().unwrap_or_default();
+    check_tarball(attachment, &tarball)?;
+    Ok(CheckedPublish {
+        key,
+        version: version.clone(),
+        manifest: manifest.clone(),
+        tags,
+        size: tarball.size,
+    })
+}
 
-    let data = decode_tarball(attachment)?;
-    let hashes = hash_bytes(&data);
-    check_digests(manifest, &hashes)?;
-
-    let summary = summary(&full, manifest);
-    let metadata = stored_manifest(&full, version, manifest, &hashes, repo);
-    let size = data.len() as u64;
-    let info = repo.store_blob(body::full(data)).await?;
-    if info.hashes != hashes || info.size != size {
+/// The rest of a publish, once its tarball is stored: digests, then the version.
+async fn complete_publish(
+    repo: &dyn Registry,
+    name: &PackageName,
+    checked: CheckedPublish,
+    info: BlobInfo,
+) -> Result<Response<Body>, FormatError> {
+    let CheckedPublish {
+        key,
+        version,
+        manifest,
+        tags,
+        size,
+    } = checked;
+    if info.size != size {
         return Err(internal(format!(
-            "blob store returned {} ({} bytes) for a tarball hashed as {} ({size} bytes)",
-            info.hashes.sha256, info.size, hashes.sha256
+            "blob store returned {} bytes for a tarball of {size} bytes",
+            info.size
         )));
     }
+    // The digests are known only now that the tarball is stored (hashing it a second
+    // time while it streams would double the CPU cost of every publish). A publish
+    // refused here leaves that blob unreferenced: no metadata names it, so no client can
+    // see or download it, and what is not referenced is the blob store's to collect.
+    let hashes = info.hashes;
+    check_digests(&manifest, &hashes)?;
+
+    let full = name.full();
+    let summary = summary(&full, &manifest);
+    let metadata = stored_manifest(&full, &version, &manifest, &hashes, repo);
     repo.publish(NewVersion {
         package: key,
         version: version.clone(),
         summary,
         metadata,
         assets: vec![AssetRecord {
-            name: name.tarball_file(version),
+            name: name.tarball_file(&version),
             size,
             hashes,
         }],
@@ -179,23 +284,23 @@ fn publish_tags(
     Ok(tags)
 }
 
-/// Base64 → bytes; the declared length must match and the bytes must be gzip.
-fn decode_tarball(attachment: &Attachment) -> Result<Bytes, FormatError> {
-    let data = BASE64
-        .decode(attachment.data.trim())
-        .map_err(|e| bad(format!("attachment data is not valid base64: {e}")))?;
+/// The tarball as the scanner decoded it: valid base64, of the declared length, gzip.
+fn check_tarball(attachment: &Attachment, tarball: &Tarball) -> Result<(), FormatError> {
+    if let Some(e) = &tarball.invalid_base64 {
+        return Err(bad(format!("attachment data is not valid base64: {e}")));
+    }
     if let Some(length) = attachment.length
-        && length != data.len() as u64
+        && length != tarball.size
     {
         return Err(bad(format!(
             "attachment length {length} does not match the decoded tarball ({} bytes)",
-            data.len()
+            tarball.size
         )));
     }
-    if !data.starts_with(&[0x1f, 0x8b]) {
+    if !tarball.gzip {
         return Err(bad("attachment is not a gzip-compressed tarball"));
     }
-    Ok(Bytes::from(data))
+    Ok(())
 }
 
 /// `dist.shasum` (SHA-1 hex) and every SHA-1/256/512 entry of `dist.integrity` (SRI) must
@@ -520,21 +625,12 @@ async fn ok_with_rev(
 /// inside `Format::handle` (rustc: "implementation of `From` is not general enough", from
 /// `http_body_util::Limited`'s higher-ranked error bound), so this reads frame by frame.
 async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, FormatError> {
-    let too_large = || FormatError::PayloadTooLarge {
-        limit: u64::try_from(limit).unwrap_or(u64::MAX),
-    };
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            if body::is_too_large(&*e) {
-                too_large()
-            } else {
-                bad(format!("could not read request body: {e}"))
-            }
-        })?;
+        let frame = frame.map_err(|e| stream::read_error(&*e, limit))?;
         if let Ok(data) = frame.into_data() {
             if buf.len().saturating_add(data.len()) > limit {
-                return Err(too_large());
+                return Err(stream::too_large(limit));
             }
             buf.extend_from_slice(&data);
         }
@@ -548,6 +644,7 @@ fn bad(message: impl Into<String>) -> FormatError {
 
 #[cfg(test)]
 mod tests {
+    use granary_format::hashing::hash_bytes;
     use serde_json::json;
 
     use super::*;
@@ -605,25 +702,42 @@ mod tests {
 
     #[test]
     fn tarball_checks() {
-        let gz = Attachment {
-            data: BASE64.encode([0x1f, 0x8b, 0, 0]),
-            length: Some(4),
+        let attachment = |length| Attachment {
+            data: String::new(),
+            length,
         };
-        assert!(decode_tarball(&gz).is_ok());
-        let wrong_len = Attachment {
-            length: Some(5),
-            ..gz
+        let gz = Tarball {
+            size: 4,
+            invalid_base64: None,
+            gzip: true,
         };
-        assert!(decode_tarball(&wrong_len).is_err());
-        let not_gzip = Attachment {
-            data: BASE64.encode(b"PK\x03\x04"),
-            length: None,
+        assert!(check_tarball(&attachment(Some(4)), &gz).is_ok());
+        assert!(check_tarball(&attachment(None), &gz).is_ok());
+        let wrong_len = check_tarball(&attachment(Some(5)), &gz).unwrap_err();
+        assert_eq!(
+            wrong_len.to_string(),
+            "attachment length 5 does not match the decoded tarball (4 bytes)"
+        );
+        let not_gzip = Tarball {
+            gzip: false,
+            ..gz.clone()
         };
-        assert!(decode_tarball(&not_gzip).is_err());
-        let not_b64 = Attachment {
-            data: "!!!".into(),
-            length: None,
+        assert_eq!(
+            check_tarball(&attachment(None), &not_gzip)
+                .unwrap_err()
+                .to_string(),
+            "attachment is not a gzip-compressed tarball"
+        );
+        // Base64 errors come first, then the length, then the gzip magic.
+        let not_b64 = Tarball {
+            invalid_base64: Some("Invalid symbol 33, offset 0.".into()),
+            ..not_gzip
         };
-        assert!(decode_tarball(&not_b64).is_err());
+        assert_eq!(
+            check_tarball(&attachment(Some(5)), &not_b64)
+                .unwrap_err()
+                .to_string(),
+            "attachment data is not valid base64: Invalid symbol 33, offset 0."
+        );
     }
 }

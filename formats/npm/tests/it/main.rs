@@ -5,6 +5,8 @@
 mod support;
 // Publishing: scoped, unscoped, validation failures, duplicates.
 mod publish;
+// Streamed publish bodies: 64 MiB in bounded memory, odd frames, refused shapes.
+mod streaming;
 // Packuments (full, abbreviated), tarballs, ETag/304, HEAD.
 mod read;
 // Dist-tags, deprecate, unpublish.

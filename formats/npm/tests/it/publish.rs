@@ -137,18 +137,39 @@ async fn expect_rejected(path: &str, doc: &Value, why: &str) {
     assert_eq!(repo.publish_count(), 0, "{why}: no version published");
 }
 
+/// Sends a modified fixture whose tarball is fine but whose digests do not match it, and
+/// expects 400. The digests are known only once the tarball is stored (it streams into the
+/// store), so the blob may exist; what matters is that no metadata names it.
+async fn expect_rejected_unreferenced(path: &str, doc: &Value, why: &str) {
+    let repo = registry();
+    let reply = put_json(&repo, path, doc).await;
+    assert_eq!(reply.status(), 400, "{why}: {:?}", reply.body());
+    assert!(reply.json()["error"].is_string(), "{why}: npm error shape");
+    assert!(repo.blob_count() <= 1, "{why}: at most the tarball stored");
+    assert_eq!(repo.publish_count(), 0, "{why}: no version published");
+    let key = PackageKey::new(None, "granary-demo");
+    assert!(
+        repo.package(&key).await.unwrap().is_none(),
+        "{why}: no package"
+    );
+    assert!(
+        repo.versions(&key).await.unwrap().is_empty(),
+        "{why}: no version"
+    );
+}
+
 #[tokio::test]
 async fn bad_digests_and_lengths_are_400_and_store_nothing() {
     let base = fixture_json(DEMO_1_0_0);
 
     let mut doc = base.clone();
     doc["versions"]["1.0.0"]["dist"]["shasum"] = json!("0000000000000000000000000000000000000000");
-    expect_rejected("granary-demo", &doc, "shasum").await;
+    expect_rejected_unreferenced("granary-demo", &doc, "shasum").await;
 
     let mut doc = base.clone();
     doc["versions"]["1.0.0"]["dist"]["integrity"] =
         json!(format!("sha512-{}", BASE64.encode([0u8; 64])));
-    expect_rejected("granary-demo", &doc, "integrity").await;
+    expect_rejected_unreferenced("granary-demo", &doc, "integrity").await;
 
     let mut doc = base.clone();
     doc["_attachments"]["granary-demo-1.0.0.tgz"]["length"] = json!(1);

@@ -67,6 +67,10 @@ impl Store {
                 cf.set_enable_blob_files(true);
                 cf.set_min_blob_size(4096);
                 cf.set_enable_blob_gc(true);
+                // Chunks sit in the memtable until it flushes to a blob file: small
+                // memtables keep a large upload from raising memory by more than this.
+                cf.set_write_buffer_size(8 << 20);
+                cf.set_max_write_buffer_number(2);
             }
             ColumnFamilyDescriptor::new(*name, cf)
         });

@@ -26,10 +26,8 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::{Bytes, BytesMut};
 use futures::future;
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::Value;
 
 use granary_format::model::{
@@ -537,7 +535,7 @@ pub(crate) async fn set_dist_tag(
     body: Body,
 ) -> Result<Response<Body>, FormatError> {
     validate::check_tag(tag)?;
-    let bytes = read_body(body, TAG_BODY_LIMIT).await?;
+    let bytes = granary_format::body::read_to_bytes(body, TAG_BODY_LIMIT).await?;
     let version = match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::String(v)) => v,
         Ok(_) => return Err(bad("the body must be a JSON string holding a version")),
@@ -617,25 +615,6 @@ async fn ok_with_rev(
         },
         false,
     )
-}
-
-/// Reads a whole request body, failing with 413 past `limit` bytes.
-///
-/// `granary_format::body::read_to_bytes` would do, but its future cannot be proven `Send`
-/// inside `Format::handle` (rustc: "implementation of `From` is not general enough", from
-/// `http_body_util::Limited`'s higher-ranked error bound), so this reads frame by frame.
-async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, FormatError> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| stream::read_error(&*e, limit))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len().saturating_add(data.len()) > limit {
-                return Err(stream::too_large(limit));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
 }
 
 fn bad(message: impl Into<String>) -> FormatError {

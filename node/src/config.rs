@@ -63,6 +63,10 @@ pub struct Config {
     pub max_api_body_bytes: u64,
     /// Largest clock skew accepted on SigV4 requests, in seconds. Default: `900` (AWS's).
     pub sigv4_max_skew_secs: u64,
+    /// Memory for recently read package bytes, in MiB: popular artifacts are served from
+    /// memory, shared with the response without a copy. `0` turns the cache off.
+    /// Default: `256`.
+    pub blob_cache_mib: u64,
     /// Raft timing and log retention.
     pub raft: RaftConfig,
     /// Repository actors.
@@ -111,6 +115,7 @@ impl Default for Config {
             max_body_bytes: 1 << 30,
             max_api_body_bytes: 1 << 20,
             sigv4_max_skew_secs: 900,
+            blob_cache_mib: 256,
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
         }

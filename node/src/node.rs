@@ -170,7 +170,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
     let node = Arc::new(Node {
         state: StateView::new(store.clone()),
-        blobs: BlobStore::new(Arc::new(RocksBlobBackend::new(store.clone()))),
+        blobs: BlobStore::new(
+            Arc::new(RocksBlobBackend::new(store.clone())),
+            (config.blob_cache_mib << 20) as usize,
+        ),
         docs: DocCache::new(),
         actors,
         raft: raft.clone(),

@@ -27,6 +27,7 @@ use http_body_util::BodyExt;
 use rocksdb::WriteOptions;
 use serde::{Deserialize, Serialize};
 
+use super::chunk_cache::ChunkCache;
 use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
 
 /// Size of one stored chunk.
@@ -215,6 +216,7 @@ impl BlobBackend for MemBlobBackend {
 #[derive(Clone)]
 pub(crate) struct BlobStore {
     backend: Arc<dyn BlobBackend>,
+    cache: Arc<ChunkCache>,
 }
 
 /// Parses a lowercase or uppercase hex SHA-256.
@@ -225,8 +227,12 @@ pub(crate) fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
 }
 
 impl BlobStore {
-    pub(crate) fn new(backend: Arc<dyn BlobBackend>) -> Self {
-        BlobStore { backend }
+    /// A store over `backend` keeping up to `cache_bytes` of recently read chunks in memory.
+    pub(crate) fn new(backend: Arc<dyn BlobBackend>, cache_bytes: usize) -> Self {
+        BlobStore {
+            backend,
+            cache: Arc::new(ChunkCache::new(cache_bytes)),
+        }
     }
 
     /// Streams `body` into the store, hashing as it goes; at most `limit` bytes.
@@ -300,14 +306,25 @@ impl BlobStore {
         };
         let info = meta.info.clone();
         let backend = self.backend.clone();
+        let cache = self.cache.clone();
         let stream = futures::stream::unfold(0u32, move |i| {
             let backend = backend.clone();
+            let cache = cache.clone();
             let meta = meta.clone();
             async move {
                 if i >= meta.chunks {
                     return None;
                 }
-                let item = match backend.chunk(&meta.data_id, i) {
+                let key = chunk_key(&meta.data_id, i);
+                let chunk = match cache.get(&key) {
+                    Some(c) => Ok(Some(c)),
+                    None => backend.chunk(&meta.data_id, i).inspect(|c| {
+                        if let Some(c) = c {
+                            cache.insert(key, c.clone());
+                        }
+                    }),
+                };
+                let item = match chunk {
                     Ok(Some(c)) => Ok(http_body::Frame::data(c)),
                     Ok(None) => {
                         Err(format!("blob {} is missing chunk {i}", meta.info.hashes.sha256).into())
@@ -379,18 +396,22 @@ mod tests {
     async fn rocks_roundtrip_and_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        roundtrip(BlobStore::new(Arc::new(RocksBlobBackend::new(store)))).await;
+        roundtrip(BlobStore::new(
+            Arc::new(RocksBlobBackend::new(store)),
+            1 << 20,
+        ))
+        .await;
     }
 
     #[tokio::test]
     async fn mem_roundtrip_and_dedup() {
-        roundtrip(BlobStore::new(Arc::new(MemBlobBackend::default()))).await;
+        roundtrip(BlobStore::new(Arc::new(MemBlobBackend::default()), 1 << 20)).await;
     }
 
     #[tokio::test]
     async fn over_limit_is_refused_and_leaves_nothing() {
         let backend = Arc::new(MemBlobBackend::default());
-        let store = BlobStore::new(backend.clone());
+        let store = BlobStore::new(backend.clone(), 1 << 20);
         let data = sample(CHUNK_SIZE + 10);
         let err = store.put(body::full(data.clone()), 1000).await.unwrap_err();
         assert!(matches!(err, BlobError::TooLarge { limit: 1000 }));
@@ -402,7 +423,7 @@ mod tests {
     async fn write_failure_is_reported() {
         let backend = Arc::new(MemBlobBackend::default());
         backend.fail_writes.store(true, Ordering::SeqCst);
-        let store = BlobStore::new(backend.clone());
+        let store = BlobStore::new(backend.clone(), 1 << 20);
         let err = store
             .put(body::full(sample(100)), u64::MAX)
             .await
@@ -418,7 +439,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_and_malformed_digests_are_absent() {
-        let store = BlobStore::new(Arc::new(MemBlobBackend::default()));
+        let store = BlobStore::new(Arc::new(MemBlobBackend::default()), 1 << 20);
         assert!(store.open(&"0".repeat(64)).unwrap().is_none());
         assert!(store.open("zz").unwrap().is_none());
     }

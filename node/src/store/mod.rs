@@ -12,6 +12,7 @@
 //! the state machine and the blob store each own their column families' contents.
 
 pub(crate) mod blob;
+mod chunk_cache;
 
 use std::path::Path;
 use std::sync::Arc;

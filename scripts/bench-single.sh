@@ -24,6 +24,9 @@
 #   SKIP_BUILD=1     do not run cargo build
 #   GRANARY_BIN=...  binary to run (default target/release/granary)
 #   OUT_DIR=bench-out
+#   RESTART=1        restart granary after publishing (default) so reads come from RocksDB's
+#                    files as in a long-running node; RESTART=0 measures with the fixtures
+#                    still in the memtable
 #   KEEP_TMP=1       keep the temporary directory (data dir, nginx root) for inspection
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,9 +104,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-RUN_DIR=$ROOT/$OUT_DIR/single-$STAMP
+case $OUT_DIR in /*) ;; *) OUT_DIR=$ROOT/$OUT_DIR ;; esac
+RUN_DIR=$OUT_DIR/single-$STAMP
 mkdir -p "$RUN_DIR/wrk"
-ln -sfn "single-$STAMP" "$ROOT/$OUT_DIR/latest"
+ln -sfn "single-$STAMP" "$OUT_DIR/latest"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port)
@@ -115,27 +119,39 @@ while [[ $NGINX_PORT == "$HTTP_PORT" || $NGINX_PORT == "$GRPC_PORT" ]]; do NGINX
 # --- granary -------------------------------------------------------------------------------
 ADMIN_ID=AKIABENCHADMIN000001
 ADMIN_SECRET=bench-secret-$RANDOM$RANDOM$RANDOM
-log "starting granary on 127.0.0.1:$HTTP_PORT"
-GRANARY_ADMIN_ACCESS_KEY_ID=$ADMIN_ID GRANARY_ADMIN_SECRET_ACCESS_KEY=$ADMIN_SECRET \
-    RUST_LOG=${RUST_LOG:-warn} \
-    "$GRANARY_BIN" server --data-dir "$TMP/data" \
-    --http "127.0.0.1:$HTTP_PORT" --grpc "127.0.0.1:$GRPC_PORT" \
-    >"$RUN_DIR/granary.log" 2>&1 &
-GRANARY_PID=$!
 GRANARY=http://127.0.0.1:$HTTP_PORT
-for i in $(seq 600); do
-    kill -0 "$GRANARY_PID" 2>/dev/null || { tail -20 "$RUN_DIR/granary.log" >&2; die "granary exited during startup"; }
-    [[ $(curl -s -o /dev/null -w '%{http_code}' "$GRANARY/healthz") == 200 ]] && break
-    ((i == 600)) && die "granary not healthy after 60 s"
-    sleep 0.1
-done
+start_granary() {
+    log "starting granary on 127.0.0.1:$HTTP_PORT"
+    GRANARY_ADMIN_ACCESS_KEY_ID=$ADMIN_ID GRANARY_ADMIN_SECRET_ACCESS_KEY=$ADMIN_SECRET \
+        RUST_LOG=${RUST_LOG:-warn} \
+        "$GRANARY_BIN" server --data-dir "$TMP/data" \
+        --http "127.0.0.1:$HTTP_PORT" --grpc "127.0.0.1:$GRPC_PORT" \
+        >>"$RUN_DIR/granary.log" 2>&1 &
+    GRANARY_PID=$!
+    local i
+    for i in $(seq 600); do
+        kill -0 "$GRANARY_PID" 2>/dev/null || { tail -20 "$RUN_DIR/granary.log" >&2; die "granary exited during startup"; }
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "$GRANARY/healthz") == 200 ]] && return 0
+        sleep 0.1
+    done
+    die "granary not healthy after 60 s"
+}
+stop_granary() {
+    kill "$GRANARY_PID"
+    local i
+    for i in $(seq 300); do kill -0 "$GRANARY_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$GRANARY_PID" 2>/dev/null && die "granary did not stop within 30 s of SIGTERM"
+    wait "$GRANARY_PID" || true
+    GRANARY_PID=
+}
+start_granary
 
 export AWS_ACCESS_KEY_ID=$ADMIN_ID AWS_SECRET_ACCESS_KEY=$ADMIN_SECRET AWS_DEFAULT_REGION=us-east-1
 export AWS_CONFIG_FILE=$TMP/aws-config AWS_SHARED_CREDENTIALS_FILE=$TMP/aws-credentials
 export AWS_PAGER="" AWS_EC2_METADATA_DISABLED=true
 unset AWS_SESSION_TOKEN AWS_PROFILE
 aws codeartifact create-domain --domain bench --endpoint-url "$GRANARY" --output json >/dev/null
-aws codeartifact create-repository --domain bench --repository r --endpoint-url "$GRANARY" --output json >/dev/null
+aws codeartifact create-repository --domain bench --repository repo --endpoint-url "$GRANARY" --output json >/dev/null
 TOKEN=$(aws codeartifact get-authorization-token --domain bench --endpoint-url "$GRANARY" \
     --query authorizationToken --output text)
 [[ -n $TOKEN ]] || die "empty authorization token"
@@ -380,7 +396,7 @@ def report(cfg, results):
     with open(os.path.join(cfg["run_dir"], "table.txt"), "w") as f:
         f.write(table)
     out = {k: cfg[k] for k in ("started", "machine", "duration", "warmup", "rounds", "connections",
-                               "threads", "wrk_timeout", "tarball_kib", "versions", "setup")}
+                               "threads", "wrk_timeout", "tarball_kib", "versions", "restart", "setup")}
     out["results"] = results
     with open(os.path.join(cfg["run_dir"], "results.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -396,12 +412,12 @@ if __name__ == "__main__":
 PY
 
 # --- fixtures ------------------------------------------------------------------------------
-NPM=$GRANARY/npm/bench/r/
+NPM=$GRANARY/npm/bench/repo/
 log "publishing bench-tarball@1.0.0 (${TARBALL_KIB} KiB) and bench-packument x $VERSIONS versions"
 SETUP_JSON=$(python3 "$TMP/bench.py" setup "$NPM" "$TOKEN" "$TARBALL_KIB" "$VERSIONS")
 
-TARBALL_PATH=/npm/bench/r/bench-tarball/-/bench-tarball-1.0.0.tgz
-PACKUMENT_PATH=/npm/bench/r/bench-packument
+TARBALL_PATH=/npm/bench/repo/bench-tarball/-/bench-tarball-1.0.0.tgz
+PACKUMENT_PATH=/npm/bench/repo/bench-packument
 WWW=$TMP/nginx/www
 mkdir -p "$WWW$(dirname "$TARBALL_PATH")" "$WWW$(dirname "$PACKUMENT_PATH")"
 for p in "$TARBALL_PATH" "$PACKUMENT_PATH"; do
@@ -418,6 +434,17 @@ n = len(json.load(open(doc))["versions"])
 if n != versions:
     sys.exit(f"packument has {n} versions, expected {versions}")
 PY
+if [[ ${RESTART:-1} != 0 ]]; then
+    # Restart so the fixtures are read the way a long-running registry reads them: RocksDB
+    # flushes the recovered memtables at open, so blobs come from blob files, not memory.
+    log "restarting granary (RESTART=0 to measure right after publishing)"
+    stop_granary
+    start_granary
+    for p in "$TARBALL_PATH" "$PACKUMENT_PATH"; do
+        curl -sS -f -H "Authorization: Bearer $TOKEN" -o "$TMP/check" "$GRANARY$p" || die "GET $p after restart failed"
+        cmp -s "$TMP/check" "$WWW$p" || die "granary serves different bytes for $p after the restart"
+    done
+fi
 TARBALL_BYTES=$(stat -c %s "$WWW$TARBALL_PATH")
 PACKUMENT_BYTES=$(stat -c %s "$WWW$PACKUMENT_PATH")
 
@@ -490,6 +517,7 @@ print(json.dumps({
     "duration": $DURATION, "warmup": $WARMUP, "rounds": $ROUNDS,
     "connections": $CONNECTIONS, "threads": $THREADS, "wrk_timeout": $WRK_TIMEOUT,
     "tarball_kib": $TARBALL_KIB, "versions": $VERSIONS, "run_dir": "$RUN_DIR",
+    "restart": ${RESTART:-1} != 0,
     "setup": json.loads(os.environ["B_SETUP"]),
     "machine": {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_gib": round(mem / 2**20, 1),
                 "kernel": platform.release(), "loadavg_at_start": open("/proc/loadavg").read().split()[:3],

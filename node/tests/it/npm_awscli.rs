@@ -34,8 +34,24 @@ fn aws_json(server: &Server, home: &Path, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("aws {args:?} printed non-JSON ({e}): {out}"))
 }
 
-fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {
-    let out = Command::new("npm")
+/// `aws codeartifact login --tool npm`: configures npm in `home` for the repository.
+fn npm_login(server: &Server, home: &Path, domain: &str, repo: &str) {
+    let args = [
+        "codeartifact",
+        "login",
+        "--tool",
+        "npm",
+        "--domain",
+        domain,
+        "--repository",
+        repo,
+    ];
+    aws(server, home, &args);
+}
+
+/// Runs npm with `home` as HOME (its `.npmrc`) and a private cache.
+fn npm_output(home: &Path, cwd: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("npm")
         .args(args)
         .current_dir(cwd)
         .env("HOME", home)
@@ -46,7 +62,11 @@ fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {
         .env_remove("npm_config_registry")
         .env_remove("NPM_CONFIG_REGISTRY")
         .output()
-        .expect("run npm");
+        .expect("run npm")
+}
+
+fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {
+    let out = npm_output(home, cwd, args);
     assert!(
         out.status.success(),
         "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
@@ -97,20 +117,7 @@ fn awscli_login_then_npm_publish_and_install() {
         ],
     );
     assert_eq!(r["repository"]["name"], "app");
-    aws(
-        &server,
-        home,
-        &[
-            "codeartifact",
-            "login",
-            "--tool",
-            "npm",
-            "--domain",
-            "acme",
-            "--repository",
-            "app",
-        ],
-    );
+    npm_login(&server, home, "acme", "app");
     let npmrc = std::fs::read_to_string(home.join(".npmrc"))
         .expect("aws codeartifact login wrote ~/.npmrc");
     let endpoint = format!("{}/npm/acme/app/", server.url());
@@ -247,13 +254,7 @@ fn awscli_login_then_npm_publish_and_install() {
     assert_eq!(pkgs["packages"].as_array().unwrap().len(), 2, "{pkgs}");
 
     // The same version again is refused with npm's message.
-    let out = Command::new("npm")
-        .arg("publish")
-        .current_dir(&lib)
-        .env("HOME", home)
-        .env("npm_config_cache", home.join("npm-cache"))
-        .output()
-        .unwrap();
+    let out = npm_output(home, &lib, &["publish"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -289,20 +290,7 @@ fn npm_cli_tags_deprecate_whoami_ping_unpublish() {
             "main",
         ],
     );
-    aws(
-        &server,
-        home,
-        &[
-            "codeartifact",
-            "login",
-            "--tool",
-            "npm",
-            "--domain",
-            "tools",
-            "--repository",
-            "main",
-        ],
-    );
+    npm_login(&server, home, "tools", "main");
 
     let pkg = home.join("src/cli");
     for version in ["1.0.0", "1.1.0", "2.0.0-beta.1"] {

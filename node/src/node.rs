@@ -23,6 +23,7 @@ use crate::raft::network::GrpcNetwork;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{NodeInfo, ProposeError, Raft};
 use crate::state::StateView;
+use crate::state::cache::ReadCache;
 use crate::state::command::{Command, CommandResult};
 use crate::state::model::{Principal, TokenKey};
 use crate::store::Store;
@@ -120,7 +121,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     // Raft.
-    let state_machine = StateMachine::new(store.clone());
+    let read_cache = Arc::new(ReadCache::default());
+    let state_machine = StateMachine::new(store.clone(), read_cache.clone());
     let raft_config = openraft::Config {
         cluster_name: "granary".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -169,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
     let node = Arc::new(Node {
-        state: StateView::new(store.clone()),
+        state: StateView::cached(store.clone(), read_cache),
         blobs: BlobStore::new(
             Arc::new(RocksBlobBackend::new(store.clone())),
             (config.blob_cache_mib << 20) as usize,

@@ -104,7 +104,7 @@ impl Registry for NodeRegistry {
         &self,
         key: &PackageKey,
         version: &str,
-    ) -> Result<Option<VersionRecord>, RegistryError> {
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
         self.node
             .state
             .version(

@@ -1,5 +1,7 @@
 //! The node's one port, as seen by a format.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -49,7 +51,7 @@ pub trait Registry: Send + Sync {
         &self,
         key: &PackageKey,
         version: &str,
-    ) -> Result<Option<VersionRecord>, RegistryError>;
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError>;
 
     /// Streams a body into the blob store (hashing as it goes) and returns what was stored.
     /// The blob is durable when this returns, but referenced only once a publish names it.

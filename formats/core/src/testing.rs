@@ -18,7 +18,7 @@
 //! can use it; it has no dependencies beyond this crate's own.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -219,12 +219,12 @@ impl Registry for MemRegistry {
         &self,
         key: &PackageKey,
         version: &str,
-    ) -> Result<Option<VersionRecord>, RegistryError> {
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
         Ok(self
             .state()
             .packages
             .get(key)
-            .and_then(|p| p.versions.get(version).cloned()))
+            .and_then(|p| p.versions.get(version).cloned().map(Arc::new)))
     }
 
     async fn store_blob(&self, mut body: Body) -> Result<BlobInfo, RegistryError> {

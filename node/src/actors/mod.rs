@@ -166,7 +166,7 @@ mod tests {
             Arc::new(config),
             GrpcNetwork,
             LogStore::new(store.clone()),
-            StateMachine::new(store),
+            StateMachine::new(store, Default::default()),
         )
         .await
         .unwrap();

@@ -81,7 +81,7 @@ fn package_target(req: &ApiRequest<'_>) -> Result<Target, ApiError> {
     })
 }
 
-fn version_of(req: &ApiRequest<'_>, t: &Target) -> Result<VersionRecord, ApiError> {
+fn version_of(req: &ApiRequest<'_>, t: &Target) -> Result<std::sync::Arc<VersionRecord>, ApiError> {
     let v = component(req.required("version")?, "packageVersion")?;
     req.node
         .state

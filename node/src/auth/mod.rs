@@ -135,10 +135,7 @@ pub(crate) fn authenticate_token(
     now: i64,
 ) -> Result<TokenClaims, TokenAuthError> {
     let presented = presented_token(headers).ok_or(TokenAuthError::Missing)?;
-    let lookup = |kid: &str| -> Option<Vec<u8>> {
-        let key = state.token_key(kid).ok()??;
-        hex::decode(key.key_hex).ok()
-    };
+    let lookup = |kid: &str| state.token_secret(kid).ok().flatten();
     let claims = token::verify(&presented, lookup, now).map_err(|e| match e {
         token::TokenError::Expired => TokenAuthError::Expired,
         _ => TokenAuthError::Invalid,

@@ -5,6 +5,7 @@
 //! consistent RocksDB snapshot of the state column family, framed as length-prefixed pairs.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 
 use super::{NodeId, NodeInfo, TypeConfig, io_err};
 use crate::state::apply::apply;
+use crate::state::cache::ReadCache;
 use crate::state::command::CommandResult;
 use crate::state::keys;
 use crate::store::{CF_RAFT_META, CF_STATE, Store};
@@ -28,14 +30,17 @@ const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 pub(crate) struct StateMachine {
     store: Store,
     applied_tx: watch::Sender<u64>,
+    cache: Arc<ReadCache>,
 }
 
 impl StateMachine {
-    /// A state machine over `store`, publishing its applied index (see [`Self::subscribe`]).
-    pub(crate) fn new(store: Store) -> Self {
+    /// A state machine over `store`, publishing its applied index (see [`Self::subscribe`])
+    /// and invalidating `cache` as it applies.
+    pub(crate) fn new(store: Store, cache: Arc<ReadCache>) -> Self {
         let sm = StateMachine {
             store,
             applied_tx: watch::channel(0).0,
+            cache,
         };
         sm.applied_tx.send_replace(sm.applied_index());
         sm
@@ -215,6 +220,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .db()
                 .write_opt(batch, &WriteOptions::default())
                 .map_err(io_err)?;
+            if let EntryPayload::Normal(cmd) = &entry.payload {
+                self.cache.applied(cmd);
+            }
             last = Some(entry.log_id.index);
             results.push(result);
         }
@@ -253,6 +261,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.cache.invalidate_all();
         self.save_snapshot(meta, &data)?;
         if let Some(l) = &meta.last_log_id {
             self.applied_tx.send_replace(l.index);

@@ -5,9 +5,12 @@
 //! actors; after apply, the Raft state machine publishes a change notification.
 
 pub(crate) mod apply;
+pub(crate) mod cache;
 pub mod command;
 pub(crate) mod keys;
 pub mod model;
+
+use std::sync::Arc;
 
 use granary_format::model::{PackageKey, PackageRecord, VersionRecord};
 use serde::de::DeserializeOwned;
@@ -19,6 +22,7 @@ use model::{DomainRecord, Principal, RepositoryRecord, TokenKey};
 #[derive(Clone)]
 pub struct StateView {
     store: Store,
+    cache: Option<Arc<cache::ReadCache>>,
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -28,7 +32,16 @@ fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError
 impl StateView {
     /// A view over the store's state column family.
     pub fn new(store: Store) -> Self {
-        StateView { store }
+        StateView { store, cache: None }
+    }
+
+    /// A view that keeps the hottest records decoded in `cache`, which the state machine
+    /// invalidates as it applies.
+    pub(crate) fn cached(store: Store, cache: Arc<cache::ReadCache>) -> Self {
+        StateView {
+            store,
+            cache: Some(cache),
+        }
     }
 
     fn get<T: DeserializeOwned>(&self, what: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -183,11 +196,20 @@ impl StateView {
         format: &str,
         pkg: &PackageKey,
         version: &str,
-    ) -> Result<Option<VersionRecord>, StoreError> {
-        self.get(
-            "version",
-            &keys::version(domain, repo, format, pkg, version),
-        )
+    ) -> Result<Option<Arc<VersionRecord>>, StoreError> {
+        let key = keys::version(domain, repo, format, pkg, version);
+        let Some(cache) = &self.cache else {
+            return Ok(self.get::<VersionRecord>("version", &key)?.map(Arc::new));
+        };
+        let generation = cache.generation(&keys::package(domain, repo, format, pkg));
+        if let Some(v) = cache.version(&key, generation) {
+            return Ok(Some(v));
+        }
+        let found = self.get::<VersionRecord>("version", &key)?.map(Arc::new);
+        if let Some(v) = &found {
+            cache.put_version(key, generation, v.clone());
+        }
+        Ok(found)
     }
 
     /// The principal holding an access key.
@@ -203,6 +225,24 @@ impl StateView {
     /// A token-signing key.
     pub fn token_key(&self, kid: &str) -> Result<Option<TokenKey>, StoreError> {
         self.get("token key", &keys::token_key(kid))
+    }
+
+    /// The secret bytes of a token-signing key (hex-decoded), from the cache when warm.
+    pub(crate) fn token_secret(&self, kid: &str) -> Result<Option<Arc<[u8]>>, StoreError> {
+        let epoch = self.cache.as_ref().map(|c| c.epoch());
+        if let Some(k) = self.cache.as_ref().and_then(|c| c.token_key(kid)) {
+            return Ok(Some(k));
+        }
+        let Some(key) = self.token_key(kid)? else {
+            return Ok(None);
+        };
+        let secret: Arc<[u8]> = hex::decode(&key.key_hex)
+            .map_err(|e| StoreError::Corrupt(format!("token key {kid}: {e}")))?
+            .into();
+        if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
+            cache.put_token_key(kid, epoch, secret.clone());
+        }
+        Ok(Some(secret))
     }
 
     /// Every token-signing key, by id.

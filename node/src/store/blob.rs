@@ -217,7 +217,13 @@ impl BlobBackend for MemBlobBackend {
 pub(crate) struct BlobStore {
     backend: Arc<dyn BlobBackend>,
     cache: Arc<ChunkCache>,
+    /// Decoded meta records of recently read blobs. A blob's meta never changes once
+    /// written (the digest names the content), so entries need no invalidation.
+    metas: Arc<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<BlobMeta>>>>,
 }
+
+/// Meta records kept decoded before the map is emptied (a crude bound: ~300 B each).
+const META_CACHE_ENTRIES: usize = 16 * 1024;
 
 /// Parses a lowercase or uppercase hex SHA-256.
 pub(crate) fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
@@ -232,7 +238,24 @@ impl BlobStore {
         BlobStore {
             backend,
             cache: Arc::new(ChunkCache::new(cache_bytes)),
+            metas: Default::default(),
         }
+    }
+
+    fn meta(&self, sha: &[u8; 32]) -> Result<Option<Arc<BlobMeta>>, StoreError> {
+        if let Some(m) = self.metas.read().unwrap_or_else(|p| p.into_inner()).get(sha) {
+            return Ok(Some(m.clone()));
+        }
+        let Some(meta) = self.backend.meta(sha)? else {
+            return Ok(None);
+        };
+        let meta = Arc::new(meta);
+        let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
+        if metas.len() >= META_CACHE_ENTRIES {
+            metas.clear();
+        }
+        metas.insert(*sha, meta.clone());
+        Ok(Some(meta))
     }
 
     /// Streams `body` into the store, hashing as it goes; at most `limit` bytes.
@@ -301,7 +324,7 @@ impl BlobStore {
         let Some(sha) = parse_sha256(sha256) else {
             return Ok(None);
         };
-        let Some(meta) = self.backend.meta(&sha)? else {
+        let Some(meta) = self.meta(&sha)? else {
             return Ok(None);
         };
         let info = meta.info.clone();

@@ -2,7 +2,7 @@
 //! round-trip), bodies split at odd places, npm-shaped variants (attachment first, escaped
 //! slashes) and shapes that must be refused with 400 and nothing stored.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -176,7 +176,7 @@ impl Registry for DiscardingRegistry {
         &self,
         key: &PackageKey,
         version: &str,
-    ) -> Result<Option<VersionRecord>, RegistryError> {
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
         self.inner.version(key, version).await
     }
     async fn store_blob(&self, mut body: Body) -> Result<BlobInfo, RegistryError> {

@@ -198,7 +198,7 @@ async fn serve_format<F: Format>(
             return format_error(format, FormatError::Unauthorized, request_id);
         }
     };
-    match node.state.repository(domain, repository) {
+    match node.state.repository_cached(domain, repository) {
         Ok(Some(_)) => {}
         Ok(None) => {
             return format_error(

@@ -9,6 +9,8 @@ pub(crate) mod sigv4;
 #[allow(dead_code)]
 pub(crate) mod token;
 
+use std::sync::Arc;
+
 use base64::Engine;
 use http::HeaderMap;
 
@@ -135,15 +137,31 @@ pub(crate) fn authenticate_token(
     now: i64,
 ) -> Result<TokenClaims, TokenAuthError> {
     let presented = presented_token(headers).ok_or(TokenAuthError::Missing)?;
-    let lookup = |kid: &str| state.token_secret(kid).ok().flatten();
-    let claims = token::verify(&presented, lookup, now).map_err(|e| match e {
-        token::TokenError::Expired => TokenAuthError::Expired,
-        _ => TokenAuthError::Invalid,
-    })?;
+    // A token verified before (under the same key epoch) needs only its expiry checked.
+    let epoch = state.cache().map(|c| c.epoch());
+    let cached = match (state.cache(), epoch) {
+        (Some(c), Some(e)) => c.tokens.get(presented.as_str(), e),
+        _ => None,
+    };
+    let claims = match cached {
+        Some(claims) if claims.expires_at > now => claims,
+        Some(_) => return Err(TokenAuthError::Expired),
+        None => {
+            let lookup = |kid: &str| state.token_secret(kid).ok().flatten();
+            let claims = Arc::new(token::verify(&presented, lookup, now).map_err(|e| match e {
+                token::TokenError::Expired => TokenAuthError::Expired,
+                _ => TokenAuthError::Invalid,
+            })?);
+            if let (Some(c), Some(e)) = (state.cache(), epoch) {
+                c.tokens.put(presented, e, claims.clone());
+            }
+            claims
+        }
+    };
     if claims.domain != domain {
         return Err(TokenAuthError::WrongDomain(domain.to_owned()));
     }
-    Ok(claims)
+    Ok(Arc::unwrap_or_clone(claims))
 }
 
 #[cfg(test)]

@@ -128,7 +128,11 @@ mod tests {
         ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
             let dir = tempfile::tempdir().map_err(super::io_err)?;
             let store = Store::open(dir.path()).map_err(super::io_err)?;
-            Ok((dir, LogStore::new(store.clone()), StateMachine::new(store, Default::default())))
+            Ok((
+                dir,
+                LogStore::new(store.clone()),
+                StateMachine::new(store, Default::default()),
+            ))
         }
     }
 

@@ -1,4 +1,5 @@
-//! Decoded records of the hottest reads (package versions, token-signing keys), kept in
+//! Decoded records of the hottest reads (package versions, repositories, token-signing
+//! keys, verified tokens), kept in
 //! memory and invalidated by apply.
 //!
 //! Invalidation is by generation, never by removal, so a reader racing an apply can not
@@ -19,6 +20,8 @@ use std::sync::{Arc, RwLock};
 use granary_format::model::VersionRecord;
 
 use super::command::Command;
+use super::model::RepositoryRecord;
+use crate::auth::TokenClaims;
 
 const SLOTS: usize = 4096;
 const SHARDS: usize = 16;
@@ -31,12 +34,54 @@ pub(crate) struct Generation(u64, u64);
 
 type Shard = RwLock<HashMap<Vec<u8>, (Generation, Arc<VersionRecord>)>>;
 
+/// A map whose entries hold only for the epoch they were filed under.
+pub(crate) struct EpochMap<K, V> {
+    map: RwLock<HashMap<K, (u64, V)>>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> EpochMap<K, V> {
+    fn new(capacity: usize) -> Self {
+        EpochMap {
+            map: RwLock::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// The value filed under `key` for exactly `epoch`.
+    pub(crate) fn get<Q>(&self, key: &Q, epoch: u64) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        match map.get(key) {
+            Some((e, v)) if *e == epoch => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// Files `value` under `epoch` (taken before the value was read).
+    pub(crate) fn put(&self, key: K, epoch: u64, value: V) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.capacity && !map.contains_key(&key) {
+            map.clear();
+        }
+        map.insert(key, (epoch, value));
+    }
+}
+
 /// The shared read cache of one node's state.
 pub(crate) struct ReadCache {
     epoch: AtomicU64,
     slots: Box<[AtomicU64]>,
     versions: Box<[Shard]>,
-    token_keys: RwLock<HashMap<String, (u64, Arc<[u8]>)>>,
+    /// Token-signing key id → secret bytes.
+    pub(crate) token_keys: EpochMap<String, Arc<[u8]>>,
+    /// (domain, repository) → whether it exists, as a state key.
+    pub(crate) repositories: EpochMap<Vec<u8>, Option<Arc<RepositoryRecord>>>,
+    /// Presented token → its verified claims (expiry still checked on every use).
+    pub(crate) tokens: EpochMap<String, Arc<TokenClaims>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -46,7 +91,9 @@ impl Default for ReadCache {
             epoch: AtomicU64::new(0),
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             versions: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            token_keys: RwLock::new(HashMap::new()),
+            token_keys: EpochMap::new(1024),
+            repositories: EpochMap::new(16 * 1024),
+            tokens: EpochMap::new(16 * 1024),
             hasher: Default::default(),
         }
     }
@@ -89,29 +136,9 @@ impl ReadCache {
         &self.versions[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
-    /// A token-signing key cached for the current epoch.
-    pub(crate) fn token_key(&self, kid: &str) -> Option<Arc<[u8]>> {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let keys = self.token_keys.read().unwrap_or_else(|p| p.into_inner());
-        match keys.get(kid) {
-            Some((e, k)) if *e == epoch => Some(k.clone()),
-            _ => None,
-        }
-    }
-
-    /// The epoch a reader of a token key must file its result under; take it before
-    /// reading.
+    /// The current epoch: take it before reading what is filed under it.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
-    }
-
-    /// Files a token key read under `epoch`.
-    pub(crate) fn put_token_key(&self, kid: &str, epoch: u64, key: Arc<[u8]>) {
-        let mut keys = self.token_keys.write().unwrap_or_else(|p| p.into_inner());
-        if keys.len() >= 1024 && !keys.contains_key(kid) {
-            keys.clear();
-        }
-        keys.insert(kid.to_owned(), (epoch, key));
     }
 
     /// Called by apply after `cmd`'s batch is written.
@@ -144,10 +171,13 @@ mod tests {
     use granary_format::model::{PackageChange, PackageKey};
 
     fn version(v: &str) -> Arc<VersionRecord> {
-        Arc::new(serde_json::from_value(serde_json::json!({
-            "version": v, "revision": "r", "status": "Published", "published_ms": 0,
-            "modified_ms": 0, "metadata": {}, "assets": []
-        })).unwrap())
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "version": v, "revision": "r", "status": "Published", "published_ms": 0,
+                "modified_ms": 0, "metadata": {}, "assets": []
+            }))
+            .unwrap(),
+        )
     }
 
     fn change(pkg: &str) -> Command {
@@ -177,7 +207,7 @@ mod tests {
         assert!(c.version(b"k", c.generation(&prefix)).is_some());
         // Another package's change leaves it (unless the two share a slot).
         let other = crate::state::keys::package("d", "r", "npm", &PackageKey::new(None, "b"));
-        if c.slot(&other) as *const _ != c.slot(&prefix) as *const _ {
+        if !std::ptr::eq(c.slot(&other), c.slot(&prefix)) {
             c.applied(&change("b"));
             assert!(c.version(b"k", c.generation(&prefix)).is_some());
         }
@@ -190,9 +220,12 @@ mod tests {
     fn token_keys_follow_the_epoch() {
         let c = ReadCache::default();
         let e = c.epoch();
-        c.put_token_key("k1", e, Arc::from(&b"secret"[..]));
-        assert_eq!(c.token_key("k1").as_deref(), Some(&b"secret"[..]));
+        c.token_keys.put("k1".into(), e, Arc::from(&b"secret"[..]));
+        assert_eq!(
+            c.token_keys.get("k1", c.epoch()).as_deref(),
+            Some(&b"secret"[..])
+        );
         c.invalidate_all();
-        assert!(c.token_key("k1").is_none());
+        assert!(c.token_keys.get("k1", c.epoch()).is_none());
     }
 }

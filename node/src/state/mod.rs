@@ -110,6 +110,34 @@ impl StateView {
         self.get("repository", &keys::repository(domain, name))
     }
 
+    /// A repository, shared from the cache when warm (the package endpoints' hot path).
+    pub(crate) fn repository_cached(
+        &self,
+        domain: &str,
+        name: &str,
+    ) -> Result<Option<Arc<RepositoryRecord>>, StoreError> {
+        let key = keys::repository(domain, name);
+        let Some(cache) = &self.cache else {
+            return Ok(self
+                .get::<RepositoryRecord>("repository", &key)?
+                .map(Arc::new));
+        };
+        let epoch = cache.epoch();
+        if let Some(found) = cache.repositories.get(&key, epoch) {
+            return Ok(found);
+        }
+        let found = self
+            .get::<RepositoryRecord>("repository", &key)?
+            .map(Arc::new);
+        cache.repositories.put(key, epoch, found.clone());
+        Ok(found)
+    }
+
+    /// The read cache, if this view has one.
+    pub(crate) fn cache(&self) -> Option<&cache::ReadCache> {
+        self.cache.as_deref()
+    }
+
     /// Every repository of a domain (or of all domains), by domain then name.
     pub fn repositories(&self, domain: Option<&str>) -> Result<Vec<RepositoryRecord>, StoreError> {
         let prefix = match domain {
@@ -230,7 +258,9 @@ impl StateView {
     /// The secret bytes of a token-signing key (hex-decoded), from the cache when warm.
     pub(crate) fn token_secret(&self, kid: &str) -> Result<Option<Arc<[u8]>>, StoreError> {
         let epoch = self.cache.as_ref().map(|c| c.epoch());
-        if let Some(k) = self.cache.as_ref().and_then(|c| c.token_key(kid)) {
+        if let (Some(cache), Some(epoch)) = (&self.cache, epoch)
+            && let Some(k) = cache.token_keys.get(kid, epoch)
+        {
             return Ok(Some(k));
         }
         let Some(key) = self.token_key(kid)? else {
@@ -240,7 +270,7 @@ impl StateView {
             .map_err(|e| StoreError::Corrupt(format!("token key {kid}: {e}")))?
             .into();
         if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
-            cache.put_token_key(kid, epoch, secret.clone());
+            cache.token_keys.put(kid.to_owned(), epoch, secret.clone());
         }
         Ok(Some(secret))
     }

@@ -243,7 +243,12 @@ impl BlobStore {
     }
 
     fn meta(&self, sha: &[u8; 32]) -> Result<Option<Arc<BlobMeta>>, StoreError> {
-        if let Some(m) = self.metas.read().unwrap_or_else(|p| p.into_inner()).get(sha) {
+        if let Some(m) = self
+            .metas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha)
+        {
             return Ok(Some(m.clone()));
         }
         let Some(meta) = self.backend.meta(sha)? else {

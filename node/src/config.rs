@@ -67,10 +67,33 @@ pub struct Config {
     /// memory, shared with the response without a copy. `0` turns the cache off.
     /// Default: `256`.
     pub blob_cache_mib: u64,
+    /// gRPC addresses of members to join through (any member will do; it forwards to the
+    /// leader). Empty: on first start the node bootstraps a one-voter cluster of its own.
+    /// Ignored once the node is a member. Default: `[]`.
+    pub join: Vec<String>,
+    /// Join as a learner and stay one (no automatic promotion to voter once caught up).
+    /// Default: `false`.
+    pub learner: bool,
+    /// How metadata reads are served: `"linearizable"` (the node learns the leader's
+    /// commit index, batched, and waits until it has applied it, so every read sees every
+    /// acknowledged write) or `"local"` (the node's applied state, bounded staleness, no
+    /// round trip: for regions far from the leader). Default: `"linearizable"`.
+    pub read_consistency: ReadConsistency,
     /// Raft timing and log retention.
     pub raft: RaftConfig,
     /// Repository actors.
     pub actors: ActorConfig,
+}
+
+/// How a node serves metadata reads (see [`Config::read_consistency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadConsistency {
+    /// Confirm with the leader's read index first.
+    #[default]
+    Linearizable,
+    /// Serve the local applied state.
+    Local,
 }
 
 /// Raft timing. The defaults suit one region (round trips of a few milliseconds).
@@ -116,6 +139,9 @@ impl Default for Config {
             max_api_body_bytes: 1 << 20,
             sigv4_max_skew_secs: 900,
             blob_cache_mib: 256,
+            join: Vec::new(),
+            learner: false,
+            read_consistency: ReadConsistency::Linearizable,
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
         }
@@ -197,6 +223,15 @@ impl Config {
             return invalid(
                 "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms",
             );
+        }
+        if let Some(bad) = self
+            .join
+            .iter()
+            .find(|a| a.parse::<SocketAddr>().is_err() && !a.contains(':'))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "join: {bad:?} is not a host:port gRPC address"
+            )));
         }
         if self.max_body_bytes < 1024 || self.max_api_body_bytes < 1024 {
             return invalid("body limits must be at least 1024 bytes");

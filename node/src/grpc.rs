@@ -1,16 +1,27 @@
-//! The gRPC endpoint for peer traffic: Raft and node status.
-
-use std::sync::Arc;
+//! The gRPC endpoint for peer traffic: Raft, the cluster service and node status. Every
+//! service checks the cluster secret.
 
 use granary_protocol::pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Node;
+use crate::cluster::Cluster;
+use crate::cluster::blobs::BlobReplicator;
+use crate::cluster::peers::{CheckSecret, Secret};
+use crate::cluster::service::ClusterService;
 use crate::raft::network::RaftService;
 
+/// What a node reports of itself over gRPC.
+#[derive(Clone)]
+pub(crate) struct SelfInfo {
+    pub(crate) region: String,
+    pub(crate) http_addr: String,
+    pub(crate) grpc_addr: String,
+}
+
 struct StatusService {
-    node: Arc<Node>,
+    cluster: Cluster,
+    me: SelfInfo,
 }
 
 #[tonic::async_trait]
@@ -19,12 +30,12 @@ impl pb::node_server::Node for StatusService {
         &self,
         _request: tonic::Request<pb::StatusRequest>,
     ) -> Result<tonic::Response<pb::StatusReply>, tonic::Status> {
-        let m = self.node.raft.metrics().borrow().clone();
+        let m = self.cluster.raft().metrics().borrow().clone();
         Ok(tonic::Response::new(pb::StatusReply {
             node_id: m.id,
-            region: self.node.config.region.clone(),
-            http_addr: self.node.http_addr.to_string(),
-            grpc_addr: self.node.grpc_addr.to_string(),
+            region: self.me.region.clone(),
+            http_addr: self.me.http_addr.clone(),
+            grpc_addr: self.me.grpc_addr.clone(),
             leader_id: m.current_leader,
             current_term: m.current_term,
             last_applied_index: m.last_applied.map(|l| l.index),
@@ -33,13 +44,38 @@ impl pb::node_server::Node for StatusService {
 }
 
 /// Serves gRPC on `listener` until `cancel` fires.
-pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, cancel: CancellationToken) {
+pub(crate) async fn serve(
+    cluster: Cluster,
+    replicator: BlobReplicator,
+    secret: Secret,
+    me: SelfInfo,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let check = CheckSecret(secret);
+    let raft = pb::raft_server::RaftServer::new(RaftService::new(cluster.raft().clone()))
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30);
+    let service = pb::cluster_server::ClusterServer::new(ClusterService {
+        cluster: cluster.clone(),
+        blobs: replicator,
+    })
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
     let result = tonic::transport::Server::builder()
-        .add_service(pb::raft_server::RaftServer::new(RaftService::new(
-            node.raft.clone(),
-        )))
-        .add_service(pb::node_server::NodeServer::new(StatusService { node }))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            raft,
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            service,
+            check.clone(),
+        ))
+        .add_service(pb::node_server::NodeServer::with_interceptor(
+            StatusService { cluster, me },
+            check,
+        ))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await;
     if let Err(e) = result {

@@ -92,7 +92,7 @@ async fn route(
         } else {
             plain(StatusCode::SERVICE_UNAVAILABLE, "no leader\n")
         }
-    } else if path.starts_with("/v1/") {
+    } else if path.starts_with("/v1/") || path.starts_with("/admin/v1/") {
         api::handle(&node, req, &request_id).await
     } else if let Some(rest) = path.strip_prefix("/npm/") {
         let rest = rest.to_owned();
@@ -178,6 +178,11 @@ async fn serve_format<F: Format>(
             ),
             request_id,
         );
+    }
+    // Reads see every write acknowledged before them, on whichever node they land; a node
+    // cut off from the leader answers 503 rather than stale metadata.
+    if let Err(e) = node.cluster.linearize().await {
+        return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
     }
     let claims = match auth::authenticate_token(&node.state, req.headers(), domain, now) {
         Ok(c) => c,

@@ -15,6 +15,8 @@
 mod actors;
 mod api;
 mod auth;
+pub mod cli;
+mod cluster;
 pub mod config;
 mod docs;
 mod grpc;

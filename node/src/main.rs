@@ -21,6 +21,10 @@ enum Command {
     /// Run a node. With no options: one node, data in ./granary-data, HTTP on
     /// 127.0.0.1:8080, gRPC on 127.0.0.1:8081.
     Server(ServerArgs),
+    /// Operate a cluster: status, add-node, promote, remove-node (SigV4 with the AWS
+    /// credentials of an admin principal).
+    #[command(subcommand)]
+    Cluster(granary_node::cli::ClusterCommand),
 }
 
 #[derive(clap::Args)]
@@ -40,6 +44,19 @@ struct ServerArgs {
     /// Public URL clients use (overrides `public_url`).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// This node's id, unique in the cluster (overrides `node_id`).
+    #[arg(long, value_name = "N")]
+    node_id: Option<u64>,
+    /// This node's region label (overrides `region`).
+    #[arg(long)]
+    region: Option<String>,
+    /// Join the cluster through this member's gRPC address (repeatable; overrides `join`).
+    /// Only on first start; a member restarts without it.
+    #[arg(long, value_name = "ADDR")]
+    join: Vec<String>,
+    /// Join as a learner and stay one (overrides `learner`).
+    #[arg(long)]
+    learner: bool,
 }
 
 fn load(args: ServerArgs) -> anyhow::Result<Config> {
@@ -58,6 +75,18 @@ fn load(args: ServerArgs) -> anyhow::Result<Config> {
     }
     if let Some(u) = args.public_url {
         config.public_url = Some(u);
+    }
+    if let Some(n) = args.node_id {
+        config.node_id = n;
+    }
+    if let Some(r) = args.region {
+        config.region = r;
+    }
+    if !args.join.is_empty() {
+        config.join = args.join;
+    }
+    if args.learner {
+        config.learner = true;
     }
     config.validate()?;
     Ok(config)
@@ -103,6 +132,11 @@ fn main() -> ExitCode {
             runtime.block_on(granary_node::run(config, shutdown_signal()))?;
             Ok(())
         }),
+        Command::Cluster(cmd) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(granary_node::cli::run_cluster_command(cmd))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

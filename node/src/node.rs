@@ -16,8 +16,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::Actors;
+use crate::cluster::Cluster;
+use crate::cluster::blobs::BlobReplicator;
+use crate::cluster::peers::{Peers, Secret};
 use crate::config::Config;
 use crate::docs::DocCache;
+use crate::grpc::SelfInfo;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::GrpcNetwork;
 use crate::raft::state_machine::StateMachine;
@@ -26,8 +30,8 @@ use crate::state::StateView;
 use crate::state::cache::ReadCache;
 use crate::state::command::{Command, CommandResult};
 use crate::state::model::{Principal, TokenKey};
-use crate::store::Store;
 use crate::store::blob::{BlobStore, RocksBlobBackend};
+use crate::store::{CF_RAFT_META, Store};
 
 /// Errors that stop a node.
 #[derive(Debug, thiserror::Error)]
@@ -62,18 +66,16 @@ pub struct Node {
     pub(crate) blobs: BlobStore,
     pub(crate) docs: DocCache,
     pub(crate) actors: Actors,
+    pub(crate) cluster: Cluster,
+    pub(crate) replicator: BlobReplicator,
     pub(crate) public_url: String,
-    /// The bound HTTP address (the configured one may have port 0).
-    pub(crate) http_addr: SocketAddr,
-    /// The bound gRPC address.
-    pub(crate) grpc_addr: SocketAddr,
     pub(crate) started: std::time::Instant,
 }
 
 impl Node {
     /// Proposes a command and waits until it is committed and applied here.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        crate::raft::propose(&self.raft, cmd).await
+        self.cluster.propose(cmd).await
     }
 
     /// Whether this node serves requests: it knows a leader.
@@ -120,9 +122,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => format!("http://{http_addr}"),
     };
 
+    check_node_id(&store, config.node_id)?;
+    let secret = Secret::from_env();
+    if !secret.is_set() && !config.join.is_empty() {
+        tracing::warn!(
+            "GRANARY_CLUSTER_SECRET is not set: peer traffic is unauthenticated; set the same \
+             secret on every member"
+        );
+    }
+    let peers = Peers::new(secret.clone());
+
     // Raft.
     let read_cache = Arc::new(ReadCache::default());
-    let state_machine = StateMachine::new(store.clone(), read_cache.clone());
+    let (blob_refs_tx, blob_refs_rx) = tokio::sync::mpsc::channel(4096);
+    let state_machine =
+        StateMachine::new(store.clone(), read_cache.clone()).with_blob_refs(blob_refs_tx);
     let raft_config = openraft::Config {
         cluster_name: "granary".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -139,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        GrpcNetwork,
+        GrpcNetwork::new(peers.clone()),
         LogStore::new(store.clone()),
         state_machine,
     )
@@ -150,55 +164,93 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         http_addr: http_addr.to_string(),
         region: config.region.clone(),
     };
-    if !raft
+    let cluster = Cluster::new(raft.clone(), peers, config.node_id, config.read_consistency);
+    let blobs = BlobStore::new(
+        Arc::new(RocksBlobBackend::new(store.clone())),
+        (config.blob_cache_mib << 20) as usize,
+    );
+    let replicator = BlobReplicator::new(blobs.clone(), cluster.clone(), config.max_body_bytes);
+
+    // Peers must reach this node's Raft before it can join or be elected.
+    let cancel = CancellationToken::new();
+    let grpc = tokio::spawn(crate::grpc::serve(
+        cluster.clone(),
+        replicator.clone(),
+        secret,
+        SelfInfo {
+            region: config.region.clone(),
+            http_addr: http_addr.to_string(),
+            grpc_addr: grpc_addr.to_string(),
+        },
+        grpc_listener,
+        cancel.clone(),
+    ));
+    println!("granary: grpc: {grpc_addr}");
+
+    let initialized = raft
         .is_initialized()
         .await
-        .map_err(|e| Error::Raft(e.to_string()))?
-    {
+        .map_err(|e| Error::Raft(e.to_string()))?;
+    if !initialized && config.join.is_empty() {
         let members = std::collections::BTreeMap::from([(config.node_id, me.clone())]);
         raft.initialize(members)
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         tracing::info!(node_id = config.node_id, "bootstrapped a one-voter cluster");
+    } else if !initialized {
+        tracing::info!(node_id = config.node_id, seeds = ?config.join, "joining the cluster");
+        cluster
+            .join(&config.join, &me, config.learner)
+            .await
+            .map_err(|e| Error::Bootstrap(format!("join: {e}")))?;
+        tracing::info!(node_id = config.node_id, "joined the cluster");
     }
-    raft.wait(Some(Duration::from_secs(30)))
-        .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+    // A restarted member waits for the cluster to elect a leader (its peers may be
+    // restarting too); it serves once one is known.
+    let mut waited = 0u64;
+    while raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await
-        .map_err(|e| Error::Raft(e.to_string()))?;
+        .is_err()
+    {
+        waited += 10;
+        tracing::warn!(
+            waited_secs = waited,
+            "no leader known yet; waiting for a quorum"
+        );
+    }
 
-    let cancel = CancellationToken::new();
-    let actors = Actors::start(&config, raft.clone())
+    let actors = Actors::start(&config, cluster.clone())
         .await
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
+    let state = StateView::cached(store.clone(), read_cache);
+    replicator.spawn_repair(state.clone(), blob_refs_rx, cancel.clone());
     let node = Arc::new(Node {
-        state: StateView::cached(store.clone(), read_cache),
-        blobs: BlobStore::new(
-            Arc::new(RocksBlobBackend::new(store.clone())),
-            (config.blob_cache_mib << 20) as usize,
-        ),
+        state,
+        blobs,
         docs: DocCache::new(),
         actors,
         raft: raft.clone(),
+        cluster,
+        replicator,
         public_url,
-        http_addr,
-        grpc_addr,
         config,
         started: std::time::Instant::now(),
     });
+    if !node.config.join.is_empty() {
+        // A node that joined reads the replicated credentials, so wait until it has applied
+        // everything the leader has committed.
+        let _ = node.cluster.linearize().await;
+    }
     bootstrap_credentials(&node).await?;
 
-    let grpc = tokio::spawn(crate::grpc::serve(
-        node.clone(),
-        grpc_listener,
-        cancel.clone(),
-    ));
     let http = tokio::spawn(crate::http::serve(
         node.clone(),
         http_listener,
         cancel.clone(),
     ));
     println!("granary: http: {http_addr}");
-    println!("granary: grpc: {grpc_addr}");
     println!("granary: public url: {}", node.public_url);
     tracing::info!(%http_addr, %grpc_addr, "node is serving");
 
@@ -279,6 +331,35 @@ async fn bootstrap_credentials(node: &Node) -> Result<(), Error> {
         println!("granary: created the admin principal; this secret is shown only once:");
         println!("  AWS_ACCESS_KEY_ID={id}");
         println!("  AWS_SECRET_ACCESS_KEY={secret}");
+    }
+    Ok(())
+}
+
+/// The data directory remembers the node id it was created with; starting it under another
+/// id would make it a different Raft member with the old one's log.
+fn check_node_id(store: &Store, node_id: u64) -> Result<(), Error> {
+    const KEY: &[u8] = b"node_id";
+    let cf = store.cf(CF_RAFT_META);
+    match store
+        .db()
+        .get_cf(cf, KEY)
+        .map_err(|e| Error::Storage(e.into()))?
+    {
+        Some(v) => {
+            let stored = <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Bootstrap("corrupt node id in the data directory".into()))?;
+            if stored != node_id {
+                return Err(Error::Bootstrap(format!(
+                    "the data directory belongs to node {stored}, not {node_id}: start it with \
+                     --node-id {stored} or use another --data-dir"
+                )));
+            }
+        }
+        None => store
+            .db()
+            .put_cf(cf, KEY, node_id.to_be_bytes())
+            .map_err(|e| Error::Storage(e.into()))?,
     }
     Ok(())
 }

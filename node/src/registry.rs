@@ -118,7 +118,8 @@ impl Registry for NodeRegistry {
     }
 
     async fn store_blob(&self, body: Body) -> Result<BlobInfo, RegistryError> {
-        self.node
+        let info = self
+            .node
             .blobs
             .put(body, self.node.config.max_body_bytes)
             .await
@@ -126,10 +127,25 @@ impl Registry for NodeRegistry {
                 BlobError::TooLarge { limit } => RegistryError::TooLarge { limit },
                 BlobError::Upload(m) => RegistryError::Invalid(m),
                 BlobError::Store(s) => internal(s),
-            })
+            })?;
+        // The metadata that will refer to these bytes is proposed only once a majority of
+        // voters hold them.
+        self.node
+            .replicator
+            .replicate(&info.hashes.sha256)
+            .await
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        Ok(info)
     }
 
     async fn open_blob(&self, sha256: &str) -> Result<Option<(u64, Body)>, RegistryError> {
+        if let Some((info, body)) = self.node.blobs.open(sha256).map_err(internal)? {
+            return Ok(Some((info.size, body)));
+        }
+        // Referenced but not here yet (this node is catching up): fetch it from a peer.
+        if !self.node.replicator.fetch(sha256).await {
+            return Ok(None);
+        }
         Ok(self
             .node
             .blobs

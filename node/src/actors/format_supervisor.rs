@@ -9,8 +9,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 
 use super::repository::{RepositoryActor, RepositoryArgs, RepositoryMsg};
 use super::{ActorError, repository_name};
+use crate::cluster::Cluster;
 use crate::config::ActorConfig;
-use crate::raft::Raft;
 
 /// One format's supervisor.
 pub(crate) struct FormatSupervisor;
@@ -30,7 +30,7 @@ pub(crate) enum FormatMsg {
 /// Arguments of a format supervisor.
 pub(crate) struct FormatSupervisorArgs {
     pub(crate) format: &'static str,
-    pub(crate) raft: Raft,
+    pub(crate) cluster: Cluster,
     pub(crate) actors: ActorConfig,
 }
 
@@ -53,7 +53,7 @@ impl FormatState {
             return Ok(cell.into());
         }
         let args = RepositoryArgs {
-            raft: self.args.raft.clone(),
+            cluster: self.args.cluster.clone(),
             idle_stop: Duration::from_secs(self.args.actors.idle_stop_secs.max(1)),
         };
         let (actor, _handle) =

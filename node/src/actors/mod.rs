@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use ractor::{ActorRef, concurrency::JoinHandle};
 
+use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::raft::{ProposeError, Raft};
+use crate::raft::ProposeError;
 use crate::state::command::{Command, CommandResult};
 
 pub(crate) use format_supervisor::FormatMsg;
@@ -56,9 +57,9 @@ fn repository_name(format: &str, domain: &str, repo: &str) -> String {
 
 impl Actors {
     /// Starts the tree.
-    pub(crate) async fn start(config: &Config, raft: Raft) -> Result<Actors, ActorError> {
+    pub(crate) async fn start(config: &Config, cluster: Cluster) -> Result<Actors, ActorError> {
         let args = NodeSupervisorArgs {
-            raft,
+            cluster,
             actors: config.actors.clone(),
         };
         let (root, handle) = ractor::Actor::spawn(None, NodeSupervisor, args)
@@ -145,13 +146,15 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::cluster::peers::{Peers, Secret};
+    use crate::raft::Raft;
     use crate::raft::log_store::LogStore;
     use crate::raft::network::GrpcNetwork;
     use crate::raft::state_machine::StateMachine;
     use crate::state::model::DomainRecord;
     use crate::store::Store;
 
-    async fn one_node_raft(dir: &std::path::Path) -> Raft {
+    async fn one_node_raft(dir: &std::path::Path) -> Cluster {
         let store = Store::open(dir).unwrap();
         let config = openraft::Config {
             heartbeat_interval: 50,
@@ -164,7 +167,7 @@ mod tests {
         let raft = Raft::new(
             1,
             Arc::new(config),
-            GrpcNetwork,
+            GrpcNetwork::new(Peers::new(Secret::from_env())),
             LogStore::new(store.clone()),
             StateMachine::new(store, Default::default()),
         )
@@ -178,7 +181,12 @@ mod tests {
             .metrics(|m| m.current_leader == Some(1), "leader")
             .await
             .unwrap();
-        raft
+        Cluster::new(
+            raft,
+            Peers::new(Secret::from_env()),
+            1,
+            crate::config::ReadConsistency::Linearizable,
+        )
     }
 
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -240,6 +248,6 @@ mod tests {
         assert!(ractor::registry::where_is(name).is_some());
 
         actors.stop().await;
-        raft.shutdown().await.unwrap();
+        raft.raft().shutdown().await.unwrap();
     }
 }

@@ -5,15 +5,15 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::FORMATS;
 use super::format_supervisor::{FormatSupervisor, FormatSupervisorArgs};
+use crate::cluster::Cluster;
 use crate::config::ActorConfig;
-use crate::raft::Raft;
 
 /// The root supervisor.
 pub(crate) struct NodeSupervisor;
 
 /// What the root needs to start its children.
 pub(crate) struct NodeSupervisorArgs {
-    pub(crate) raft: Raft,
+    pub(crate) cluster: Cluster,
     pub(crate) actors: ActorConfig,
 }
 
@@ -24,7 +24,7 @@ async fn spawn_format(
 ) -> Result<(), ActorProcessingErr> {
     let child_args = FormatSupervisorArgs {
         format,
-        raft: args.raft.clone(),
+        cluster: args.cluster.clone(),
         actors: args.actors.clone(),
     };
     Actor::spawn_linked(

@@ -8,7 +8,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use openraft::error::ClientWriteError;
 
-use crate::raft::{ProposeError, Raft};
+use crate::cluster::Cluster;
+use crate::raft::ProposeError;
 use crate::state::command::{Command, CommandResult};
 
 /// The repository actor.
@@ -30,13 +31,13 @@ pub(crate) enum RepositoryMsg {
 
 /// Arguments.
 pub(crate) struct RepositoryArgs {
-    pub(crate) raft: Raft,
+    pub(crate) cluster: Cluster,
     pub(crate) idle_stop: Duration,
 }
 
 /// State.
 pub(crate) struct RepositoryState {
-    raft: Raft,
+    cluster: Cluster,
     idle_stop: Duration,
     last_active: Instant,
     ticker: Option<JoinHandle<()>>,
@@ -55,7 +56,7 @@ impl Actor for RepositoryActor {
         let period = (args.idle_stop / 2).max(Duration::from_millis(100));
         let ticker = myself.send_interval(period, || RepositoryMsg::IdleCheck);
         Ok(RepositoryState {
-            raft: args.raft,
+            cluster: args.cluster,
             idle_stop: args.idle_stop,
             last_active: Instant::now(),
             ticker: Some(ticker),
@@ -85,10 +86,19 @@ impl Actor for RepositoryActor {
                 // Submit in mailbox order, but do not hold the mailbox while the entry
                 // commits: proposals of one repository keep their order and share log
                 // flushes, instead of paying one fsync each in turn.
+                let cluster = state.cluster.clone();
+                let leader = cluster.raft().metrics().borrow().current_leader;
+                if leader != Some(cluster.id()) {
+                    // A follower forwards to the leader; order across the forward is the
+                    // leader's, as for any two clients.
+                    tokio::spawn(async move {
+                        let _ = reply.send(cluster.propose(*cmd).await);
+                    });
+                    return Ok(());
+                }
                 let retry = (*cmd).clone();
-                match state.raft.client_write_ff(*cmd).await {
+                match cluster.raft().client_write_ff(*cmd).await {
                     Ok(pending) => {
-                        let raft = state.raft.clone();
                         // Ends when the entry is applied or Raft shuts down (the responder
                         // is then dropped), so it cannot outlive the node.
                         tokio::spawn(async move {
@@ -96,7 +106,7 @@ impl Actor for RepositoryActor {
                                 Ok(Ok(resp)) => Ok(resp.data),
                                 // Leadership moved after submission: retry within a bound.
                                 Ok(Err(ClientWriteError::ForwardToLeader(_))) => {
-                                    crate::raft::propose(&raft, retry).await
+                                    cluster.propose(retry).await
                                 }
                                 Ok(Err(e)) => Err(ProposeError::Fatal(e.to_string())),
                                 Err(_) => {

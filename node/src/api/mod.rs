@@ -7,6 +7,7 @@
 //!  response ◀─ JSON (epoch-second timestamps) | error shape (error.rs)
 //! ```
 
+mod admin;
 mod domains;
 mod error;
 mod packages;
@@ -88,6 +89,26 @@ async fn handle_inner(
     };
     let path = parts.uri.path();
     let m = &parts.method;
+    if let Some(op) = path.strip_prefix("/admin/v1/cluster/") {
+        return match (m, op) {
+            (&Method::GET, "status") => admin::status(&req),
+            (&Method::POST, "add-node" | "promote" | "remove-node") => {
+                admin::change(&req, op).await
+            }
+            _ => Err(ApiError::Validation {
+                message: format!("{m} {path} is not an operation this server supports"),
+                reason: "UNKNOWN_OPERATION",
+            }),
+        };
+    }
+    // Reads see every write acknowledged before them, on whichever node they land.
+    node.cluster
+        .linearize()
+        .await
+        .map_err(|e| ApiError::Throttling {
+            message: e.to_string(),
+            retry_after: 1,
+        })?;
     match (m, path) {
         (&Method::POST, "/v1/domain") => domains::create(&req).await,
         (&Method::GET, "/v1/domain") => domains::describe(&req),

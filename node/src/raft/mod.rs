@@ -88,28 +88,6 @@ pub(crate) enum ProposeError {
     Fatal(String),
 }
 
-/// Proposes a command and waits until it is committed and applied on this node.
-///
-/// A write during an election is retried for a bounded time, then fails retryably.
-pub(crate) async fn propose(raft: &Raft, cmd: Command) -> Result<CommandResult, ProposeError> {
-    use openraft::error::{ClientWriteError, RaftError};
-    use std::time::Duration;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match raft.client_write(cmd.clone()).await {
-            Ok(resp) => return Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(ProposeError::NoLeader);
-                }
-                let mut metrics = raft.metrics();
-                let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
-            }
-            Err(e) => return Err(ProposeError::Fatal(e.to_string())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use openraft::StorageError;

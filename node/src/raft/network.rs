@@ -3,6 +3,8 @@
 //! openraft's requests and responses travel as JSON payloads inside the protobuf
 //! messages; the receiving side ([`RaftService`]) hands them to its local Raft.
 
+use super::{NodeId, NodeInfo, Raft, TypeConfig};
+use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
 use granary_protocol::pb::raft_client::RaftClient;
 use openraft::error::{
@@ -15,13 +17,18 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::Channel;
 
-use super::{NodeId, NodeInfo, Raft, TypeConfig};
+/// Creates one [`PeerClient`] per target, over the node's shared peer channels.
+#[derive(Clone)]
+pub(crate) struct GrpcNetwork {
+    peers: Peers,
+}
 
-/// Creates one [`PeerClient`] per target.
-#[derive(Clone, Default)]
-pub(crate) struct GrpcNetwork;
+impl GrpcNetwork {
+    pub(crate) fn new(peers: Peers) -> Self {
+        GrpcNetwork { peers }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
@@ -29,7 +36,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
         PeerClient {
             target,
-            addr: format!("http://{}", node.grpc_addr),
+            addr: node.grpc_addr.clone(),
+            peers: self.peers.clone(),
             client: None,
         }
     }
@@ -39,7 +47,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 pub(crate) struct PeerClient {
     target: NodeId,
     addr: String,
-    client: Option<RaftClient<Channel>>,
+    peers: Peers,
+    client: Option<RaftClient<PeerChannel>>,
 }
 
 type RpcErr<E> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
@@ -49,21 +58,24 @@ type RpcErr<E> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
 struct Msg(String);
 
 impl PeerClient {
-    async fn client(&mut self) -> Result<RaftClient<Channel>, Unreachable> {
+    fn client(&mut self) -> Result<RaftClient<PeerChannel>, Unreachable> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let channel = Channel::from_shared(self.addr.clone())
-            .map_err(|e| Unreachable::new(&Msg(e.to_string())))?
-            .connect()
-            .await
-            .map_err(|e| Unreachable::new(&e))?;
-        let c = RaftClient::new(channel);
+        let c = self
+            .peers
+            .raft(&self.addr)
+            .map_err(|e| Unreachable::new(&Msg(e.to_string())))?;
         self.client = Some(c.clone());
         Ok(c)
     }
 
-    async fn call<Req, Resp, E>(&mut self, kind: Kind, req: &Req) -> Result<Resp, RpcErr<E>>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -71,18 +83,25 @@ impl PeerClient {
     {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.client().await?;
-        let request = pb::RaftRequest { payload };
-        let reply = match kind {
-            Kind::Append => client.append_entries(request).await,
-            Kind::Vote => client.vote(request).await,
-            Kind::Snapshot => client.install_snapshot(request).await,
+        let mut client = self.client()?;
+        let request = tonic::Request::new(pb::RaftRequest { payload });
+        let call = async {
+            match kind {
+                Kind::Append => client.append_entries(request).await,
+                Kind::Vote => client.vote(request).await,
+                Kind::Snapshot => client.install_snapshot(request).await,
+            }
         };
-        let reply = match reply {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                self.client = None;
-                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+        // A peer behind a dropped link must not hold Raft's replication stream forever.
+        let reply = match tokio::time::timeout(option.hard_ttl(), call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                    "no answer from node {} within {:?}",
+                    self.target,
+                    option.hard_ttl()
+                )))));
             }
         };
         if reply.is_error {
@@ -104,25 +123,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Kind::Append, &rpc).await
+        self.call(Kind::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(Kind::Snapshot, &rpc).await
+        self.call(Kind::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
         rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Kind::Vote, &rpc).await
+        self.call(Kind::Vote, &rpc, &option).await
     }
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct StateMachine {
     store: Store,
     applied_tx: watch::Sender<u64>,
     cache: Arc<ReadCache>,
+    /// Told the digests new versions refer to, so the node pulls those it lacks.
+    blob_refs: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl StateMachine {
@@ -41,9 +43,17 @@ impl StateMachine {
             store,
             applied_tx: watch::channel(0).0,
             cache,
+            blob_refs: None,
         };
         sm.applied_tx.send_replace(sm.applied_index());
         sm
+    }
+
+    /// Reports the asset digests of applied versions on `tx` (best effort: when the
+    /// queue is full, the periodic anti-entropy scan finds them instead).
+    pub(crate) fn with_blob_refs(mut self, tx: tokio::sync::mpsc::Sender<String>) -> Self {
+        self.blob_refs = Some(tx);
+        self
     }
 
     /// Follows the applied index.
@@ -222,6 +232,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(io_err)?;
             if let EntryPayload::Normal(cmd) = &entry.payload {
                 self.cache.applied(cmd);
+                if let (Some(tx), crate::state::command::Command::PublishVersion { version, .. }) =
+                    (&self.blob_refs, cmd)
+                {
+                    for a in &version.assets {
+                        let _ = tx.try_send(a.hashes.sha256.clone());
+                    }
+                }
             }
             last = Some(entry.log_id.index);
             results.push(result);

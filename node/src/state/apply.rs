@@ -276,7 +276,20 @@ impl Tx<'_> {
             &t.package,
             &version.version,
         );
-        if self.view.get::<VersionRecord>("version", &vkey)?.is_some() {
+        if let Some(stored) = self.view.get::<VersionRecord>("version", &vkey)? {
+            // The same proposal committed twice (a forwarded write retried after its
+            // answer was lost): same publish time, same bytes. Answer as the first did.
+            let same = |a: &VersionRecord, b: &VersionRecord| {
+                a.published_ms == b.published_ms
+                    && a.assets.len() == b.assets.len()
+                    && a.assets
+                        .iter()
+                        .zip(&b.assets)
+                        .all(|(x, y)| x.name == y.name && x.hashes.sha256 == y.hashes.sha256)
+            };
+            if same(&stored, version) {
+                return Ok(CommandResult::Done);
+            }
             return Err(TxError::Refused(ApplyError::VersionExists {
                 version: version.version.clone(),
             }));
@@ -459,14 +472,18 @@ mod tests {
     }
 
     fn publish(version: &str) -> Command {
+        publish_at(version, 5)
+    }
+
+    fn publish_at(version: &str, ms: i64) -> Command {
         Command::PublishVersion {
             target: target(),
             version: Box::new(VersionRecord {
                 version: version.into(),
                 revision: String::new(),
                 status: VersionStatus::Published,
-                published_ms: 5,
-                modified_ms: 5,
+                published_ms: ms,
+                modified_ms: ms,
                 origin: VersionOrigin::default(),
                 summary: VersionSummary::default(),
                 metadata: serde_json::json!({"name": "p"}),
@@ -496,11 +513,13 @@ mod tests {
             .unwrap()
             .stamp;
         assert_eq!(
-            failed(f.run(publish("1.0.0"))),
+            failed(f.run(publish_at("1.0.0", 6))),
             ApplyError::VersionExists {
                 version: "1.0.0".into()
             }
         );
+        // The same proposal committed again (a retried forward) answers as the first.
+        assert!(matches!(f.run(publish("1.0.0")), CommandResult::Done));
         assert!(matches!(f.run(publish("1.1.0")), CommandResult::Done));
         let pkg = f
             .view()

@@ -240,6 +240,18 @@ impl StateView {
         Ok(found)
     }
 
+    /// The SHA-256 of every asset any version refers to (for blob anti-entropy).
+    pub fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = self
+            .scan::<VersionRecord>("version", &[keys::VERSION])?
+            .into_iter()
+            .flat_map(|(_, v)| v.assets.into_iter().map(|a| a.hashes.sha256))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// The principal holding an access key.
     pub fn principal(&self, access_key_id: &str) -> Result<Option<Principal>, StoreError> {
         self.get("principal", &keys::access_key(access_key_id))

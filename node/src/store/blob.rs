@@ -324,6 +324,14 @@ impl BlobStore {
         Ok(info)
     }
 
+    /// Whether the blob is stored here.
+    pub(crate) fn has(&self, sha256: &str) -> Result<bool, StoreError> {
+        match parse_sha256(sha256) {
+            Some(sha) => Ok(self.meta(&sha)?.is_some()),
+            None => Ok(false),
+        }
+    }
+
     /// Opens a blob for streaming: its digests and a body yielding one chunk at a time.
     pub(crate) fn open(&self, sha256: &str) -> Result<Option<(BlobInfo, Body)>, StoreError> {
         let Some(sha) = parse_sha256(sha256) else {

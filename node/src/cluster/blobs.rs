@@ -1,0 +1,344 @@
+//! Package bytes between members.
+//!
+//! - **Push before propose**: the node that receives an upload pushes it to peers until a
+//!   majority of voters hold it, and only then proposes the metadata that refers to it, so
+//!   an acknowledged publish survives the loss of any minority.
+//! - **Pull after apply**: apply reports the digests that new versions refer to; a
+//!   background task pulls those this node lacks (bounded, retried).
+//! - **Pull on demand**: a request for a blob this node lacks fetches it from a peer.
+//! - **Anti-entropy**: at start and then periodically, every referenced digest is checked
+//!   and missing ones pulled, so a node that was away for days repairs itself.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use granary_format::body::{Body, BodyError};
+use granary_protocol::pb;
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Cluster;
+use crate::state::StateView;
+use crate::store::blob::{BlobError, BlobStore};
+
+/// Size of the chunks streamed between nodes.
+const WIRE_CHUNK: usize = 256 * 1024;
+/// Concurrent background pulls.
+const PULL_CONCURRENCY: usize = 4;
+/// Interval of the anti-entropy scan.
+const SCAN_EVERY: Duration = Duration::from_secs(600);
+
+/// Why a blob could not be replicated.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReplicateError {
+    /// Fewer than a majority of voters acknowledged it in time.
+    #[error("the upload reached {have} of the {need} nodes it must be stored on; retry shortly")]
+    NoMajority {
+        /// Voters holding it.
+        have: usize,
+        /// Voters needed.
+        need: usize,
+    },
+}
+
+/// Moves blobs between this node and its peers.
+#[derive(Clone)]
+pub(crate) struct BlobReplicator {
+    blobs: BlobStore,
+    cluster: Cluster,
+    limit: u64,
+}
+
+impl BlobReplicator {
+    pub(crate) fn new(blobs: BlobStore, cluster: Cluster, limit: u64) -> Self {
+        BlobReplicator {
+            blobs,
+            cluster,
+            limit,
+        }
+    }
+
+    /// Returns once a majority of voters (this node included, if it votes) hold the blob;
+    /// pushes to the remaining members continue in the background.
+    pub(crate) async fn replicate(&self, sha256: &str) -> Result<(), ReplicateError> {
+        let (voters, me_voter) = self.cluster.voters();
+        let need = voters / 2 + 1;
+        let mut have = usize::from(me_voter);
+        let others = self.cluster.other_members();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let (tx, mut rx) = mpsc::channel::<bool>(others.len());
+        for (id, addr, voter) in others {
+            let this = self.clone();
+            let tx = tx.clone();
+            let sha = sha256.to_owned();
+            // Each push runs to its end even after the majority answered, so every member
+            // gets the bytes without waiting for its background pull.
+            tokio::spawn(async move {
+                let ok = match this.push(&addr, &sha).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(node = id, sha256 = %sha, error = %e, "blob push failed");
+                        false
+                    }
+                };
+                let _ = tx.send(ok && voter).await;
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + super::WRITE_DEADLINE;
+        while have < need {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(true)) => have += 1,
+                Ok(Some(false)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if have >= need {
+            Ok(())
+        } else {
+            Err(ReplicateError::NoMajority { have, need })
+        }
+    }
+
+    /// Sends a blob to one peer unless it already has it.
+    async fn push(&self, addr: &str, sha256: &str) -> Result<(), String> {
+        let mut client = self
+            .cluster
+            .peers()
+            .cluster(addr)
+            .map_err(|e| e.to_string())?;
+        let has = client
+            .has_blob(pb::BlobRef {
+                sha256: sha256.to_owned(),
+            })
+            .await
+            .map_err(|e| e.message().to_owned())?;
+        if has.into_inner().present {
+            return Ok(());
+        }
+        let (_, body) = self
+            .blobs
+            .open(sha256)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
+        // The body is not `Sync`, which a client stream must be: a feeder task moves its
+        // chunks through a channel. A read error ends the stream early, which fails the
+        // receiver's digest check.
+        let (mut tx, rx) = futures::channel::mpsc::channel::<pb::BlobChunk>(2);
+        let first = pb::BlobChunk {
+            sha256: sha256.to_owned(),
+            data: Vec::new(),
+        };
+        tokio::spawn(async move {
+            use futures::SinkExt;
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            let mut data = body.into_data_stream();
+            while let Some(Ok(b)) = data.next().await {
+                let chunk = pb::BlobChunk {
+                    sha256: String::new(),
+                    data: b.to_vec(),
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = rx;
+        let reply = client
+            .push_blob(stream)
+            .await
+            .map_err(|e| e.message().to_owned())?;
+        if reply.into_inner().stored {
+            Ok(())
+        } else {
+            Err("peer did not store the blob".into())
+        }
+    }
+
+    /// Stores a blob arriving from a peer, checking that its content has the digest the
+    /// sender named.
+    pub(crate) async fn receive(&self, expected_sha256: &str, body: Body) -> Result<(), String> {
+        if self.blobs.has(expected_sha256).map_err(|e| e.to_string())? {
+            // Drain nothing: the sender's stream is dropped with the request.
+            return Ok(());
+        }
+        let info = self
+            .blobs
+            .put(body, self.limit)
+            .await
+            .map_err(|e| match e {
+                BlobError::TooLarge { limit } => format!("blob larger than {limit} bytes"),
+                other => other.to_string(),
+            })?;
+        if info.hashes.sha256 != expected_sha256 {
+            return Err(format!(
+                "content digest {} does not match {expected_sha256}",
+                info.hashes.sha256
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this node holds a blob.
+    pub(crate) fn has(&self, sha256: &str) -> Result<bool, String> {
+        self.blobs.has(sha256).map_err(|e| e.to_string())
+    }
+
+    /// A body streaming a blob this node holds, for a peer.
+    pub(crate) fn send(&self, sha256: &str) -> Result<Option<Body>, String> {
+        Ok(self
+            .blobs
+            .open(sha256)
+            .map_err(|e| e.to_string())?
+            .map(|(_, body)| body))
+    }
+
+    /// Fetches a blob this node lacks from the first peer that has it. Returns whether it
+    /// is now stored here.
+    pub(crate) async fn fetch(&self, sha256: &str) -> bool {
+        for (id, addr, _) in self.cluster.other_members() {
+            match self.pull_from(&addr, sha256).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(node = id, sha256, error = %e, "blob pull failed");
+                }
+            }
+        }
+        false
+    }
+
+    async fn pull_from(&self, addr: &str, sha256: &str) -> Result<bool, String> {
+        let mut client = self
+            .cluster
+            .peers()
+            .cluster(addr)
+            .map_err(|e| e.to_string())?;
+        let stream = match client
+            .pull_blob(pb::BlobRef {
+                sha256: sha256.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(false),
+            Err(s) => return Err(s.message().to_owned()),
+        };
+        let body = chunks_body(stream.map(|r| r.map(|c| c.data)));
+        self.receive(sha256, body).await.map(|_| true)
+    }
+
+    /// Pulls, in the background, the blobs that applied versions refer to and this node
+    /// lacks; runs an anti-entropy scan at start and every [`SCAN_EVERY`].
+    pub(crate) fn spawn_repair(
+        &self,
+        state: StateView,
+        mut refs: mpsc::Receiver<String>,
+        cancel: CancellationToken,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(PULL_CONCURRENCY));
+            let mut next_scan = Instant::now() + Duration::from_secs(2);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    digest = refs.recv() => {
+                        let Some(digest) = digest else { return };
+                        this.pull_later(digest, limit.clone(), cancel.clone());
+                    }
+                    _ = tokio::time::sleep_until(next_scan) => {
+                        next_scan = Instant::now() + SCAN_EVERY;
+                        this.scan(&state, &limit, &cancel).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn pull_later(&self, digest: String, limit: Arc<Semaphore>, cancel: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
+            let mut delay = Duration::from_millis(200);
+            for _ in 0..8 {
+                if cancel.is_cancelled() || this.blobs.has(&digest).unwrap_or(false) {
+                    return;
+                }
+                if this.fetch(&digest).await {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            tracing::warn!(sha256 = %digest, "could not pull a referenced blob; the next scan retries");
+        });
+    }
+
+    /// Pulls every referenced blob this node lacks.
+    async fn scan(&self, state: &StateView, limit: &Arc<Semaphore>, cancel: &CancellationToken) {
+        let digests = match state.referenced_blobs() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "anti-entropy scan failed to read the state");
+                return;
+            }
+        };
+        let mut missing = HashSet::new();
+        for d in digests {
+            if !self.blobs.has(&d).unwrap_or(true) {
+                missing.insert(d);
+            }
+        }
+        if !missing.is_empty() {
+            tracing::info!(count = missing.len(), "anti-entropy: pulling missing blobs");
+        }
+        for d in missing {
+            self.pull_later(d, limit.clone(), cancel.clone());
+        }
+    }
+}
+
+/// A body over a stream of byte chunks from a peer.
+pub(crate) fn chunks_body<S>(stream: S) -> Body
+where
+    S: futures::Stream<Item = Result<Vec<u8>, tonic::Status>> + Send + 'static,
+{
+    let frames = stream.map(|r| {
+        r.map(|data| http_body::Frame::data(Bytes::from(data)))
+            .map_err(|s| Box::new(s) as BodyError)
+    });
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames))
+}
+
+/// A stream of wire chunks over a body.
+pub(crate) fn body_chunks(
+    body: Body,
+) -> impl futures::Stream<Item = Result<pb::BlobChunk, tonic::Status>> + Send + 'static {
+    body.into_data_stream().flat_map(|r| {
+        let items: Vec<Result<pb::BlobChunk, tonic::Status>> = match r {
+            Ok(b) => b
+                .chunks(WIRE_CHUNK)
+                .map(|c| {
+                    Ok(pb::BlobChunk {
+                        sha256: String::new(),
+                        data: c.to_vec(),
+                    })
+                })
+                .collect(),
+            Err(e) => vec![Err(tonic::Status::internal(e.to_string()))],
+        };
+        futures::stream::iter(items)
+    })
+}

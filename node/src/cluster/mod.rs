@@ -1,0 +1,629 @@
+//! The node as a member of a cluster: writes from any node (forwarded to the leader),
+//! linearizable reads (a batched read index from the leader), membership, and blob
+//! replication between members.
+//!
+//! ```text
+//!  follower: propose ──client_write──▶ ForwardToLeader ──gRPC Cluster.Propose──▶ leader
+//!                 ◀── result, log index ── commit + apply on the leader
+//!            wait until applied here ≥ log index (read-your-writes on this node)
+//!
+//!  read:  ReadIndex (leader: quorum heartbeat; follower: gRPC to the leader, batched)
+//!         → wait until applied here ≥ read index → read the local state
+//! ```
+
+pub(crate) mod blobs;
+pub(crate) mod peers;
+pub(crate) mod service;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_protocol::pb;
+use openraft::ChangeMembers;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::ReadConsistency;
+use crate::raft::{NodeId, NodeInfo, ProposeError, Raft};
+use crate::state::command::{Command, CommandResult};
+use peers::Peers;
+
+/// How long a write may wait for a leader (elections, forwarding) before it fails
+/// retryably.
+pub(crate) const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a linearizable read may wait for the leader's read index.
+pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Why a linearizable read could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// No leader reachable, or it could not confirm its leadership with a quorum.
+    #[error("the cluster has no reachable leader with a quorum; retry shortly")]
+    Unavailable,
+}
+
+/// A membership change an operator asks for.
+#[derive(Debug, Clone)]
+pub(crate) enum MembershipChange {
+    /// Add a learner (promoted once caught up unless `learner`).
+    Add {
+        /// Its id.
+        id: NodeId,
+        /// Its addresses and region.
+        info: NodeInfo,
+        /// Stay a learner.
+        learner: bool,
+    },
+    /// Make a learner a voter.
+    Promote(NodeId),
+    /// Remove a voter or learner.
+    Remove(NodeId),
+}
+
+/// Why a membership change failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum MembershipError {
+    /// The request is wrong (unknown node, removing the last voter, …).
+    #[error("{0}")]
+    Invalid(String),
+    /// No leader right now, or another change is in progress; retry.
+    #[error("no leader is available or another membership change is in progress; retry shortly")]
+    Unavailable,
+    /// Raft failed.
+    #[error("raft: {0}")]
+    Fatal(String),
+}
+
+/// One member of the status report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct MemberStatus {
+    pub(crate) node_id: NodeId,
+    pub(crate) grpc_addr: String,
+    pub(crate) http_addr: String,
+    pub(crate) region: String,
+    /// `voter` or `learner`.
+    pub(crate) role: &'static str,
+    /// Known on the leader (replication progress); on other nodes only for itself.
+    pub(crate) applied_index: Option<u64>,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ClusterStatus {
+    pub(crate) node_id: NodeId,
+    pub(crate) leader_id: Option<NodeId>,
+    pub(crate) term: u64,
+    pub(crate) applied_index: Option<u64>,
+    pub(crate) members: Vec<MemberStatus>,
+}
+
+/// Batches read-index requests: a reader reuses a round trip that started after it
+/// arrived; otherwise it starts one.
+#[derive(Default)]
+struct ReadBatch {
+    /// (when the last round trip started, the index it returned)
+    last: Option<(Instant, u64)>,
+}
+
+/// This node's handle on the cluster.
+#[derive(Clone)]
+pub(crate) struct Cluster {
+    raft: Raft,
+    peers: Peers,
+    me: NodeId,
+    consistency: ReadConsistency,
+    reads: Arc<Mutex<ReadBatch>>,
+}
+
+impl Cluster {
+    pub(crate) fn new(raft: Raft, peers: Peers, me: NodeId, consistency: ReadConsistency) -> Self {
+        Cluster {
+            raft,
+            peers,
+            me,
+            consistency,
+            reads: Default::default(),
+        }
+    }
+
+    /// The peer connections.
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// The Raft handle.
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This node's id.
+    pub(crate) fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Proposes a command from any node and waits until it is committed and applied on
+    /// this node. A follower forwards it to the leader; during an election the write is
+    /// retried until [`WRITE_DEADLINE`], then fails retryably.
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let payload = serde_json::to_vec(&cmd).map_err(|e| ProposeError::Fatal(e.to_string()))?;
+        loop {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node)
+                        && id != self.me
+                    {
+                        match self.forward(&node.grpc_addr, &payload, deadline).await {
+                            Ok(r) => return Ok(r),
+                            Err(Forward::Refused(e)) => return Err(e),
+                            Err(Forward::Retry(why)) => {
+                                tracing::debug!(leader = id, %why, "forwarded write not answered; retrying");
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(ProposeError::Fatal(e.to_string())),
+            }
+            if Instant::now() >= deadline {
+                return Err(ProposeError::NoLeader);
+            }
+            let mut metrics = self.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader_addr: &str,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<CommandResult, Forward> {
+        let mut client = self
+            .peers
+            .cluster(leader_addr)
+            .map_err(|e| Forward::Retry(e.to_string()))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let call = client.propose(pb::ProposeRequest {
+            command: payload.to_vec(),
+        });
+        let reply = match tokio::time::timeout(left, call).await {
+            Err(_) => return Err(Forward::Retry("timed out".into())),
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    tonic::Code::InvalidArgument | tonic::Code::Internal => {
+                        Forward::Refused(ProposeError::Fatal(status.message().to_owned()))
+                    }
+                    _ => Forward::Retry(status.message().to_owned()),
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: CommandResult = serde_json::from_slice(&reply.result)
+            .map_err(|e| Forward::Refused(ProposeError::Fatal(e.to_string())))?;
+        // Read-your-writes on this node: answer once the entry is applied here too.
+        self.wait_applied(reply.log_index, deadline)
+            .await
+            .map_err(|_| Forward::Retry("the entry did not reach this node in time".into()))?;
+        Ok(result)
+    }
+
+    /// Commits a forwarded command on this node, which must be the leader.
+    pub(crate) async fn propose_as_leader(
+        &self,
+        cmd: Command,
+    ) -> Result<(CommandResult, u64), tonic::Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.data, resp.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
+                tonic::Status::unavailable("not the leader (leadership moved); retry"),
+            ),
+            Err(e) => Err(tonic::Status::internal(e.to_string())),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ReadError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "entry applied on this node")
+            .await
+            .map(|_| ())
+            .map_err(|_| ReadError::Unavailable)
+    }
+
+    /// Makes the next read of the local state linearizable: learns the leader's commit
+    /// index (batched with concurrent readers) and waits until this node has applied it.
+    /// A no-op with `read_consistency = "local"`.
+    pub(crate) async fn linearize(&self) -> Result<(), ReadError> {
+        if self.consistency == ReadConsistency::Local {
+            return Ok(());
+        }
+        let deadline = Instant::now() + READ_DEADLINE;
+        let arrived = Instant::now();
+        let index = {
+            let mut batch = self.reads.lock().await;
+            match batch.last {
+                // A round trip that started after this reader arrived answers for it too.
+                Some((started, index)) if started >= arrived => index,
+                _ => {
+                    let started = Instant::now();
+                    let index = tokio::time::timeout(READ_DEADLINE, self.read_index())
+                        .await
+                        .map_err(|_| ReadError::Unavailable)??;
+                    batch.last = Some((started, index));
+                    index
+                }
+            }
+        };
+        self.wait_applied(index, deadline).await
+    }
+
+    /// The leader's read index: confirmed locally when this node leads, else asked of the
+    /// leader.
+    async fn read_index(&self) -> Result<u64, ReadError> {
+        let deadline = Instant::now() + READ_DEADLINE;
+        loop {
+            match self.leader_read_index().await {
+                Ok(i) => return Ok(i),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node)
+                        && id != self.me
+                        && let Ok(mut c) = self.peers.cluster(&node.grpc_addr)
+                    {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if let Ok(Ok(r)) =
+                            tokio::time::timeout(left, c.read_index(pb::ReadIndexRequest {})).await
+                        {
+                            return Ok(r.into_inner().read_index);
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ReadError::Unavailable);
+            }
+            let mut metrics = self.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+        }
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the index a read must
+    /// wait for.
+    pub(crate) async fn leader_read_index(
+        &self,
+    ) -> Result<u64, RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>> {
+        let (read, applied) = self.raft.get_read_log_id().await?;
+        Ok(read.max(applied).map(|l| l.index).unwrap_or(0))
+    }
+
+    /// Asks any of `seeds` (gRPC addresses of members) to add this node.
+    pub(crate) async fn join(
+        &self,
+        seeds: &[String],
+        info: &NodeInfo,
+        learner: bool,
+    ) -> Result<(), String> {
+        let req = pb::JoinRequest {
+            member: Some(pb::MemberInfo {
+                node_id: self.me,
+                grpc_addr: info.grpc_addr.clone(),
+                http_addr: info.http_addr.clone(),
+                region: info.region.clone(),
+            }),
+            learner,
+        };
+        let mut last = String::from("no member to join through");
+        // Joining waits for the new learner to catch up, which can take a while for a
+        // large state; members may also still be starting.
+        for attempt in 0..60 {
+            for seed in seeds {
+                let mut client = match self.peers.cluster(seed) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = format!("{seed}: {e}");
+                        continue;
+                    }
+                };
+                match client.join(req.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        return Err(format!("{seed} refused the join: {}", s.message()));
+                    }
+                    Err(s) => last = format!("{seed}: {}", s.message()),
+                }
+            }
+            tracing::info!(attempt, %last, "join not answered yet; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(last)
+    }
+
+    /// Applies a membership change; forwards it to the leader when this node is not.
+    pub(crate) async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<u64, MembershipError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l == self.me => match self.change_as_leader(change.clone()).await {
+                    // Another change in progress, or leadership moving: retry.
+                    Err(MembershipError::Unavailable) => {}
+                    other => return other,
+                },
+                Some(l) => {
+                    let addr = self
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.grpc_addr.clone());
+                    if let Some(addr) = addr {
+                        let mut c = self
+                            .peers
+                            .cluster(&addr)
+                            .map_err(|e| MembershipError::Fatal(e.to_string()))?;
+                        match c.change_membership(to_pb(&change)).await {
+                            Ok(r) => return Ok(r.into_inner().log_index),
+                            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                                return Err(MembershipError::Invalid(s.message().to_owned()));
+                            }
+                            Err(s) if s.code() == tonic::Code::Internal => {
+                                return Err(MembershipError::Fatal(s.message().to_owned()));
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(MembershipError::Unavailable);
+            }
+            let mut metrics = self.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+        }
+    }
+
+    /// Runs a membership change on this node, which must be the leader.
+    pub(crate) async fn change_as_leader(
+        &self,
+        change: MembershipChange,
+    ) -> Result<u64, MembershipError> {
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known = |id: &NodeId| membership.get_node(id).is_some();
+        let write = |r: Result<_, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>| match r {
+            Ok(resp) => {
+                let resp: openraft::raft::ClientWriteResponse<crate::raft::TypeConfig> = resp;
+                Ok(resp.log_id.index)
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(MembershipError::Unavailable)
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(_),
+            ))) => Err(MembershipError::Unavailable),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(MembershipError::Invalid(e.to_string()))
+            }
+            Err(e) => Err(MembershipError::Fatal(e.to_string())),
+        };
+        match change {
+            MembershipChange::Add { id, info, learner } => {
+                if let Some(existing) = membership.get_node(&id)
+                    && existing.grpc_addr != info.grpc_addr
+                {
+                    return Err(MembershipError::Invalid(format!(
+                        "node id {id} is already a member at {}; give each node its own \
+                         --node-id, or remove the old member first",
+                        existing.grpc_addr
+                    )));
+                }
+                if voters.contains(&id) {
+                    // Already a voter (a restarted node joining again): nothing to do.
+                    return Ok(0);
+                }
+                // Blocks until the learner has caught up (snapshot and log).
+                let index = write(self.raft.add_learner(id, info, true).await)?;
+                if learner {
+                    return Ok(index);
+                }
+                write(
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await,
+                )
+            }
+            MembershipChange::Promote(id) => {
+                if !known(&id) {
+                    return Err(MembershipError::Invalid(format!(
+                        "node {id} is not a member; add it first"
+                    )));
+                }
+                if voters.contains(&id) {
+                    return Ok(0);
+                }
+                write(
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await,
+                )
+            }
+            MembershipChange::Remove(id) => {
+                if !known(&id) {
+                    return Err(MembershipError::Invalid(format!(
+                        "node {id} is not a member"
+                    )));
+                }
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(MembershipError::Invalid(
+                            "cannot remove the last voter".into(),
+                        ));
+                    }
+                    write(
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                                false,
+                            )
+                            .await,
+                    )
+                } else {
+                    write(
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                                false,
+                            )
+                            .await,
+                    )
+                }
+            }
+        }
+    }
+
+    /// The cluster as this node sees it (replication progress only on the leader).
+    pub(crate) fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let progress: BTreeMap<NodeId, Option<u64>> = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, log)| (*id, log.as_ref().map(|l| l.index)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, info)| MemberStatus {
+                node_id: *id,
+                grpc_addr: info.grpc_addr.clone(),
+                http_addr: info.http_addr.clone(),
+                region: info.region.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                },
+                applied_index: if *id == self.me {
+                    m.last_applied.map(|l| l.index)
+                } else {
+                    progress.get(id).copied().flatten()
+                },
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.me,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// The gRPC addresses of the other members, voters first.
+    pub(crate) fn other_members(&self) -> Vec<(NodeId, String, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut out: Vec<(NodeId, String, bool)> = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.me)
+            .map(|(id, n)| (*id, n.grpc_addr.clone(), voters.contains(id)))
+            .collect();
+        out.sort_by_key(|(id, _, voter)| (!voter, *id));
+        out
+    }
+
+    /// Voter count and whether this node is one.
+    pub(crate) fn voters(&self) -> (usize, bool) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        (voters.len(), voters.contains(&self.me))
+    }
+}
+
+enum Forward {
+    /// The leader answered with a definite failure.
+    Refused(ProposeError),
+    /// No answer (leader gone, timeout): try again.
+    Retry(String),
+}
+
+fn to_pb(change: &MembershipChange) -> pb::MembershipRequest {
+    use pb::membership_request::Change;
+    let change = match change {
+        MembershipChange::Add { id, info, learner } => Change::Add(pb::JoinRequest {
+            member: Some(pb::MemberInfo {
+                node_id: *id,
+                grpc_addr: info.grpc_addr.clone(),
+                http_addr: info.http_addr.clone(),
+                region: info.region.clone(),
+            }),
+            learner: *learner,
+        }),
+        MembershipChange::Promote(id) => Change::Promote(*id),
+        MembershipChange::Remove(id) => Change::Remove(*id),
+    };
+    pb::MembershipRequest {
+        change: Some(change),
+    }
+}
+
+/// The change a gRPC membership request names.
+pub(crate) fn from_pb(req: pb::MembershipRequest) -> Result<MembershipChange, String> {
+    use pb::membership_request::Change;
+    match req.change {
+        Some(Change::Add(j)) => {
+            let (id, info) = member_from_pb(j.member)?;
+            Ok(MembershipChange::Add {
+                id,
+                info,
+                learner: j.learner,
+            })
+        }
+        Some(Change::Promote(id)) => Ok(MembershipChange::Promote(id)),
+        Some(Change::Remove(id)) => Ok(MembershipChange::Remove(id)),
+        None => Err("no membership change given".into()),
+    }
+}
+
+/// A member's id and info from its protobuf form, validated.
+pub(crate) fn member_from_pb(m: Option<pb::MemberInfo>) -> Result<(NodeId, NodeInfo), String> {
+    let m = m.ok_or("no member given")?;
+    if m.node_id == 0 {
+        return Err("node id must be at least 1".into());
+    }
+    if m.grpc_addr.is_empty() || !m.grpc_addr.contains(':') {
+        return Err(format!("{:?} is not a host:port gRPC address", m.grpc_addr));
+    }
+    Ok((
+        m.node_id,
+        NodeInfo {
+            grpc_addr: m.grpc_addr,
+            http_addr: m.http_addr,
+            region: m.region,
+        },
+    ))
+}

@@ -102,7 +102,14 @@ impl Actor for RepositoryActor {
                         // Ends when the entry is applied or Raft shuts down (the responder
                         // is then dropped), so it cannot outlive the node.
                         tokio::spawn(async move {
-                            let result = match pending.await {
+                            let answer =
+                                tokio::time::timeout(crate::cluster::WRITE_DEADLINE, pending).await;
+                            let Ok(answer) = answer else {
+                                // No quorum to commit it (this leader is cut off).
+                                let _ = reply.send(Err(ProposeError::NoLeader));
+                                return;
+                            };
+                            let result = match answer {
                                 Ok(Ok(resp)) => Ok(resp.data),
                                 // Leadership moved after submission: retry within a bound.
                                 Ok(Err(ClientWriteError::ForwardToLeader(_))) => {

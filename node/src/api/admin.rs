@@ -10,11 +10,9 @@ use crate::cluster::{MembershipChange, MembershipError};
 use crate::raft::NodeInfo;
 
 /// `GET /admin/v1/cluster/status`.
-pub(crate) fn status(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
-    ok_json(
-        serde_json::to_value(req.node.cluster.status())
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
-    )
+pub(crate) async fn status(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
+    let status = req.node.cluster.status_of_all().await;
+    ok_json(serde_json::to_value(status).map_err(|e| ApiError::Internal(e.to_string()))?)
 }
 
 #[derive(Deserialize)]
@@ -82,8 +80,5 @@ pub(crate) async fn change(req: &ApiRequest<'_>, op: &str) -> Result<Response<Bo
             },
             MembershipError::Fatal(m) => ApiError::Internal(m),
         })?;
-    ok_json(
-        serde_json::to_value(req.node.cluster.status())
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
-    )
+    status(req).await
 }

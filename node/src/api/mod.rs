@@ -91,7 +91,7 @@ async fn handle_inner(
     let m = &parts.method;
     if let Some(op) = path.strip_prefix("/admin/v1/cluster/") {
         return match (m, op) {
-            (&Method::GET, "status") => admin::status(&req),
+            (&Method::GET, "status") => admin::status(&req).await,
             (&Method::POST, "add-node" | "promote" | "remove-node") => {
                 admin::change(&req, op).await
             }

@@ -87,8 +87,10 @@ pub(crate) struct MemberStatus {
     pub(crate) region: String,
     /// `voter` or `learner`.
     pub(crate) role: &'static str,
-    /// Known on the leader (replication progress); on other nodes only for itself.
+    /// The member's own applied index, as it reported it (none if it did not answer).
     pub(crate) applied_index: Option<u64>,
+    /// Whether the member answered this status request.
+    pub(crate) reachable: bool,
 }
 
 /// The cluster as this node sees it.
@@ -153,7 +155,14 @@ impl Cluster {
         let deadline = Instant::now() + WRITE_DEADLINE;
         let payload = serde_json::to_vec(&cmd).map_err(|e| ProposeError::Fatal(e.to_string()))?;
         loop {
-            match self.raft.client_write(cmd.clone()).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // A leader cut off from its quorum never commits: bound the wait. The outcome
+            // is then unknown, which a retry resolves (a repeated publish is recognized).
+            let Ok(written) = tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
+            else {
+                return Err(ProposeError::NoLeader);
+            };
+            match written {
                 Ok(resp) => return Ok(resp.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let (Some(id), Some(node)) = (f.leader_id, f.leader_node)
@@ -218,7 +227,10 @@ impl Cluster {
         &self,
         cmd: Command,
     ) -> Result<(CommandResult, u64), tonic::Status> {
-        match self.raft.client_write(cmd).await {
+        let written = tokio::time::timeout(WRITE_DEADLINE, self.raft.client_write(cmd))
+            .await
+            .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
+        match written {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
                 tonic::Status::unavailable("not the leader (leadership moved); retry"),
@@ -228,6 +240,10 @@ impl Cluster {
     }
 
     async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ReadError> {
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        if applied >= Some(index) {
+            return Ok(());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         self.raft
             .wait(Some(left))
@@ -241,7 +257,7 @@ impl Cluster {
     /// index (batched with concurrent readers) and waits until this node has applied it.
     /// A no-op with `read_consistency = "local"`.
     pub(crate) async fn linearize(&self) -> Result<(), ReadError> {
-        if self.consistency == ReadConsistency::Local {
+        if self.consistency == ReadConsistency::Local || self.sole_voter_leading() {
             return Ok(());
         }
         let deadline = Instant::now() + READ_DEADLINE;
@@ -262,6 +278,19 @@ impl Cluster {
             }
         };
         self.wait_applied(index, deadline).await
+    }
+
+    /// Whether this node leads a cluster in which it is the only voter: then no other node
+    /// can commit, and every acknowledged write was applied here before its answer, so the
+    /// local state is already linearizable.
+    fn sole_voter_leading(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.current_leader != Some(self.me) {
+            return false;
+        }
+        let mut voters = m.membership_config.membership().voter_ids();
+        voters.next() == Some(self.me) && voters.next().is_none()
     }
 
     /// The leader's read index: confirmed locally when this node leads, else asked of the
@@ -531,6 +560,7 @@ impl Cluster {
                 } else {
                     progress.get(id).copied().flatten()
                 },
+                reachable: *id == self.me,
             })
             .collect();
         ClusterStatus {
@@ -540,6 +570,39 @@ impl Cluster {
             applied_index: m.last_applied.map(|l| l.index),
             members,
         }
+    }
+
+    /// The status with every member's own applied index, asked of each (briefly).
+    pub(crate) async fn status_of_all(&self) -> ClusterStatus {
+        let mut status = self.status();
+        let asks = status.members.iter().map(|m| {
+            let peers = self.peers.clone();
+            let (id, addr) = (m.node_id, m.grpc_addr.clone());
+            let me = self.me;
+            async move {
+                if id == me {
+                    return None;
+                }
+                let channel = peers.channel(&addr).ok()?;
+                let mut client = pb::node_client::NodeClient::new(channel);
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.status(pb::StatusRequest {}),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                Some(reply.into_inner().last_applied_index)
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        for (m, answer) in status.members.iter_mut().zip(answers) {
+            if let Some(applied) = answer {
+                m.applied_index = applied;
+                m.reachable = true;
+            }
+        }
+        status
     }
 
     /// The gRPC addresses of the other members, voters first.

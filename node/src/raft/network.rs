@@ -81,10 +81,28 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        self.call_with(kind, req, Vec::new(), option).await
+    }
+
+    async fn call_with<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+        snapshot_data: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client()?;
-        let request = tonic::Request::new(pb::RaftRequest { payload });
+        let request = tonic::Request::new(pb::RaftRequest {
+            payload,
+            snapshot_data,
+        });
         let call = async {
             match kind {
                 Kind::Append => client.append_entries(request).await,
@@ -133,7 +151,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(Kind::Snapshot, &rpc, &option).await
+        // The chunk travels as raw bytes beside the JSON header, not as a JSON array.
+        let mut rpc = rpc;
+        let data = std::mem::take(&mut rpc.data);
+        self.call_with(Kind::Snapshot, &rpc, data, &option).await
     }
 
     async fn vote(
@@ -194,7 +215,10 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<pb::RaftRequest>,
     ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
-        let req: InstallSnapshotRequest<TypeConfig> = parse(request)?;
+        let inner = request.into_inner();
+        let mut req: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(&inner.payload)
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad raft payload: {e}")))?;
+        req.data = inner.snapshot_data;
         reply(self.raft.install_snapshot(req).await)
     }
 }

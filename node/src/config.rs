@@ -79,10 +79,27 @@ pub struct Config {
     /// acknowledged write) or `"local"` (the node's applied state, bounded staleness, no
     /// round trip: for regions far from the leader). Default: `"linearizable"`.
     pub read_consistency: ReadConsistency,
+    /// Mutual TLS for peer traffic (gRPC between members). Unset: plain TCP, with the
+    /// cluster secret on every call. Default: unset.
+    pub peer_tls: Option<PeerTls>,
     /// Raft timing and log retention.
     pub raft: RaftConfig,
     /// Repository actors.
     pub actors: ActorConfig,
+}
+
+/// Certificates for mutual TLS between members: each node serves with its certificate and
+/// presents it when calling peers; both sides require the other's to chain to `ca_file`.
+/// Certificates must name the addresses peers dial (IP SANs for `host:port` by IP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    /// This node's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// This node's private key (PEM).
+    pub key_file: PathBuf,
+    /// The certificate authority peers' certificates must chain to (PEM).
+    pub ca_file: PathBuf,
 }
 
 /// How a node serves metadata reads (see [`Config::read_consistency`]).
@@ -142,6 +159,7 @@ impl Default for Config {
             join: Vec::new(),
             learner: false,
             read_consistency: ReadConsistency::Linearizable,
+            peer_tls: None,
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
         }

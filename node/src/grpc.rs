@@ -48,6 +48,7 @@ pub(crate) async fn serve(
     cluster: Cluster,
     replicator: BlobReplicator,
     secret: Secret,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     me: SelfInfo,
     listener: TcpListener,
     cancel: CancellationToken,
@@ -63,7 +64,17 @@ pub(crate) async fn serve(
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "peer TLS configuration refused; gRPC not served");
+                return;
+            }
+        };
+    }
+    let result = builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
             raft,
             check.clone(),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::actors::Actors;
 use crate::cluster::Cluster;
 use crate::cluster::blobs::BlobReplicator;
-use crate::cluster::peers::{Peers, Secret};
+use crate::cluster::peers::{Peers, Secret, TlsConfigs};
 use crate::config::Config;
 use crate::docs::DocCache;
 use crate::grpc::SelfInfo;
@@ -130,7 +130,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
              secret on every member"
         );
     }
-    let peers = Peers::new(secret.clone());
+    let tls = match &config.peer_tls {
+        Some(t) => Some(TlsConfigs::load(t).map_err(Error::Bootstrap)?),
+        None => None,
+    };
+    let peers = Peers::new(secret.clone(), tls.as_ref().map(|t| t.client.clone()));
 
     // Raft.
     let read_cache = Arc::new(ReadCache::default());
@@ -177,6 +181,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         cluster.clone(),
         replicator.clone(),
         secret,
+        tls.map(|t| t.server),
         SelfInfo {
             region: config.region.clone(),
             http_addr: http_addr.to_string(),

@@ -362,7 +362,12 @@ impl Cluster {
                 };
                 match client.join(req.clone()).await {
                     Ok(_) => return Ok(()),
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::Unauthenticated
+                        ) =>
+                    {
                         return Err(format!("{seed} refused the join: {}", s.message()));
                     }
                     Err(s) => last = format!("{seed}: {}", s.message()),

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use granary_protocol::pb;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+
+use crate::config::PeerTls;
 
 /// The metadata key that carries the cluster secret.
 pub(crate) const SECRET_HEADER: &str = "x-granary-cluster-secret";
@@ -86,17 +90,46 @@ impl tonic::service::Interceptor for CheckSecret {
 /// A channel with the secret added to every call.
 pub(crate) type PeerChannel = InterceptedService<Channel, AddSecret>;
 
+/// The TLS settings of both sides of peer traffic, read from the configured files.
+#[derive(Clone)]
+pub(crate) struct TlsConfigs {
+    pub(crate) server: ServerTlsConfig,
+    pub(crate) client: ClientTlsConfig,
+}
+
+impl TlsConfigs {
+    /// Reads the certificate, key and CA files.
+    pub(crate) fn load(tls: &PeerTls) -> Result<TlsConfigs, String> {
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).map_err(|e| format!("peer_tls.{what} {}: {e}", p.display()))
+        };
+        let identity = Identity::from_pem(
+            read(&tls.cert_file, "cert_file")?,
+            read(&tls.key_file, "key_file")?,
+        );
+        let ca = Certificate::from_pem(read(&tls.ca_file, "ca_file")?);
+        Ok(TlsConfigs {
+            server: ServerTlsConfig::new()
+                .identity(identity.clone())
+                .client_ca_root(ca.clone()),
+            client: ClientTlsConfig::new().ca_certificate(ca).identity(identity),
+        })
+    }
+}
+
 /// Channels to peers, by gRPC address.
 #[derive(Clone)]
 pub(crate) struct Peers {
     secret: Secret,
+    tls: Option<ClientTlsConfig>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Peers {
-    pub(crate) fn new(secret: Secret) -> Peers {
+    pub(crate) fn new(secret: Secret, tls: Option<ClientTlsConfig>) -> Peers {
         Peers {
             secret,
+            tls,
             channels: Default::default(),
         }
     }
@@ -107,13 +140,19 @@ impl Peers {
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{addr}"))
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                     .map_err(|e| tonic::Status::invalid_argument(format!("{addr}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                    .keep_alive_timeout(Duration::from_secs(5));
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|e| tonic::Status::internal(format!("peer TLS: {e}")))?;
+                }
+                let c = endpoint.connect_lazy();
                 channels.insert(addr.to_owned(), c.clone());
                 c
             }

@@ -35,6 +35,8 @@ pub(crate) fn require(tool: &str) -> bool {
 pub(crate) struct Server {
     child: Option<Child>,
     pub(crate) http: String,
+    /// The bound gRPC address, once printed.
+    pub(crate) grpc: Arc<Mutex<Option<String>>>,
     pub(crate) output: Arc<Mutex<Vec<String>>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -57,7 +59,19 @@ impl Server {
     /// Starts a node; `admin_from_env` passes the test admin's key in the environment
     /// (otherwise the node generates one on its first start).
     pub(crate) fn spawn(dir: &Path, extra: &[&str], admin_from_env: bool) -> Server {
+        Server::spawn_env(dir, extra, admin_from_env, &[]).expect("granary did not start")
+    }
+
+    /// Starts a node with extra environment variables; `Err` carries its output if it
+    /// exited (or never printed its address) instead of serving.
+    pub(crate) fn spawn_env(
+        dir: &Path,
+        extra: &[&str],
+        admin_from_env: bool,
+        envs: &[(&str, &str)],
+    ) -> Result<Server, Vec<String>> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_granary"));
+        cmd.envs(envs.iter().copied());
         cmd.arg("server")
             .arg("--data-dir")
             .arg(dir)
@@ -80,10 +94,15 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         let out = output.clone();
+        let grpc = Arc::new(Mutex::new(None));
+        let grpc_seen = grpc.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("granary: http: ") {
                     let _ = tx.send(addr.to_owned());
+                }
+                if let Some(addr) = line.strip_prefix("granary: grpc: ") {
+                    *grpc_seen.lock().unwrap() = Some(addr.to_owned());
                 }
                 out.lock().unwrap().push(line);
             }
@@ -99,17 +118,30 @@ impl Server {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!("granary did not start: {:?}", output.lock().unwrap());
+                let _ = child.wait();
+                // Let the reader threads drain what the process wrote last.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(output.lock().unwrap().clone());
             }
         };
         let server = Server {
             child: Some(child),
             http,
+            grpc,
             output,
             _tmp: None,
         };
         server.wait_healthy();
-        server
+        Ok(server)
+    }
+
+    /// The gRPC address the node printed.
+    pub(crate) fn grpc_addr(&self) -> String {
+        self.grpc
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("grpc address printed before http")
     }
 
     pub(crate) fn url(&self) -> String {

@@ -11,6 +11,8 @@ mod api;
 mod bad_input;
 /// The command line: defaults, config errors, first-start credentials.
 mod cli;
+/// Peer traffic: the cluster secret and mutual TLS.
+mod cluster_security;
 /// SIGKILL during a publish burst: every acknowledged publish survives a restart.
 mod crash_restart;
 /// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).

@@ -1,0 +1,203 @@
+use std::path::Path;
+use std::process::Command;
+
+use crate::harness::{ACCESS_KEY, SECRET_KEY, Server, require};
+
+/// A CA and one certificate for 127.0.0.1 signed by it (serverAuth + clientAuth), made with
+/// the openssl CLI; returns the TOML of a `[peer_tls]` section using them.
+fn make_certs(dir: &Path) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node",
+    ]);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    format!(
+        "[peer_tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+        dir.join("node.pem"),
+        dir.join("node.key"),
+        dir.join("ca.pem")
+    )
+}
+
+/// Members talk over mutual TLS and carry the cluster secret: a node with the secret and
+/// a certificate joins; one with the wrong secret is refused and exits with a clear
+/// message; one without TLS never gets in. `granary cluster status` shows the members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_need_the_cluster_secret_and_the_ca() {
+    if !require("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tls.toml");
+    std::fs::write(&config, make_certs(tmp.path())).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let secret = [("GRANARY_CLUSTER_SECRET", "right-secret")];
+
+    let first = Server::spawn_env(
+        &tmp.path().join("n1"),
+        &["--config", &config, "--node-id", "1"],
+        true,
+        &secret,
+    )
+    .expect("first node starts");
+    let seed = first.grpc_addr();
+    let second = Server::spawn_env(
+        &tmp.path().join("n2"),
+        &["--config", &config, "--node-id", "2", "--join", &seed],
+        true,
+        &secret,
+    )
+    .expect("a node with the secret and a certificate joins");
+
+    let status = second
+        .client()
+        .api("GET", "/admin/v1/cluster/status", None)
+        .await;
+    assert_eq!(status.status, 200, "{}", status.text());
+    let status = status.json();
+    let mut voters: Vec<u64> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "voter")
+        .map(|m| m["nodeId"].as_u64().unwrap())
+        .collect();
+    voters.sort();
+    assert_eq!(voters, [1, 2], "{status}");
+    assert!(status["leaderId"].as_u64().is_some(), "{status}");
+
+    // The operator CLI shows the same, as JSON.
+    let out = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args([
+            "cluster",
+            "status",
+            "--output",
+            "json",
+            "--endpoint",
+            &first.url(),
+        ])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["members"].as_array().unwrap().len(), 2, "{cli}");
+    for m in cli["members"].as_array().unwrap() {
+        assert_eq!(m["reachable"], true, "{cli}");
+        assert!(m["appliedIndex"].as_u64().is_some(), "{cli}");
+    }
+
+    let wrong = Server::spawn_env(
+        &tmp.path().join("n3"),
+        &["--config", &config, "--node-id", "3", "--join", &seed],
+        true,
+        &[("GRANARY_CLUSTER_SECRET", "wrong-secret")],
+    )
+    .err()
+    .expect("a node with the wrong secret must not start");
+    assert!(
+        wrong.iter().any(|l| l.contains("cluster secret")),
+        "the refusal names the cluster secret: {wrong:?}"
+    );
+
+    // No TLS: the handshake never completes, so the node keeps retrying and never
+    // becomes a member; stop it once it has tried.
+    let plain_dir = tmp.path().join("n4");
+    let mut plain = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["server", "--data-dir", plain_dir.to_str().unwrap()])
+        .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .args(["--node-id", "4", "--join", &seed])
+        .env("GRANARY_CLUSTER_SECRET", "right-secret")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = plain.stderr.take().unwrap();
+    let tried = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("join not answered yet"))
+    });
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(30), tried)
+            .await
+            .expect("the plain node tries to join")
+            .unwrap(),
+        "the plain node reports its failed attempts"
+    );
+    let _ = plain.kill();
+    let _ = plain.wait();
+    let status = first
+        .client()
+        .api("GET", "/admin/v1/cluster/status", None)
+        .await
+        .json();
+    assert_eq!(
+        status["members"].as_array().unwrap().len(),
+        2,
+        "no node joined without TLS or with the wrong secret: {status}"
+    );
+}

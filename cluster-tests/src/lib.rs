@@ -1,41 +1,37 @@
-//! granary-cluster-tests: the multi-node harness, failover and chaos scenarios, and
-//! cluster benchmarks (`publish = false`).
+//! granary-cluster-tests: the multi-node harness (`publish = false`). The scenarios that
+//! use it are in `tests/it/`.
 //!
-//! Today it holds the pieces a multi-node harness starts from: writing a node's
-//! configuration for a data directory and ports chosen by the OS. In-process clusters with
-//! seeded transport faults, real-process clusters killed with SIGKILL, the oracle of
-//! acknowledged writes and the invariants arrive with the cluster work.
+//! The harness drives real `granary` processes over HTTP, as operators and clients do:
+//! it depends on no crate of ours, only on the binary (see [`process::granary_bin`]).
+//!
+//! ```text
+//!   seed ──▶ every random choice          oracle ◀── every acknowledged publish
+//!    │                                       │
+//!   cluster ── process × N (127.0.S.1i) ◀── load (publishers, readers) ── client
+//!    │            ▲
+//!   faults ───────┘ iptables chain of our own (+ a cgroup per node)
+//!    │
+//!   invariants: no_lost_ack, single_leader, blobs_resolve, replicas_converge
+//! ```
+//!
+//! Tests wait on conditions with deadlines ([`poll`]), never on bare sleeps; a failing
+//! test prints its seed (`GRANARY_TEST_SEED` replays it) and every node's last output.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-
-use granary_node::Config;
-
-/// A loopback address with a port the OS reports free right now.
-pub fn free_addr() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
-/// A single-node configuration on `data_dir` with OS-chosen ports.
-pub fn node_config(node_id: u64, data_dir: &Path) -> std::io::Result<Config> {
-    Ok(Config {
-        node_id,
-        data_dir: data_dir.to_owned(),
-        http_addr: free_addr()?,
-        grpc_addr: free_addr()?,
-        ..Config::default()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn configs_validate() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = node_config(3, dir.path()).unwrap();
-        c.validate().unwrap();
-        assert_ne!(c.http_addr, c.grpc_addr);
-    }
-}
+// SigV4-signed admin and CodeArtifact calls; npm publish and fetch over raw HTTP.
+pub mod client;
+// A cluster of processes: start, join, leader discovery, kill, restart, add, remove.
+pub mod cluster;
+// Cutting a node off from its peers with iptables; cgroups to tell nodes apart.
+pub mod faults;
+// One property per file, checked after each scenario.
+pub mod invariants;
+// Publishers and readers running during a scenario, and a tally of their outcomes.
+pub mod load;
+// The record of acknowledged publishes.
+pub mod oracle;
+// Waiting on conditions with a deadline.
+pub mod poll;
+// One `granary server` process.
+pub mod process;
+// The seed of every random choice.
+pub mod seed;

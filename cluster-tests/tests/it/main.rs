@@ -1,0 +1,19 @@
+//! The cluster scenarios: real `granary` processes on their own loopback addresses,
+//! driven through the harness in `src/` (`granary_cluster_tests`). Each test prints its
+//! seed; `GRANARY_TEST_SEED=<n>` replays its random choices. They run one at a time
+//! (nextest test group `cluster`, `.config/nextest.toml`).
+
+/// What the scenarios share: waiting for acknowledgements, the final invariants.
+mod common;
+
+/// SIGKILL of the leader during a publish burst through every node.
+mod failover;
+/// A fourth node joins under load and is promoted; another is removed with the CLI.
+mod membership;
+/// npm publish through one node, npm install through another, right away.
+mod npm_cli;
+/// One node cut off with iptables: the majority serves, the isolated node refuses and
+/// serves nothing stale, then it heals and converges.
+mod partition;
+/// SIGTERM and restart of each node in turn under publish and install load.
+mod rolling_restart;

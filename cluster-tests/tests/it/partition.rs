@@ -1,0 +1,249 @@
+use granary_cluster_tests::client::{NodeClient, Repo, Resp, fake_tgz};
+use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
+use granary_cluster_tests::faults::Firewall;
+use granary_cluster_tests::load::{Kind, Load};
+use granary_cluster_tests::oracle::Oracle;
+use granary_cluster_tests::seed::Seed;
+use serde_json::Value;
+
+use crate::common::{final_checks, publish_acked, wait_acks};
+
+/// What the isolated node answered to one request.
+#[derive(Debug)]
+enum Seen {
+    /// 503 with Retry-After: refused, as it must.
+    Refused,
+    /// A document: fresh or stale, judged by the caller.
+    Doc(Value),
+    /// Anything else (a 404 for a package that exists is stale too).
+    Other(String),
+}
+
+/// Awaits `f`, printing how long the isolated node took to answer.
+async fn timed<T: std::fmt::Debug>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let start = std::time::Instant::now();
+    let out = f.await;
+    let summary = format!("{out:?}");
+    let summary: String = summary.chars().take(100).collect();
+    eprintln!(
+        "partition: isolated node: {what} → {summary} after {:?}",
+        start.elapsed()
+    );
+    out
+}
+
+/// The API's "not now": ThrottlingException (429, as AWS sends it) or a 5xx
+/// (InternalServerException, ServiceUnavailable): what SDKs retry.
+fn api_refused(r: &Resp) -> bool {
+    let kind = serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["__type"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    r.status >= 500 || (r.status == 429 && kind.ends_with("ThrottlingException"))
+}
+
+async fn packument(node: &NodeClient, repo: &Repo, name: &str) -> Seen {
+    match node.npm_packument(repo, name).await {
+        Ok(r) if r.is_retry_later() => Seen::Refused,
+        Ok(r) if r.status == 200 => Seen::Doc(r.json()),
+        Ok(r) => Seen::Other(r.describe()),
+        Err(e) => Seen::Other(e.to_string()),
+    }
+}
+
+/// Cut one node (chosen by the seed: the leader or a follower) off from its peers with
+/// iptables. The majority elects or keeps a leader and acknowledges publishes; the
+/// isolated node acknowledges none (503) and serves no stale metadata: a packument
+/// changed on the majority side after the cut is 503 or the new document, never the old
+/// one, and a package created after the cut is never a 404. After healing, the isolated
+/// node converges, the refused publishes never appear, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
+    let Some(mut firewall) = Firewall::require() else {
+        return;
+    };
+    let seed = Seed::from_env();
+    let mut rng = seed.rng("partition");
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            faults: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    cluster.observe();
+    let all = cluster.ids();
+    let repo = cluster.setup(1, "partition", "repo").await;
+    let oracle = Oracle::new();
+
+    // Before the cut: `changed@1.0.0`, applied everywhere.
+    let tgz = |rng: &mut granary_cluster_tests::seed::TestRng| fake_tgz(&rng.bytes(3000));
+    publish_acked(
+        &cluster.client(1),
+        &repo,
+        &oracle,
+        "changed",
+        "1.0.0",
+        tgz(&mut rng),
+    )
+    .await;
+    cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
+
+    let isolated = rng.choose(&all);
+    let majority = cluster.ids_except(isolated);
+    let leader_before = cluster.leader().await;
+    eprintln!(
+        "partition: isolating node {isolated} (leader before: node {leader_before}) from {majority:?}"
+    );
+    firewall.isolate(&cluster.net(isolated), &cluster.nets(&majority));
+    eprintln!("partition: rules\n{}", firewall.rules());
+
+    // The majority has a leader among its own and acknowledges writes.
+    let leader = cluster.wait_leader(&majority, SETTLE_TIMEOUT).await;
+    eprintln!("partition: majority leader is node {leader}");
+    publish_acked(
+        &cluster.client(majority[0]),
+        &repo,
+        &oracle,
+        "changed",
+        "1.1.0",
+        tgz(&mut rng),
+    )
+    .await;
+    publish_acked(
+        &cluster.client(majority[1]),
+        &repo,
+        &oracle,
+        "created",
+        "1.0.0",
+        tgz(&mut rng),
+    )
+    .await;
+    let load = Load::publishers(
+        cluster.clients(&majority),
+        &repo,
+        &oracle,
+        &seed.rng("majority publishers"),
+        3,
+    );
+    let before = oracle.len();
+    wait_acks(
+        &oracle,
+        before + 20,
+        &load,
+        "the majority keeps accepting writes",
+    )
+    .await;
+    let load_tally = load.stop().await;
+    eprintln!("partition: majority publish outcomes {load_tally}");
+    load_tally.assert_only("publishes on the majority side", Kind::RETRYABLE);
+
+    // The isolated node: every write refused, every read refused or fresh — asked at
+    // the same time, since each may take the node's own timeout to answer.
+    let node = cluster.client(isolated);
+    let writes = futures::future::join_all((0..2).map(|i| {
+        let (node, repo) = (&node, &repo);
+        let bytes = fake_tgz(&[i as u8; 64]);
+        async move {
+            let version = format!("1.0.{i}");
+            let r = timed(
+                &format!("publish isolated@{version}"),
+                node.npm_publish(repo, "isolated", &version, &bytes),
+            )
+            .await;
+            (version, r)
+        }
+    }));
+    let list_path = format!(
+        "/v1/packages?domain={}&repository={}",
+        repo.domain, repo.name
+    );
+    let reads = async {
+        futures::join!(
+            timed("packument changed", packument(&node, &repo, "changed")),
+            timed("packument created", packument(&node, &repo, "created")),
+            timed("list-packages", node.api("POST", &list_path, None)),
+        )
+    };
+    let asked = std::time::Instant::now();
+    let (writes, (changed, created, listed)) = futures::join!(writes, reads);
+    eprintln!(
+        "partition: the isolated node answered in {:?}",
+        asked.elapsed()
+    );
+
+    let mut problems = Vec::new();
+    for (version, r) in &writes {
+        match r {
+            Ok(r) if r.is_retry_later() => {}
+            Ok(r) => problems.push(format!(
+                "publish isolated@{version} on the isolated node: {} (want 503 with Retry-After)",
+                r.describe()
+            )),
+            Err(e) => problems.push(format!(
+                "publish isolated@{version} on the isolated node: {e} (want 503 with Retry-After)"
+            )),
+        }
+    }
+    match &changed {
+        Seen::Refused => {}
+        Seen::Doc(d) if d["versions"].get("1.1.0").is_some() => {}
+        Seen::Doc(d) => problems.push(format!(
+            "stale read: the isolated node served `changed` without 1.1.0, acknowledged by \
+             the majority after the cut: versions {:?}",
+            d["versions"]
+                .as_object()
+                .map(|m| m.keys().collect::<Vec<_>>())
+        )),
+        Seen::Other(o) => problems.push(format!("packument `changed` on the isolated node: {o}")),
+    }
+    match &created {
+        Seen::Refused => {}
+        Seen::Doc(d) if d["versions"].get("1.0.0").is_some() => {}
+        other => problems.push(format!(
+            "stale read: package `created` (acknowledged by the majority after the cut) on \
+             the isolated node: {other:?} (want 503 or the new document)"
+        )),
+    }
+    match &listed {
+        Ok(r) if api_refused(r) => {}
+        Ok(r)
+            if r.status == 200
+                && r.json()["packages"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|p| p["package"] == "created")) => {}
+        Ok(r) => problems.push(format!(
+            "stale read: list-packages on the isolated node: {} (want ThrottlingException, \
+             a 5xx, or a list with `created`)",
+            r.describe()
+        )),
+        Err(e) => problems.push(format!("list-packages on the isolated node: {e}")),
+    }
+    if !problems.is_empty() {
+        panic!(
+            "the isolated node {isolated} misbehaved:\n  {}\n(firewall rules:\n{}\nIf the node \
+             reached its peers anyway, check that peer connections come from the node's own \
+             IP or that the cgroup match is available.)",
+            problems.join("\n  "),
+            firewall.rules()
+        );
+    }
+
+    firewall.heal();
+    cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
+    final_checks(&cluster, &all, &repo, &oracle).await;
+    // What the isolated node refused never happened.
+    for id in &all {
+        match cluster.client(*id).npm_packument(&repo, "isolated").await {
+            Ok(r) if r.status == 404 => {}
+            Ok(r) => panic!(
+                "node {id}: a publish the isolated node refused with 503 exists after \
+                 healing: {}",
+                r.describe()
+            ),
+            Err(e) => panic!("node {id}: packument `isolated`: {e}"),
+        }
+    }
+}

@@ -134,7 +134,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(t) => Some(TlsConfigs::load(t).map_err(Error::Bootstrap)?),
         None => None,
     };
-    let peers = Peers::new(secret.clone(), tls.as_ref().map(|t| t.client.clone()));
+    let peers = Peers::new(
+        secret.clone(),
+        tls.as_ref().map(|t| t.client.clone()),
+        Some(grpc_addr.ip()),
+    );
 
     // Raft.
     let read_cache = Arc::new(ReadCache::default());

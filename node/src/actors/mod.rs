@@ -167,7 +167,7 @@ mod tests {
         let raft = Raft::new(
             1,
             Arc::new(config),
-            GrpcNetwork::new(Peers::new(Secret::from_env(), None)),
+            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None)),
             LogStore::new(store.clone()),
             StateMachine::new(store, Default::default()),
         )
@@ -183,7 +183,7 @@ mod tests {
             .unwrap();
         Cluster::new(
             raft,
-            Peers::new(Secret::from_env(), None),
+            Peers::new(Secret::from_env(), None, None),
             1,
             crate::config::ReadConsistency::Linearizable,
         )

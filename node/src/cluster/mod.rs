@@ -110,6 +110,9 @@ pub(crate) struct ClusterStatus {
 struct ReadBatch {
     /// (when the last round trip started, the index it returned)
     last: Option<(Instant, u64)>,
+    /// When the last failed round trip ended: readers that were already waiting fail
+    /// with it rather than each waiting out a deadline of their own in turn.
+    failed_at: Option<Instant>,
 }
 
 /// This node's handle on the cluster.
@@ -267,13 +270,25 @@ impl Cluster {
             match batch.last {
                 // A round trip that started after this reader arrived answers for it too.
                 Some((started, index)) if started >= arrived => index,
+                _ if batch.failed_at.is_some_and(|t| t >= arrived) => {
+                    return Err(ReadError::Unavailable);
+                }
                 _ => {
                     let started = Instant::now();
-                    let index = tokio::time::timeout(READ_DEADLINE, self.read_index())
+                    let result = tokio::time::timeout(READ_DEADLINE, self.read_index())
                         .await
-                        .map_err(|_| ReadError::Unavailable)??;
-                    batch.last = Some((started, index));
-                    index
+                        .map_err(|_| ReadError::Unavailable)
+                        .and_then(|r| r);
+                    match result {
+                        Ok(index) => {
+                            batch.last = Some((started, index));
+                            index
+                        }
+                        Err(e) => {
+                            batch.failed_at = Some(Instant::now());
+                            return Err(e);
+                        }
+                    }
                 }
             }
         };

@@ -122,14 +122,22 @@ impl TlsConfigs {
 pub(crate) struct Peers {
     secret: Secret,
     tls: Option<ClientTlsConfig>,
+    /// The address outgoing peer connections leave from (the node's gRPC address), so
+    /// peers and firewalls see one address per node.
+    local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Peers {
-    pub(crate) fn new(secret: Secret, tls: Option<ClientTlsConfig>) -> Peers {
+    pub(crate) fn new(
+        secret: Secret,
+        tls: Option<ClientTlsConfig>,
+        local_ip: Option<std::net::IpAddr>,
+    ) -> Peers {
         Peers {
             secret,
             tls,
+            local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
             channels: Default::default(),
         }
     }
@@ -146,7 +154,8 @@ impl Peers {
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5));
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .local_address(self.local_ip);
                 if let Some(tls) = &self.tls {
                     endpoint = endpoint
                         .tls_config(tls.clone())

@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use granary_format::body::{Body, BodyError};
+use granary_format::model::{BlobInfo, Hashes};
 use granary_protocol::pb;
 use http_body_util::BodyExt;
 use tokio::sync::{Semaphore, mpsc};
@@ -123,7 +124,7 @@ impl BlobReplicator {
         if has.into_inner().present {
             return Ok(());
         }
-        let (_, body) = self
+        let (info, body) = self
             .blobs
             .open(sha256)
             .map_err(|e| e.to_string())?
@@ -132,10 +133,7 @@ impl BlobReplicator {
         // chunks through a channel. A read error ends the stream early, which fails the
         // receiver's digest check.
         let (mut tx, rx) = futures::channel::mpsc::channel::<pb::BlobChunk>(2);
-        let first = pb::BlobChunk {
-            sha256: sha256.to_owned(),
-            data: Vec::new(),
-        };
+        let first = head_chunk(&info);
         tokio::spawn(async move {
             use futures::SinkExt;
             if tx.send(first).await.is_err() {
@@ -144,8 +142,8 @@ impl BlobReplicator {
             let mut data = body.into_data_stream();
             while let Some(Ok(b)) = data.next().await {
                 let chunk = pb::BlobChunk {
-                    sha256: String::new(),
-                    data: b.to_vec(),
+                    data: b,
+                    ..Default::default()
                 };
                 if tx.send(chunk).await.is_err() {
                     return;
@@ -164,27 +162,24 @@ impl BlobReplicator {
         }
     }
 
-    /// Stores a blob arriving from a peer, checking that its content has the digest the
-    /// sender named.
-    pub(crate) async fn receive(&self, expected_sha256: &str, body: Body) -> Result<(), String> {
-        if self.blobs.has(expected_sha256).map_err(|e| e.to_string())? {
+    /// Stores a blob arriving from a peer, checking that its content has the SHA-256 and
+    /// size the sender named (its other digests are taken from the sender).
+    pub(crate) async fn receive(&self, expected: &BlobInfo, body: Body) -> Result<(), String> {
+        if self
+            .blobs
+            .has(&expected.hashes.sha256)
+            .map_err(|e| e.to_string())?
+        {
             // Drain nothing: the sender's stream is dropped with the request.
             return Ok(());
         }
-        let info = self
-            .blobs
-            .put(body, self.limit)
+        self.blobs
+            .put_replica(body, self.limit, expected)
             .await
             .map_err(|e| match e {
                 BlobError::TooLarge { limit } => format!("blob larger than {limit} bytes"),
                 other => other.to_string(),
             })?;
-        if info.hashes.sha256 != expected_sha256 {
-            return Err(format!(
-                "content digest {} does not match {expected_sha256}",
-                info.hashes.sha256
-            ));
-        }
         Ok(())
     }
 
@@ -193,13 +188,9 @@ impl BlobReplicator {
         self.blobs.has(sha256).map_err(|e| e.to_string())
     }
 
-    /// A body streaming a blob this node holds, for a peer.
-    pub(crate) fn send(&self, sha256: &str) -> Result<Option<Body>, String> {
-        Ok(self
-            .blobs
-            .open(sha256)
-            .map_err(|e| e.to_string())?
-            .map(|(_, body)| body))
+    /// A blob this node holds, for a peer: its size and digests, and its bytes.
+    pub(crate) fn send(&self, sha256: &str) -> Result<Option<(BlobInfo, Body)>, String> {
+        self.blobs.open(sha256).map_err(|e| e.to_string())
     }
 
     /// Fetches a blob this node lacks from the first peer that has it. Returns whether it
@@ -233,8 +224,19 @@ impl BlobReplicator {
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(false),
             Err(s) => return Err(s.message().to_owned()),
         };
-        let body = chunks_body(stream.map(|r| r.map(|c| c.data)));
-        self.receive(sha256, body).await.map(|_| true)
+        let mut stream = stream;
+        let head = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .ok_or("empty blob stream")?;
+        let info = info_of(&head)?;
+        if info.hashes.sha256 != sha256 {
+            return Err(format!("asked for {sha256}, got {}", info.hashes.sha256));
+        }
+        let first = futures::stream::iter((!head.data.is_empty()).then_some(Ok(head.data)));
+        let body = chunks_body(first.chain(stream.map(|r| r.map(|c| c.data))));
+        self.receive(&info, body).await.map(|_| true)
     }
 
     /// Pulls, in the background, the blobs that applied versions refer to and this node
@@ -310,35 +312,71 @@ impl BlobReplicator {
     }
 }
 
+/// The first message of a blob stream: the blob's size and digests, no data.
+pub(crate) fn head_chunk(info: &BlobInfo) -> pb::BlobChunk {
+    pb::BlobChunk {
+        sha256: info.hashes.sha256.clone(),
+        data: Bytes::new(),
+        size: info.size,
+        md5: info.hashes.md5.clone(),
+        sha1: info.hashes.sha1.clone(),
+        sha512: info.hashes.sha512.clone(),
+    }
+}
+
+/// The size and digests a stream's first message names, checked for shape.
+pub(crate) fn info_of(head: &pb::BlobChunk) -> Result<BlobInfo, String> {
+    let hex = |s: &str, len: usize, what: &str| {
+        if s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(s.to_ascii_lowercase())
+        } else {
+            Err(format!("the first chunk must name the blob's {what}"))
+        }
+    };
+    Ok(BlobInfo {
+        size: head.size,
+        hashes: Hashes {
+            md5: hex(&head.md5, 32, "MD5")?,
+            sha1: hex(&head.sha1, 40, "SHA-1")?,
+            sha256: hex(&head.sha256, 64, "SHA-256")?,
+            sha512: hex(&head.sha512, 128, "SHA-512")?,
+        },
+    })
+}
+
 /// A body over a stream of byte chunks from a peer.
 pub(crate) fn chunks_body<S>(stream: S) -> Body
 where
-    S: futures::Stream<Item = Result<Vec<u8>, tonic::Status>> + Send + 'static,
+    S: futures::Stream<Item = Result<Bytes, tonic::Status>> + Send + 'static,
 {
     let frames = stream.map(|r| {
-        r.map(|data| http_body::Frame::data(Bytes::from(data)))
+        r.map(http_body::Frame::data)
             .map_err(|s| Box::new(s) as BodyError)
     });
     BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames))
 }
 
-/// A stream of wire chunks over a body.
+/// A stream of wire chunks over a blob: its head, then its bytes.
 pub(crate) fn body_chunks(
+    info: &BlobInfo,
     body: Body,
 ) -> impl futures::Stream<Item = Result<pb::BlobChunk, tonic::Status>> + Send + 'static {
-    body.into_data_stream().flat_map(|r| {
+    let head = futures::stream::iter([Ok(head_chunk(info))]);
+    head.chain(body.into_data_stream().flat_map(|r| {
         let items: Vec<Result<pb::BlobChunk, tonic::Status>> = match r {
-            Ok(b) => b
-                .chunks(WIRE_CHUNK)
-                .map(|c| {
-                    Ok(pb::BlobChunk {
-                        sha256: String::new(),
-                        data: c.to_vec(),
-                    })
-                })
-                .collect(),
+            Ok(mut b) => {
+                let mut out = Vec::new();
+                while !b.is_empty() {
+                    let data = b.split_to(WIRE_CHUNK.min(b.len()));
+                    out.push(Ok(pb::BlobChunk {
+                        data,
+                        ..Default::default()
+                    }));
+                }
+                out
+            }
             Err(e) => vec![Err(tonic::Status::internal(e.to_string()))],
         };
         futures::stream::iter(items)
-    })
+    }))
 }

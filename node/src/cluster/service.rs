@@ -7,7 +7,7 @@ use granary_protocol::pb;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::blobs::{BlobReplicator, body_chunks, chunks_body};
+use super::blobs::{BlobReplicator, body_chunks, chunks_body, info_of};
 use super::{Cluster, MembershipChange, MembershipError, from_pb, member_from_pb};
 use crate::state::command::Command;
 
@@ -94,16 +94,11 @@ impl pb::cluster_server::Cluster for ClusterService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty blob stream"))?;
-        let sha = first.sha256;
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument(
-                "the first chunk must name a SHA-256",
-            ));
-        }
+        let info = info_of(&first).map_err(Status::invalid_argument)?;
         let head = futures::stream::iter((!first.data.is_empty()).then_some(Ok(first.data)));
         let body = chunks_body(head.chain(stream.map(|r| r.map(|c| c.data))));
         self.blobs
-            .receive(&sha, body)
+            .receive(&info, body)
             .await
             .map_err(Status::data_loss)?;
         Ok(Response::new(pb::PushBlobReply { stored: true }))
@@ -117,7 +112,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ChunkStream>, Status> {
         let sha = request.into_inner().sha256;
         match self.blobs.send(&sha).map_err(Status::internal)? {
-            Some(body) => Ok(Response::new(Box::pin(body_chunks(body)))),
+            Some((info, body)) => Ok(Response::new(Box::pin(body_chunks(&info, body)))),
             None => Err(Status::not_found(format!("blob {sha} is not stored here"))),
         }
     }

@@ -26,6 +26,7 @@ use granary_format::model::Hashes;
 use http_body_util::BodyExt;
 use rocksdb::WriteOptions;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::chunk_cache::ChunkCache;
 use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
@@ -212,6 +213,31 @@ impl BlobBackend for MemBlobBackend {
     }
 }
 
+/// What a write computes: every digest, or only the SHA-256 (and length) of a replica.
+enum Hashing {
+    All(Box<MultiHasher>),
+    Sha256(Sha256, u64),
+}
+
+impl Hashing {
+    fn len(&self) -> u64 {
+        match self {
+            Hashing::All(h) => h.len(),
+            Hashing::Sha256(_, len) => *len,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Hashing::All(h) => h.update(data),
+            Hashing::Sha256(h, len) => {
+                h.update(data);
+                *len += data.len() as u64;
+            }
+        }
+    }
+}
+
 /// Streams blobs in and out of a [`BlobBackend`].
 #[derive(Clone)]
 pub(crate) struct BlobStore {
@@ -264,9 +290,32 @@ impl BlobStore {
     }
 
     /// Streams `body` into the store, hashing as it goes; at most `limit` bytes.
-    pub(crate) async fn put(&self, mut body: Body, limit: u64) -> Result<BlobInfo, BlobError> {
+    pub(crate) async fn put(&self, body: Body, limit: u64) -> Result<BlobInfo, BlobError> {
+        self.put_with(body, limit, None).await
+    }
+
+    /// Stores a copy of a blob whose size and digests another member computed: only its
+    /// SHA-256 (its name) and size are checked, the other digests are taken as given.
+    pub(crate) async fn put_replica(
+        &self,
+        body: Body,
+        limit: u64,
+        expected: &BlobInfo,
+    ) -> Result<BlobInfo, BlobError> {
+        self.put_with(body, limit, Some(expected)).await
+    }
+
+    async fn put_with(
+        &self,
+        mut body: Body,
+        limit: u64,
+        expected: Option<&BlobInfo>,
+    ) -> Result<BlobInfo, BlobError> {
         let data_id: [u8; 16] = rand::random();
-        let mut hasher = MultiHasher::new();
+        let mut hasher = match expected {
+            None => Hashing::All(Box::new(MultiHasher::new())),
+            Some(_) => Hashing::Sha256(Sha256::new(), 0),
+        };
         let mut buf = BytesMut::with_capacity(CHUNK_SIZE);
         let mut index: u32 = 0;
         let result: Result<(), BlobError> = async {
@@ -307,9 +356,23 @@ impl BlobStore {
             let _ = self.backend.discard(&data_id, index + 1);
             return Err(e);
         }
-        let info = BlobInfo {
-            size: hasher.len(),
-            hashes: hasher.finish(),
+        let info = match (hasher, expected) {
+            (Hashing::All(h), _) => BlobInfo {
+                size: h.len(),
+                hashes: h.finish(),
+            },
+            (Hashing::Sha256(h, len), Some(expected)) => {
+                let sha256 = hex::encode(h.finalize());
+                if sha256 != expected.hashes.sha256 || len != expected.size {
+                    let _ = self.backend.discard(&data_id, index);
+                    return Err(BlobError::Upload(format!(
+                        "replica of {} arrived as {sha256} ({len} bytes)",
+                        expected.hashes.sha256
+                    )));
+                }
+                expected.clone()
+            }
+            (Hashing::Sha256(..), None) => unreachable!("set only with an expected digest"),
         };
         let sha = parse_sha256(&info.hashes.sha256)
             .ok_or_else(|| StoreError::Corrupt("hasher produced a bad digest".into()))?;
@@ -426,6 +489,45 @@ mod tests {
         let empty = store.put(body::empty(), 10).await.unwrap();
         assert_eq!(empty.size, 0);
         assert_eq!(store.read_all(&empty.hashes.sha256).await.unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn replicas_are_checked_by_sha256_and_size_and_keep_the_senders_digests() {
+        let backend = Arc::new(MemBlobBackend::default());
+        let store = BlobStore::new(backend.clone(), 1 << 20);
+        let data = sample(CHUNK_SIZE + 99);
+        let info = BlobInfo {
+            size: data.len() as u64,
+            hashes: hashes_of(&data),
+        };
+        // Bytes that are not what the sender named: refused, nothing recorded.
+        let mut wrong = data.clone();
+        wrong[7] ^= 1;
+        assert!(matches!(
+            store.put_replica(body::full(wrong), u64::MAX, &info).await,
+            Err(BlobError::Upload(_))
+        ));
+        assert!(!store.has(&info.hashes.sha256).unwrap());
+        assert!(backend.metas.lock().unwrap().is_empty());
+        // A wrong size with the right bytes is refused too.
+        let mut short = info.clone();
+        short.size -= 1;
+        assert!(
+            store
+                .put_replica(body::full(data.clone()), u64::MAX, &short)
+                .await
+                .is_err()
+        );
+        // The right bytes: stored under the sender's digests, readable.
+        let stored = store
+            .put_replica(body::full(data.clone()), u64::MAX, &info)
+            .await
+            .unwrap();
+        assert_eq!(stored, info);
+        assert_eq!(
+            &store.read_all(&info.hashes.sha256).await.unwrap()[..],
+            &data[..]
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,205 @@
+//! Cluster benchmarks (not tests): run by `scripts/bench-cluster.sh`, reported in
+//! `docs/BENCHMARKS.md`.
+//!
+//! ```text
+//! cluster-bench failover [TRIALS]                 time from leader SIGKILL to the next
+//!                                                 acknowledged publish, per trial
+//! cluster-bench publish [SECONDS] [CONCURRENCY] [KIB]
+//!                                                 npm publishes of KIB-sized packages
+//!                                                 spread over three nodes: rate, latency
+//! ```
+//!
+//! Both start a three-node cluster of the `granary` binary found as the tests find it
+//! (`GRANARY_BIN`, or next to this executable) and print one JSON line of results last.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, npm_publish_body};
+use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
+use granary_cluster_tests::seed::Seed;
+use serde_json::json;
+
+fn arg(n: usize, default: u64) -> u64 {
+    std::env::args()
+        .nth(n)
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| panic!("argument {n} must be a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// A publish request body for a fresh package version with incompressible content.
+fn publish_body(name: &str, version: &str, kib: usize, salt: u64) -> Vec<u8> {
+    let mut data = vec![0u8; kib * 1024];
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in data.chunks_mut(8) {
+        // xorshift64: fast, and enough to defeat compression and deduplication.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    npm_publish_body(name, version, &fake_tgz(&data))
+        .to_string()
+        .into_bytes()
+}
+
+async fn put(client: &NodeClient, repo: &Repo, name: &str, body: Vec<u8>) -> Option<u16> {
+    let path = format!("{}{name}", repo.npm_path());
+    let headers = [
+        ("authorization", format!("Bearer {}", repo.token)),
+        ("content-type", "application/json".to_owned()),
+    ];
+    client
+        .raw("PUT", &path, &headers, body)
+        .await
+        .ok()
+        .map(|r| r.status)
+}
+
+async fn failover(trials: u64) {
+    let mut cluster = Cluster::start(Seed::from_env(), 3).await;
+    let repo = cluster.setup(1, "bench", "failover").await;
+    let mut times = Vec::new();
+    for trial in 0..trials {
+        let leader = cluster.leader().await;
+        let survivors = cluster.ids_except(leader);
+        let clients = cluster.clients(&survivors);
+        let bodies: Vec<Vec<u8>> = (0..200)
+            .map(|i| {
+                publish_body(
+                    "failover-pkg",
+                    &format!("{trial}.0.{i}"),
+                    4,
+                    trial * 1000 + i,
+                )
+            })
+            .collect();
+        let killed = Instant::now();
+        cluster.kill(leader);
+        let mut acked = None;
+        for (i, body) in bodies.into_iter().enumerate() {
+            let client = &clients[i % clients.len()];
+            if put(client, &repo, "failover-pkg", body).await == Some(201) {
+                acked = Some(killed.elapsed());
+                break;
+            }
+        }
+        let took = acked.expect("no publish was acknowledged after the leader was killed");
+        eprintln!(
+            "trial {trial}: leader {leader} killed, next acknowledged write after {:.0} ms",
+            took.as_secs_f64() * 1e3
+        );
+        times.push(took.as_secs_f64() * 1e3);
+        cluster.restart(leader).await;
+        let all = cluster.ids();
+        cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "bench": "failover",
+            "trials": trials,
+            "median_ms": percentile(&times, 0.5),
+            "min_ms": times.first(),
+            "max_ms": times.last(),
+            "all_ms": times,
+        })
+    );
+}
+
+async fn publish(seconds: u64, concurrency: u64, kib: u64) {
+    // Every request body is built before the cluster starts (hashing and base64 cost the
+    // client, not the cluster): enough for 800 publishes/s.
+    let count = (seconds * 800) as usize;
+    eprintln!("building {count} publish bodies of {kib} KiB");
+    let bodies: Arc<Vec<std::sync::Mutex<Option<Vec<u8>>>>> = Arc::new(
+        (0..count)
+            .map(|i| {
+                std::sync::Mutex::new(Some(publish_body(
+                    &format!("pkg-{}", i % 512),
+                    &format!("1.0.{i}"),
+                    kib as usize,
+                    i as u64,
+                )))
+            })
+            .collect(),
+    );
+    let cluster = Cluster::start(Seed::from_env(), 3).await;
+    let repo = cluster.setup(1, "bench", "publish").await;
+    let clients = cluster.clients(&cluster.ids());
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency as usize {
+        let client = clients[w % clients.len()].clone();
+        let (repo, bodies, next) = (repo.clone(), bodies.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i).and_then(|b| b.lock().unwrap().take()) else {
+                    break;
+                };
+                let t = Instant::now();
+                match put(&client, &repo, &format!("pkg-{}", i % 512), body).await {
+                    Some(201) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for w in workers {
+        let (l, e) = w.await.expect("worker");
+        lat.extend(l);
+        errors += e;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "bench": "publish",
+            "nodes": 3,
+            "seconds": wall,
+            "concurrency": concurrency,
+            "kib": kib,
+            "acknowledged": lat.len(),
+            "errors": errors,
+            "per_second": lat.len() as f64 / wall,
+            "p50_ms": percentile(&lat, 0.5),
+            "p99_ms": percentile(&lat, 0.99),
+            "max_ms": lat.last(),
+        })
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("failover") => failover(arg(2, 20)).await,
+        Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100)).await,
+        _ => {
+            eprintln!(
+                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB]"
+            );
+            std::process::exit(2);
+        }
+    }
+}

@@ -447,7 +447,7 @@ impl Cluster {
     /// Runs a membership change on this node, which must be the leader.
     pub(crate) async fn change_as_leader(
         &self,
-        change: MembershipChange,
+        request: MembershipChange,
     ) -> Result<u64, MembershipError> {
         let membership = self
             .raft
@@ -474,7 +474,8 @@ impl Cluster {
             }
             Err(e) => Err(MembershipError::Fatal(e.to_string())),
         };
-        match change {
+        let change = |c: ChangeMembers<NodeId, NodeInfo>| self.raft.change_membership(c, false);
+        match request {
             MembershipChange::Add { id, info, learner } => {
                 if let Some(existing) = membership.get_node(&id)
                     && existing.grpc_addr != info.grpc_addr
@@ -494,11 +495,7 @@ impl Cluster {
                 if learner {
                     return Ok(index);
                 }
-                write(
-                    self.raft
-                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                        .await,
-                )
+                write(change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await)
             }
             MembershipChange::Promote(id) => {
                 if !known(&id) {
@@ -509,11 +506,7 @@ impl Cluster {
                 if voters.contains(&id) {
                     return Ok(0);
                 }
-                write(
-                    self.raft
-                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                        .await,
-                )
+                write(change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await)
             }
             MembershipChange::Remove(id) => {
                 if !known(&id) {
@@ -527,23 +520,9 @@ impl Cluster {
                             "cannot remove the last voter".into(),
                         ));
                     }
-                    write(
-                        self.raft
-                            .change_membership(
-                                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-                                false,
-                            )
-                            .await,
-                    )
+                    write(change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await)
                 } else {
-                    write(
-                        self.raft
-                            .change_membership(
-                                ChangeMembers::RemoveNodes(BTreeSet::from([id])),
-                                false,
-                            )
-                            .await,
-                    )
+                    write(change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await)
                 }
             }
         }

@@ -70,20 +70,6 @@ impl PeerClient {
         Ok(c)
     }
 
-    async fn call<Req, Resp, E>(
-        &mut self,
-        kind: Kind,
-        req: &Req,
-        option: &RPCOption,
-    ) -> Result<Resp, RpcErr<E>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
-        self.call_with(kind, req, Vec::new(), option).await
-    }
-
     async fn call_with<Req, Resp, E>(
         &mut self,
         kind: Kind,
@@ -143,7 +129,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Kind::Append, &rpc, &option).await
+        self.call_with(Kind::Append, &rpc, Vec::new(), &option)
+            .await
     }
 
     async fn install_snapshot(
@@ -162,7 +149,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Kind::Vote, &rpc, &option).await
+        self.call_with(Kind::Vote, &rpc, Vec::new(), &option).await
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Options {
     pub faults: bool,
     /// The region label of every node.
     pub region: String,
+    /// TOML given to every node with `--config` (its keys as in `configs/single.toml`).
+    pub config_toml: Option<String>,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
             nodes: 3,
             faults: false,
             region: "local".to_owned(),
+            config_toml: None,
         }
     }
 }
@@ -169,6 +172,11 @@ impl Cluster {
             region: self.options.region.clone(),
             join,
             learner,
+            config: self.options.config_toml.as_ref().map(|toml| {
+                let path = self.root.join("node.toml");
+                std::fs::write(&path, toml).expect("write node config");
+                path
+            }),
         };
         let cgroup = if self.options.faults {
             let cg = Cgroup::create(&format!("{}-n{id}", self.subnet));

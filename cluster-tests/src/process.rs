@@ -78,6 +78,8 @@ pub struct NodeSpec {
     pub join: Vec<SocketAddr>,
     /// Join as a learner and stay one.
     pub learner: bool,
+    /// A config file passed with `--config`.
+    pub config: Option<PathBuf>,
 }
 
 impl NodeSpec {
@@ -102,6 +104,10 @@ impl NodeSpec {
         }
         if self.learner {
             args.push("--learner".to_owned());
+        }
+        if let Some(c) = &self.config {
+            args.push("--config".to_owned());
+            args.push(c.display().to_string());
         }
         args
     }
@@ -361,6 +367,7 @@ mod tests {
                 "127.0.0.12:2002".parse().unwrap(),
             ],
             learner: true,
+            config: None,
         };
         assert_eq!(
             spec.args().join(" "),

@@ -126,6 +126,9 @@ pub struct RaftConfig {
     /// Build a state snapshot (and purge the log before it) after this many entries.
     /// Default: `20000`.
     pub snapshot_after_entries: u64,
+    /// Log entries kept before the last snapshot, so a briefly lagging member catches up
+    /// from the log instead of receiving a whole snapshot. Default: `1000`.
+    pub logs_kept_after_snapshot: u64,
 }
 
 /// Repository actor lifecycle.
@@ -173,6 +176,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
             snapshot_after_entries: 20_000,
+            logs_kept_after_snapshot: 1000,
         }
     }
 }

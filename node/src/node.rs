@@ -153,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_after_entries,
         ),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
         ..Default::default()
     }
     .validate()

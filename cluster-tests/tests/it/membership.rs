@@ -1,5 +1,5 @@
 use granary_cluster_tests::client::Role;
-use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT, START_TIMEOUT};
+use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT, START_TIMEOUT};
 use granary_cluster_tests::invariants::{blobs_resolve, no_lost_ack};
 use granary_cluster_tests::load::{Kind, Load};
 use granary_cluster_tests::oracle::Oracle;
@@ -11,11 +11,23 @@ use crate::common::{final_checks, wait_acks};
 /// Under publish load, a fourth node joins (`--join`) and is promoted to voter once it
 /// has caught up; then `granary cluster remove-node` removes one of the first three. The
 /// new node serves every package: every acknowledged tarball, from it, byte for byte.
+/// Snapshots are taken every 50 entries and no log is kept behind them, so the new node
+/// catches up by installing a snapshot, not by replaying the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_added_under_load_is_promoted_and_another_is_removed_with_the_cli() {
     let seed = Seed::from_env();
     let mut rng = seed.rng("membership");
-    let mut cluster = Cluster::start(seed, 3).await;
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            config_toml: Some(
+                "[raft]\nsnapshot_after_entries = 50\nlogs_kept_after_snapshot = 0\n".into(),
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
     cluster.observe();
     let first = cluster.ids();
     let repo = cluster.setup(1, "members", "repo").await;

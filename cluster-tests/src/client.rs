@@ -469,6 +469,16 @@ impl NodeClient {
         let body = npm_publish_body(name, version, tgz)
             .to_string()
             .into_bytes();
+        self.npm_put(repo, name, body).await
+    }
+
+    /// The `PUT` of a package document `npm publish` sends, with a body built already.
+    pub async fn npm_put(
+        &self,
+        repo: &Repo,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<Resp, TransportError> {
         let path = format!("{}{}", repo.npm_path(), npm_escape(name));
         self.raw(
             "PUT",
@@ -484,14 +494,7 @@ impl NodeClient {
 
     /// The packument of a package.
     pub async fn npm_packument(&self, repo: &Repo, name: &str) -> Result<Resp, TransportError> {
-        let path = format!("{}{}", repo.npm_path(), npm_escape(name));
-        self.raw(
-            "GET",
-            &path,
-            &[("authorization", format!("Bearer {}", repo.token))],
-            vec![],
-        )
-        .await
+        self.npm_get(repo, &npm_escape(name)).await
     }
 
     /// The tarball of one version of an unscoped package.
@@ -501,7 +504,13 @@ impl NodeClient {
         name: &str,
         version: &str,
     ) -> Result<Resp, TransportError> {
-        let path = format!("{}{name}/-/{name}-{version}.tgz", repo.npm_path());
+        self.npm_get(repo, &format!("{name}/-/{name}-{version}.tgz"))
+            .await
+    }
+
+    /// An authenticated `GET` under the repository's npm endpoint.
+    async fn npm_get(&self, repo: &Repo, path: &str) -> Result<Resp, TransportError> {
+        let path = format!("{}{path}", repo.npm_path());
         self.raw(
             "GET",
             &path,

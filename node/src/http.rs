@@ -179,11 +179,6 @@ async fn serve_format<F: Format>(
             request_id,
         );
     }
-    // Reads see every write acknowledged before them, on whichever node they land; a node
-    // cut off from the leader answers 503 rather than stale metadata.
-    if let Err(e) = node.cluster.linearize().await {
-        return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
-    }
     let claims = match auth::authenticate_token(&node.state, req.headers(), domain, now) {
         Ok(c) => c,
         Err(TokenAuthError::Store(e)) => {
@@ -203,6 +198,12 @@ async fn serve_format<F: Format>(
             return format_error(format, FormatError::Unauthorized, request_id);
         }
     };
+    // Reads see every write acknowledged before them, on whichever node they land; a node
+    // cut off from the leader answers 503 rather than stale metadata. Only authenticated
+    // requests cost the leader a round trip.
+    if let Err(e) = node.cluster.linearize().await {
+        return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
+    }
     match node.state.repository_cached(domain, repository) {
         Ok(Some(_)) => {}
         Ok(None) => {

@@ -57,13 +57,8 @@ fn publish_body(name: &str, version: &str, kib: usize, salt: u64) -> Vec<u8> {
 }
 
 async fn put(client: &NodeClient, repo: &Repo, name: &str, body: Vec<u8>) -> Option<u16> {
-    let path = format!("{}{name}", repo.npm_path());
-    let headers = [
-        ("authorization", format!("Bearer {}", repo.token)),
-        ("content-type", "application/json".to_owned()),
-    ];
     client
-        .raw("PUT", &path, &headers, body)
+        .npm_put(repo, name, body)
         .await
         .ok()
         .map(|r| r.status)

@@ -263,8 +263,8 @@ impl Cluster {
         if self.consistency == ReadConsistency::Local || self.sole_voter_leading() {
             return Ok(());
         }
-        let deadline = Instant::now() + READ_DEADLINE;
         let arrived = Instant::now();
+        let deadline = arrived + READ_DEADLINE;
         let index = {
             let mut batch = self.reads.lock().await;
             match batch.last {

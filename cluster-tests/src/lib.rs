@@ -35,3 +35,5 @@ pub mod poll;
 pub mod process;
 // The seed of every random choice.
 pub mod seed;
+// A stand-in for the public npm registry, upstream of external connections.
+pub mod standin;

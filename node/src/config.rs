@@ -86,7 +86,66 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Repository actors.
     pub actors: ActorConfig,
+    /// Base URLs of the public registries external connections reach, by connection name.
+    /// Entries here replace the defaults (the registries' own addresses: `public:npmjs` =
+    /// `https://registry.npmjs.org/`), so an air-gapped site or a test points a connection
+    /// at a local registry: `"public:npmjs" = "http://127.0.0.1:4873/"`.
+    pub external_connections: std::collections::BTreeMap<String, String>,
+    /// Fetching from upstream registries: timeouts and metadata freshness.
+    pub upstream: UpstreamConfig,
 }
+
+/// How upstream (external registry) metadata is cached and fetched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// A fetched package document is fresh for this long; after it, it is still served
+    /// while a background refresh runs (stale-while-revalidate), and while the upstream
+    /// is down. Default: `300`.
+    pub metadata_ttl_secs: u64,
+    /// An upstream 404 ("no such package") is remembered this long. A 5xx or a timeout is
+    /// never remembered as a 404. Default: `60`.
+    pub not_found_ttl_secs: u64,
+    /// Connecting to an upstream gives up after this many milliseconds. Default: `3000`.
+    pub connect_timeout_ms: u64,
+    /// A metadata request (or the wait for an artifact's response headers, or any pause
+    /// between its chunks) gives up after this many milliseconds. Default: `10000`.
+    pub request_timeout_ms: u64,
+    /// Package documents kept in memory per node. Default: `10000`.
+    pub metadata_cache_entries: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            metadata_ttl_secs: 300,
+            not_found_ttl_secs: 60,
+            connect_timeout_ms: 3000,
+            request_timeout_ms: 10_000,
+            metadata_cache_entries: 10_000,
+        }
+    }
+}
+
+/// The public registries external connections reach unless the config says otherwise.
+pub const DEFAULT_EXTERNAL_CONNECTIONS: &[(&str, &str)] = &[
+    ("public:npmjs", "https://registry.npmjs.org/"),
+    ("public:pypi", "https://pypi.org/"),
+    (
+        "public:maven-central",
+        "https://repo.maven.apache.org/maven2/",
+    ),
+    ("public:maven-googleandroid", "https://maven.google.com/"),
+    (
+        "public:maven-gradleplugins",
+        "https://plugins.gradle.org/m2/",
+    ),
+    ("public:maven-commonsware", "https://repo.commonsware.com/"),
+    ("public:maven-clojars", "https://repo.clojars.org/"),
+    ("public:nuget-org", "https://api.nuget.org/v3/index.json"),
+    ("public:ruby-gems-org", "https://rubygems.org/"),
+    ("public:crates-io", "https://index.crates.io/"),
+];
 
 /// Certificates for mutual TLS between members: each node serves with its certificate and
 /// presents it when calling peers; both sides require the other's to chain to `ca_file`.
@@ -165,6 +224,8 @@ impl Default for Config {
             peer_tls: None,
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
+            external_connections: Default::default(),
+            upstream: UpstreamConfig::default(),
         }
     }
 }
@@ -258,7 +319,42 @@ impl Config {
         if self.max_body_bytes < 1024 || self.max_api_body_bytes < 1024 {
             return invalid("body limits must be at least 1024 bytes");
         }
+        for (name, url) in &self.external_connections {
+            if !name.starts_with("public:") {
+                return Err(ConfigError::Invalid(format!(
+                    "external_connections: {name:?} is not a connection name (public:…)"
+                )));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "external_connections.{name:?}: {url:?} must start with http:// or https://"
+                )));
+            }
+        }
+        let u = &self.upstream;
+        if u.connect_timeout_ms == 0 || u.request_timeout_ms == 0 || u.metadata_cache_entries == 0 {
+            return invalid("upstream timeouts and metadata_cache_entries must be positive");
+        }
         Ok(())
+    }
+
+    /// The base URL of an external connection (with a trailing `/`), if it is known.
+    pub fn external_connection_url(&self, name: &str) -> Option<String> {
+        let url = self
+            .external_connections
+            .get(name)
+            .map(String::as_str)
+            .or_else(|| {
+                DEFAULT_EXTERNAL_CONNECTIONS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, u)| *u)
+            })?;
+        Some(if url.ends_with('/') || url.ends_with(".json") {
+            url.to_owned()
+        } else {
+            format!("{url}/")
+        })
     }
 
     /// The public base URL without a trailing slash.

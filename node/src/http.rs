@@ -86,7 +86,12 @@ async fn route(
         REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let path = req.uri().path().to_owned();
-    let mut resp = if path == "/healthz" || path == "/readyz" {
+    let mut resp = if path == "/metrics" {
+        Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(granary_format::body::full(node.metrics.render()))
+            .unwrap_or_else(|_| Response::new(granary_format::body::empty()))
+    } else if path == "/healthz" || path == "/readyz" {
         if node.ready() {
             plain(StatusCode::OK, "ok\n")
         } else {
@@ -228,15 +233,15 @@ async fn serve_format<F: Format>(
     let body: Body = http_body_util::Limited::new(body, node.config.max_body_bytes as usize)
         .map_err(|e| e as granary_format::body::BodyError)
         .boxed_unsync();
-    let registry = NodeRegistry {
-        node: node.clone(),
-        format: F::NAME,
-        repo: RepositoryRef {
+    let registry = NodeRegistry::new(
+        node.clone(),
+        F::NAME,
+        RepositoryRef {
             domain: domain.to_owned(),
             repository: repository.to_owned(),
             base_url: format!("{}/{}/{domain}/{repository}/", node.public_url, F::NAME),
         },
-        caller: Caller {
+        Caller {
             username: claims
                 .principal
                 .rsplit('/')
@@ -244,7 +249,8 @@ async fn serve_format<F: Format>(
                 .unwrap_or("aws")
                 .to_owned(),
         },
-    };
+        format.upstream(),
+    );
     match format.handle(route, body, &registry).await {
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),

@@ -7,6 +7,7 @@
 //!                                                              │ via registry (the Registry port)
 //!        reads ─▶ state::StateView (RocksDB)     blobs ─▶ store::blob (RocksDB, chunked)
 //!        writes ─▶ actors::RepositoryActor ─▶ raft (openraft) ─▶ state::apply on every node
+//!        misses ─▶ upstream (chain walk, public registries, one fetch per miss)
 //!  peers ─gRPC─▶ grpc (Raft traffic, status)
 //! ```
 //!
@@ -21,11 +22,13 @@ pub mod config;
 mod docs;
 mod grpc;
 mod http;
+mod metrics;
 mod node;
 pub mod raft;
 mod registry;
 pub mod state;
 pub mod store;
+mod upstream;
 
 pub use config::Config;
 pub use node::{Error, Node, run};

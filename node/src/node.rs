@@ -68,6 +68,8 @@ pub struct Node {
     pub(crate) actors: Actors,
     pub(crate) cluster: Cluster,
     pub(crate) replicator: BlobReplicator,
+    pub(crate) upstreams: crate::upstream::Upstreams,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) public_url: String,
     pub(crate) started: std::time::Instant,
 }
@@ -235,6 +237,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
     let state = StateView::cached(store.clone(), read_cache);
     replicator.spawn_repair(state.clone(), blob_refs_rx, cancel.clone());
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let upstreams = crate::upstream::Upstreams::new(&config.upstream, metrics.clone())
+        .map_err(Error::Bootstrap)?;
     let node = Arc::new(Node {
         state,
         blobs,
@@ -243,6 +248,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         raft: raft.clone(),
         cluster,
         replicator,
+        upstreams,
+        metrics,
         public_url,
         config,
         started: std::time::Instant::now(),

@@ -12,13 +12,16 @@ use granary_format::model::{
     BlobInfo, NewVersion, OriginType, PackageChange, PackageKey, PackageRecord, VersionOrigin,
     VersionRecord, VersionStatus,
 };
-use granary_format::{Body, Caller, Registry, RegistryError, RepositoryRef};
+use granary_format::{
+    AssetBody, Body, Caller, Registry, RegistryError, RepositoryRef, UpstreamFormat,
+};
 
 use crate::node::Node;
 use crate::raft::ProposeError;
 use crate::state::command::{ApplyError, Command, CommandResult, PackageTarget};
 use crate::store::StoreError;
 use crate::store::blob::BlobError;
+use crate::upstream::{Ask, Resolution};
 
 /// One request's view of one repository in one format.
 pub(crate) struct NodeRegistry {
@@ -26,6 +29,11 @@ pub(crate) struct NodeRegistry {
     pub(crate) format: &'static str,
     pub(crate) repo: RepositoryRef,
     pub(crate) caller: Caller,
+    /// How the format reads public registries (external connections), if it can.
+    pub(crate) reader: Option<Arc<dyn UpstreamFormat>>,
+    /// The chain's answer for the package this request asked about: one walk per
+    /// request, and every read of the request sees the same one.
+    pub(crate) resolved: tokio::sync::Mutex<Option<(PackageKey, Arc<Resolution>)>>,
 }
 
 fn internal(e: StoreError) -> RegistryError {
@@ -33,6 +41,51 @@ fn internal(e: StoreError) -> RegistryError {
 }
 
 impl NodeRegistry {
+    /// A view for one request.
+    pub(crate) fn new(
+        node: Arc<Node>,
+        format: &'static str,
+        repo: RepositoryRef,
+        caller: Caller,
+        reader: Option<Arc<dyn UpstreamFormat>>,
+    ) -> Self {
+        NodeRegistry {
+            node,
+            format,
+            repo,
+            caller,
+            reader,
+            resolved: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn ask<'a>(&'a self, key: &'a PackageKey) -> Ask<'a> {
+        Ask {
+            domain: &self.repo.domain,
+            repository: &self.repo.repository,
+            format: self.format,
+            reader: self.reader.as_ref(),
+            key,
+        }
+    }
+
+    async fn resolution(&self, key: &PackageKey) -> Result<Arc<Resolution>, RegistryError> {
+        let mut slot = self.resolved.lock().await;
+        if let Some((k, r)) = &*slot
+            && k == key
+        {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(
+            self.node
+                .upstreams
+                .resolve(&self.node, &self.ask(key))
+                .await?,
+        );
+        *slot = Some((key.clone(), r.clone()));
+        Ok(r)
+    }
+
     fn target(&self, package: &PackageKey) -> PackageTarget {
         PackageTarget {
             domain: self.repo.domain.clone(),
@@ -139,22 +192,65 @@ impl Registry for NodeRegistry {
     }
 
     async fn open_blob(&self, sha256: &str) -> Result<Option<(u64, Body)>, RegistryError> {
-        if let Some((info, body)) = self.node.blobs.open(sha256).map_err(internal)? {
-            return Ok(Some((info.size, body)));
-        }
-        // Referenced but not here yet (this node is catching up): fetch it from a peer.
-        if !self.node.replicator.fetch(sha256).await {
-            return Ok(None);
-        }
-        Ok(self
-            .node
-            .blobs
-            .open(sha256)
-            .map_err(internal)?
-            .map(|(info, body)| (info.size, body)))
+        Ok(crate::upstream::open_blob(&self.node, sha256)
+            .await?
+            .map(|a| (a.size.unwrap_or(0), a.body)))
+    }
+
+    async fn resolve_package(
+        &self,
+        key: &PackageKey,
+    ) -> Result<Option<PackageRecord>, RegistryError> {
+        Ok(self.resolution(key).await?.package.clone())
+    }
+
+    async fn resolve_versions(
+        &self,
+        key: &PackageKey,
+    ) -> Result<Vec<VersionRecord>, RegistryError> {
+        let res = self.resolution(key).await?;
+        self.node
+            .upstreams
+            .versions(&self.node, &self.ask(key), &res)
+    }
+
+    async fn resolve_version(
+        &self,
+        key: &PackageKey,
+        version: &str,
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
+        let res = self.resolution(key).await?;
+        self.node
+            .upstreams
+            .version(&self.node, &self.ask(key), &res, version)
+    }
+
+    async fn fetch_asset(
+        &self,
+        key: &PackageKey,
+        version: &str,
+        asset: &str,
+    ) -> Result<Option<AssetBody>, RegistryError> {
+        self.node
+            .upstreams
+            .fetch_asset(&self.node, &self.ask(key), version, asset)
+            .await
     }
 
     async fn publish(&self, v: NewVersion) -> Result<(), RegistryError> {
+        // CodeArtifact refuses to publish a version its upstreams already offer, unless
+        // the package blocks upstream versions here.
+        if let Some(source) = self
+            .node
+            .upstreams
+            .reachable_upstream(&self.node, &self.ask(&v.package), &v.version)
+            .await?
+        {
+            return Err(RegistryError::Conflict(format!(
+                "version {} is available from upstream {source}; it cannot be published here",
+                v.version
+            )));
+        }
         let now = Node::now_ms();
         let target = self.target(&v.package);
         let record = VersionRecord {
@@ -171,6 +267,7 @@ impl Registry for NodeRegistry {
             summary: v.summary,
             metadata: v.metadata,
             assets: v.assets,
+            remote: Vec::new(),
         };
         self.write(Command::PublishVersion {
             target,

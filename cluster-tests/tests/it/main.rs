@@ -17,3 +17,5 @@ mod npm_cli;
 mod partition;
 /// SIGTERM and restart of each node in turn under publish and install load.
 mod rolling_restart;
+/// Upstream chains and external connections against a stand-in public registry.
+mod upstream;

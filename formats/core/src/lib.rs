@@ -27,9 +27,11 @@ use std::future::Future;
 
 use http::Response;
 
+use crate::model::{PackageKey, UpstreamPackage};
+
 pub use body::Body;
 pub use error::{FormatError, RegistryError};
-pub use registry::{Caller, Registry, RepositoryRef};
+pub use registry::{AssetBody, Caller, Registry, RepositoryRef};
 
 /// What a route asks of the caller's permissions; the node authorizes it before
 /// [`Format::handle`] runs, with CodeArtifact's action names.
@@ -69,4 +71,32 @@ pub trait Format: Send + Sync + 'static {
 
     /// Renders an error in the format's own error shape (npm: `{"error": "…"}`).
     fn error_response(&self, err: &FormatError) -> Response<Body>;
+
+    /// How the format reads public registries, if it can have external connections.
+    fn upstream(&self) -> Option<std::sync::Arc<dyn UpstreamFormat>> {
+        None
+    }
+}
+
+/// How a format reads a public registry's package metadata (external connections).
+///
+/// The node fetches the document, caches it, and hands the parsed versions to the
+/// format's own renderer alongside local ones: rewriting a public document so that
+/// clients come back to Granary is rendering it, since stored manifests never carry
+/// absolute URLs and the renderer writes the repository's own.
+pub trait UpstreamFormat: Send + Sync {
+    /// Whether the named external connection (`public:npmjs`) serves this format.
+    fn serves(&self, connection: &str) -> bool;
+
+    /// The package's metadata document, relative to the connection's base URL (which
+    /// ends with `/`).
+    fn metadata_path(&self, key: &PackageKey) -> String;
+
+    /// Reads a metadata document fetched from `url`.
+    fn parse_metadata(
+        &self,
+        key: &PackageKey,
+        url: &str,
+        body: &[u8],
+    ) -> Result<UpstreamPackage, FormatError>;
 }

@@ -172,6 +172,12 @@ impl OriginRestrictions {
         publish: Allow::Allow,
         upstream: Allow::Block,
     };
+
+    /// The defaults for a package whose first version came from an upstream.
+    pub const INGESTED_FIRST: OriginRestrictions = OriginRestrictions {
+        publish: Allow::Block,
+        upstream: Allow::Allow,
+    };
 }
 
 /// A package in one repository.
@@ -236,6 +242,61 @@ pub struct VersionRecord {
     pub metadata: serde_json::Value,
     /// The version's files.
     pub assets: Vec<AssetRecord>,
+    /// Files offered by an external registry and not fetched yet: only versions seen
+    /// through an external connection (never stored) have them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteAsset>,
+}
+
+/// A file a public registry offers, as its metadata describes it: where to fetch it and
+/// the digests it must have (lowercase hex; those the registry does not publish are
+/// `None`). Bytes that do not match are refused, never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteAsset {
+    /// Asset name (`pkg-1.0.0.tgz`).
+    pub name: String,
+    /// Absolute URL at the registry.
+    pub url: String,
+    /// Size in bytes, if published.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// SHA-1 (npm `shasum`).
+    #[serde(default)]
+    pub sha1: Option<String>,
+    /// SHA-256.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// SHA-512 (npm `integrity`).
+    #[serde(default)]
+    pub sha512: Option<String>,
+}
+
+impl RemoteAsset {
+    /// Whether `hashes` and `size` agree with every digest the registry published. A
+    /// remote asset with no digest at all never matches: unverifiable bytes are refused.
+    pub fn matches(&self, size: u64, hashes: &Hashes) -> bool {
+        let eq = |want: &Option<String>, got: &str| {
+            want.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(got))
+        };
+        let any = self.sha1.is_some() || self.sha256.is_some() || self.sha512.is_some();
+        any && self.size.is_none_or(|s| s == size)
+            && eq(&self.sha1, &hashes.sha1)
+            && eq(&self.sha256, &hashes.sha256)
+            && eq(&self.sha512, &hashes.sha512)
+    }
+}
+
+/// A package as a public registry describes it, read by [`crate::UpstreamFormat`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UpstreamPackage {
+    /// Tags (npm dist-tags).
+    pub tags: BTreeMap<String, String>,
+    /// When the package was created there (Unix milliseconds; 0 if unknown).
+    pub created_ms: i64,
+    /// When it last changed there (Unix milliseconds; 0 if unknown).
+    pub modified_ms: i64,
+    /// Its versions: status `Published`, origin `External`, files in `remote`.
+    pub versions: Vec<VersionRecord>,
 }
 
 impl VersionRecord {

@@ -9,6 +9,15 @@ use crate::body::Body;
 use crate::error::RegistryError;
 use crate::model::{BlobInfo, NewVersion, PackageChange, PackageKey, PackageRecord, VersionRecord};
 
+/// An asset's bytes on their way to a client.
+pub struct AssetBody {
+    /// Size in bytes, when known before the bytes arrive (an upstream that streams
+    /// without a length leaves it unknown).
+    pub size: Option<u64>,
+    /// The bytes.
+    pub body: Body,
+}
+
 /// The repository a request addresses.
 #[derive(Debug, Clone)]
 pub struct RepositoryRef {
@@ -66,6 +75,58 @@ pub trait Registry: Send + Sync {
 
     /// Applies a change to an existing package.
     async fn change(&self, key: &PackageKey, change: PackageChange) -> Result<(), RegistryError>;
+
+    /// The package as the repository's upstream chain offers it (the repository, its
+    /// upstreams depth-first, their external connections), CodeArtifact's rules applied:
+    /// tags merged with upstreams winning, `stamp` changing whenever any part changes.
+    /// Client metadata documents are rendered from this; writes use [`Registry::package`].
+    async fn resolve_package(
+        &self,
+        key: &PackageKey,
+    ) -> Result<Option<PackageRecord>, RegistryError> {
+        self.package(key).await
+    }
+
+    /// Every version the chain offers, the nearest repository's record winning.
+    /// Versions seen only at an external registry have their files in `remote`.
+    async fn resolve_versions(
+        &self,
+        key: &PackageKey,
+    ) -> Result<Vec<VersionRecord>, RegistryError> {
+        self.versions(key).await
+    }
+
+    /// One version as the chain offers it.
+    async fn resolve_version(
+        &self,
+        key: &PackageKey,
+        version: &str,
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
+        self.version(key, version).await
+    }
+
+    /// Opens one file of a version the chain offers, fetching it from upstream if
+    /// needed (and then keeping the version in this repository, as CodeArtifact does).
+    async fn fetch_asset(
+        &self,
+        key: &PackageKey,
+        version: &str,
+        asset: &str,
+    ) -> Result<Option<AssetBody>, RegistryError> {
+        let Some(record) = self.version(key, version).await? else {
+            return Ok(None);
+        };
+        let Some(a) = record.asset(asset) else {
+            return Ok(None);
+        };
+        Ok(self
+            .open_blob(&a.hashes.sha256)
+            .await?
+            .map(|(size, body)| AssetBody {
+                size: Some(size),
+                body,
+            }))
+    }
 
     /// A cached rendered document of a package (`variant` names the rendering), valid only
     /// for the package record whose `stamp` is given.

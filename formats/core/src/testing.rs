@@ -313,6 +313,7 @@ impl Registry for MemRegistry {
                 summary: new.summary,
                 metadata: new.metadata,
                 assets: new.assets,
+                remote: Vec::new(),
             },
         );
         touch(&mut package.record, stamp, now);

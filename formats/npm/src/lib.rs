@@ -12,6 +12,7 @@
 //!                                       ├─ publish.rs    PUT publish / deprecate / unpublish / tags
 //!                                       │    └─ stream.rs  PUT bodies: skeleton + streamed tarball
 //!                                       └─ lib.rs        whoami, ping, search, audit, login
+//!   upstream() ──▶ upstream.rs: public packuments read into records (external connections)
 //! ```
 //!
 //! Modules: `router` (paths → [`Route`]), `validate` (names, versions, tags), `model`
@@ -26,12 +27,13 @@ mod publish;
 mod reply;
 mod router;
 mod stream;
+mod upstream;
 pub mod validate;
 
 use http::{Response, StatusCode};
 use time::OffsetDateTime;
 
-use granary_format::{Action, Body, Format, FormatError, Registry};
+use granary_format::{Action, Body, Format, FormatError, Registry, UpstreamFormat};
 
 use crate::model::{OkBody, SearchResults, Whoami};
 pub use crate::router::{ReadRequest, Route};
@@ -91,8 +93,9 @@ impl Format for NpmFormat {
             Route::Packument {
                 name,
                 abbreviated,
+                write,
                 read,
-            } => packument::packument(repo, &name, abbreviated, &read).await,
+            } => packument::packument(repo, &name, abbreviated, write, &read).await,
             Route::VersionManifest { name, spec, read } => {
                 packument::version_manifest(repo, &name, &spec, &read).await
             }
@@ -142,6 +145,10 @@ impl Format for NpmFormat {
 
     fn error_response(&self, err: &FormatError) -> Response<Body> {
         error::render(err)
+    }
+
+    fn upstream(&self) -> Option<std::sync::Arc<dyn UpstreamFormat>> {
+        Some(std::sync::Arc::new(upstream::NpmUpstream))
     }
 }
 

@@ -40,6 +40,8 @@ use crate::validate::PackageName;
 const FULL: &str = "full";
 /// Cache variant of the abbreviated document.
 const ABBREVIATED: &str = "abbrev";
+/// Cache variant of the `?write=true` document (local versions only).
+const WRITE: &str = "write";
 
 /// Top-level packument fields copied from the `latest` version, as npmjs does.
 const LATEST_FIELDS: &[&str] = &[
@@ -91,11 +93,22 @@ pub(crate) async fn packument(
     repo: &dyn Registry,
     name: &PackageName,
     abbreviated: bool,
+    write: bool,
     read: &ReadRequest,
 ) -> Result<Response<Body>, FormatError> {
     let key = name.key();
-    let record = repo.package(&key).await?.ok_or_else(not_found)?;
-    let variant = if abbreviated { ABBREVIATED } else { FULL };
+    // The document a client edits shows what it may edit: this repository's versions.
+    let record = if write {
+        repo.package(&key).await?
+    } else {
+        repo.resolve_package(&key).await?
+    };
+    let record = record.ok_or_else(not_found)?;
+    let variant = match (abbreviated, write) {
+        (true, _) => ABBREVIATED,
+        (false, true) => WRITE,
+        (false, false) => FULL,
+    };
     let etag = document_etag(repo, variant, record.stamp);
     if reply::etag_matches(read.if_none_match.as_deref(), &etag) {
         return reply::not_modified(&etag);
@@ -103,7 +116,11 @@ pub(crate) async fn packument(
     let doc = match repo.cached_document(&key, variant, record.stamp) {
         Some(doc) => doc,
         None => {
-            let versions = repo.versions(&key).await?;
+            let versions = if write {
+                repo.versions(&key).await?
+            } else {
+                repo.resolve_versions(&key).await?
+            };
             let base_url = &repo.repository().base_url;
             let doc = if abbreviated {
                 render_abbreviated(base_url, name, &record, &versions)?
@@ -134,8 +151,8 @@ pub(crate) async fn version_manifest(
     read: &ReadRequest,
 ) -> Result<Response<Body>, FormatError> {
     let key = name.key();
-    let record = repo.package(&key).await?.ok_or_else(not_found)?;
-    let versions = repo.versions(&key).await?;
+    let record = repo.resolve_package(&key).await?.ok_or_else(not_found)?;
+    let versions = repo.resolve_versions(&key).await?;
     let listed = listed_sorted(&versions);
     let tags = effective_tags(&record, &listed);
     let version = tags.get(spec).map(String::as_str).unwrap_or(spec);
@@ -157,7 +174,8 @@ pub(crate) async fn version_manifest(
     reply::with_etag(resp, &etag)
 }
 
-/// `GET {name}/-/{file}`.
+/// `GET {name}/-/{file}`: from this repository, or through its upstream chain (which
+/// may fetch it from a public registry and keep the version here).
 pub(crate) async fn tarball(
     repo: &dyn Registry,
     name: &PackageName,
@@ -165,26 +183,50 @@ pub(crate) async fn tarball(
     read: &ReadRequest,
 ) -> Result<Response<Body>, FormatError> {
     let version = name.version_of_file(file).ok_or_else(not_found)?;
+    let key = name.key();
     let record = repo
-        .version(&name.key(), version)
+        .resolve_version(&key, version)
         .await?
         .filter(|v| v.status.is_downloadable())
         .ok_or_else(not_found)?;
     let canonical = name.tarball_file(version);
-    let asset = record
+    let (asset, etag, known_size) = if let Some(a) = record
         .asset(&canonical)
         .or_else(|| record.assets.iter().find(|a| a.name.ends_with(".tgz")))
-        .ok_or_else(not_found)?;
-    let etag = format!("\"{}\"", asset.hashes.sha256);
+    {
+        (a.name.clone(), a.hashes.sha256.clone(), Some(a.size))
+    } else {
+        let r = record
+            .remote
+            .iter()
+            .find(|r| r.name == canonical)
+            .or_else(|| record.remote.iter().find(|r| r.name.ends_with(".tgz")))
+            .ok_or_else(not_found)?;
+        let digest = r
+            .sha512
+            .as_ref()
+            .or(r.sha1.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        (r.name.clone(), digest, r.size)
+    };
+    let etag = format!("\"{etag}\"");
     if reply::etag_matches(read.if_none_match.as_deref(), &etag) {
         return reply::not_modified(&etag);
     }
-    let (size, body) = if read.head {
-        (asset.size, granary_format::body::empty())
-    } else {
-        repo.open_blob(&asset.hashes.sha256)
-            .await?
-            .ok_or_else(not_found)?
+    let (size, body) = match (read.head, known_size) {
+        (true, Some(size)) => (Some(size), granary_format::body::empty()),
+        _ => {
+            let fetched = repo
+                .fetch_asset(&key, version, &asset)
+                .await?
+                .ok_or_else(not_found)?;
+            if read.head {
+                (fetched.size, granary_format::body::empty())
+            } else {
+                (fetched.size, fetched.body)
+            }
+        }
     };
     let mut resp = Response::new(body);
     let headers = resp.headers_mut();
@@ -192,7 +234,9 @@ pub(crate) async fn tarball(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Some(size) = size {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
     reply::with_etag(resp, &etag)
 }
 
@@ -203,8 +247,8 @@ pub(crate) async fn dist_tags(
     read: &ReadRequest,
 ) -> Result<Response<Body>, FormatError> {
     let key = name.key();
-    let record = repo.package(&key).await?.ok_or_else(not_found)?;
-    let versions = repo.versions(&key).await?;
+    let record = repo.resolve_package(&key).await?.ok_or_else(not_found)?;
+    let versions = repo.resolve_versions(&key).await?;
     let tags = effective_tags(&record, &listed_sorted(&versions));
     reply::json(StatusCode::OK, &tags, read.head)
 }
@@ -456,6 +500,7 @@ mod tests {
                     sha512: "ddaf".into(),
                 },
             }],
+            remote: Vec::new(),
         }
     }
 

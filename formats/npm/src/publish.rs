@@ -379,7 +379,7 @@ fn stored_manifest(
 }
 
 /// What CodeArtifact's API shows for the version.
-fn summary(full: &str, manifest: &Object) -> VersionSummary {
+pub(crate) fn summary(full: &str, manifest: &Object) -> VersionSummary {
     VersionSummary {
         display_name: Some(full.to_owned()),
         summary: model::str_field(manifest, "description").map(str::to_owned),

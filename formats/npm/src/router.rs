@@ -42,6 +42,9 @@ pub enum Route {
         name: PackageName,
         /// `Accept: application/vnd.npm.install-v1+json` (and not `?write=true`).
         abbreviated: bool,
+        /// `?write=true`: the document a client edits and sends back (unpublish,
+        /// deprecate): this repository's own versions only, never its upstreams'.
+        write: bool,
         /// HEAD and conditional headers.
         read: ReadRequest,
     },
@@ -284,6 +287,7 @@ fn route_package(
         [] => match method {
             Method::Get { head } => Ok(Route::Packument {
                 abbreviated: wants_abbreviated(req),
+                write: query_flag(req.uri.query(), "write"),
                 name,
                 read: read_request(req, *head),
             }),
@@ -465,6 +469,7 @@ mod tests {
             route(&p, "x").unwrap(),
             Route::Packument {
                 abbreviated: false,
+                write: true,
                 ..
             }
         ));

@@ -122,6 +122,13 @@ async fn handle_inner(
         (&Method::POST, "/v1/domain/repositories") => repositories::list_in_domain(&req),
         (&Method::POST, "/v1/authorization-token") => tokens::get_authorization_token(&req),
         (&Method::GET, "/v1/repository/endpoint") => tokens::get_repository_endpoint(&req),
+        (&Method::POST, "/v1/repository/external-connection") => {
+            repositories::associate_external_connection(&req).await
+        }
+        (&Method::DELETE, "/v1/repository/external-connection") => {
+            repositories::disassociate_external_connection(&req).await
+        }
+        (&Method::POST, "/v1/package") => packages::put_origin_configuration(&req).await,
         (&Method::POST, "/v1/packages") => packages::list_packages(&req),
         (&Method::GET, "/v1/package") => packages::describe_package(&req),
         (&Method::POST, "/v1/package/versions") => packages::list_versions(&req),

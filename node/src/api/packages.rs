@@ -1,17 +1,20 @@
 //! ListPackages, DescribePackage, ListPackageVersions, DescribePackageVersion,
-//! ListPackageVersionAssets, GetPackageVersionAsset.
+//! ListPackageVersionAssets, GetPackageVersionAsset, PutPackageOriginConfiguration.
 
 use std::cmp::Ordering;
 
 use granary_format::Body;
-use granary_format::model::{PackageKey, PackageRecord, VersionRecord, VersionStatus};
+use granary_format::model::{
+    Allow, OriginRestrictions, PackageKey, PackageRecord, VersionRecord, VersionStatus,
+};
 use http::Response;
 use serde_json::{Value, json};
 
 use super::error::{field, not_found};
 use super::tokens::FORMATS;
 use super::{ApiError, ApiRequest, epoch, int_param, ok_json, ok_page, paginate};
-use crate::state::command::ResourceKind;
+use crate::node::Node;
+use crate::state::command::{Command, CommandResult, PackageTarget, ResourceKind};
 use crate::state::model::{DomainRecord, RepositoryRecord};
 
 /// Validates a package coordinate component (`[^#/\s]+`, 1–255 characters).
@@ -92,6 +95,59 @@ fn version_of(req: &ApiRequest<'_>, t: &Target) -> Result<std::sync::Arc<Version
                 &format!("{}@{v}", display(&t.key)),
             )
         })
+}
+
+/// PutPackageOriginConfiguration: sets a package's origin controls; the package need
+/// not have a version yet (protecting a name before its first publish).
+pub(super) async fn put_origin_configuration(
+    req: &ApiRequest<'_>,
+) -> Result<Response<Body>, ApiError> {
+    let (domain, repo) = req.repository()?;
+    let format = format_param(req, true)?.unwrap_or_default().to_owned();
+    let namespace = req
+        .q("namespace")
+        .map(|n| component(n, "namespace"))
+        .transpose()?;
+    let name = component(req.required("package")?, "package")?;
+    let body = req.json()?;
+    let restrictions = body
+        .get("restrictions")
+        .and_then(Value::as_object)
+        .ok_or_else(|| field("restrictions is required"))?;
+    let allow = |k: &str| -> Result<Allow, ApiError> {
+        match restrictions.get(k).and_then(Value::as_str) {
+            Some("ALLOW") => Ok(Allow::Allow),
+            Some("BLOCK") => Ok(Allow::Block),
+            Some(other) => Err(field(format!(
+                "Value '{other}' at 'restrictions.{k}' failed to satisfy constraint: Member must satisfy enum value set: [ALLOW, BLOCK]"
+            ))),
+            None => Err(field(format!("restrictions.{k} is required"))),
+        }
+    };
+    let restrictions = OriginRestrictions {
+        publish: allow("publish")?,
+        upstream: allow("upstream")?,
+    };
+    let key = PackageKey::new(namespace, name);
+    let cmd = Command::PutPackageOrigin {
+        target: PackageTarget {
+            domain: domain.name.clone(),
+            repository: repo.name.clone(),
+            format,
+            package: key,
+        },
+        restrictions,
+        now_ms: Node::now_ms(),
+    };
+    match req.node.propose(cmd).await? {
+        CommandResult::Failed(e) => Err(e.into()),
+        _ => ok_json(json!({ "originConfiguration": {
+            "restrictions": {
+                "publish": restrictions.publish.as_str(),
+                "upstream": restrictions.upstream.as_str(),
+            }
+        }})),
+    }
 }
 
 fn origin_config(p: &PackageRecord) -> Value {

@@ -1,5 +1,6 @@
 //! CreateRepository, DescribeRepository, UpdateRepository, DeleteRepository,
-//! ListRepositories, ListRepositoriesInDomain.
+//! ListRepositories, ListRepositoriesInDomain, AssociateExternalConnection,
+//! DisassociateExternalConnection.
 
 use granary_format::Body;
 use http::Response;
@@ -146,6 +147,49 @@ pub(super) async fn update(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiEr
         name: r.name.clone(),
         description: parse_description(&body)?,
         upstreams: parse_upstreams(&body)?,
+    };
+    let r = req.node.propose(cmd).await?;
+    repository_result(req, &d.owner, r)
+}
+
+/// The connection named in `external-connection`, if this node knows where it leads.
+fn connection_param<'a>(req: &'a ApiRequest<'_>) -> Result<&'a str, ApiError> {
+    let c = req.required("external-connection")?;
+    if req.node.config.external_connection_url(c).is_none() {
+        return Err(ApiError::Validation {
+            message: format!(
+                "{c} is not an external connection this server knows (configure it under \
+                 [external_connections])"
+            ),
+            reason: "INVALID_PARAMETER",
+        });
+    }
+    Ok(c)
+}
+
+pub(super) async fn associate_external_connection(
+    req: &ApiRequest<'_>,
+) -> Result<Response<Body>, ApiError> {
+    let (d, r) = req.repository()?;
+    let connection = connection_param(req)?;
+    let cmd = Command::AssociateExternalConnection {
+        domain: d.name.clone(),
+        repository: r.name.clone(),
+        connection: connection.to_owned(),
+    };
+    let r = req.node.propose(cmd).await?;
+    repository_result(req, &d.owner, r)
+}
+
+pub(super) async fn disassociate_external_connection(
+    req: &ApiRequest<'_>,
+) -> Result<Response<Body>, ApiError> {
+    let (d, r) = req.repository()?;
+    let connection = req.required("external-connection")?;
+    let cmd = Command::DisassociateExternalConnection {
+        domain: d.name.clone(),
+        repository: r.name.clone(),
+        connection: connection.to_owned(),
     };
     let r = req.node.propose(cmd).await?;
     repository_result(req, &d.owner, r)

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::{NodeId, NodeInfo, TypeConfig, io_err};
 use crate::state::apply::apply;
 use crate::state::cache::ReadCache;
+use crate::state::command::Command;
 use crate::state::command::CommandResult;
 use crate::state::keys;
 use crate::store::{CF_RAFT_META, CF_STATE, Store};
@@ -232,8 +233,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(io_err)?;
             if let EntryPayload::Normal(cmd) = &entry.payload {
                 self.cache.applied(cmd);
-                if let (Some(tx), crate::state::command::Command::PublishVersion { version, .. }) =
-                    (&self.blob_refs, cmd)
+                if let (
+                    Some(tx),
+                    Command::PublishVersion { version, .. }
+                    | Command::RetainVersion { version, .. },
+                ) = (&self.blob_refs, cmd)
                 {
                     for a in &version.assets {
                         let _ = tx.try_send(a.hashes.sha256.clone());

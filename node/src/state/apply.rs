@@ -51,6 +51,22 @@ pub(crate) fn apply(
             change,
             now_ms,
         } => tx.change(target, change, *now_ms, log_index),
+        Command::AssociateExternalConnection {
+            domain,
+            repository,
+            connection,
+        } => tx.associate(domain, repository, connection),
+        Command::DisassociateExternalConnection {
+            domain,
+            repository,
+            connection,
+        } => tx.disassociate(domain, repository, connection),
+        Command::PutPackageOrigin {
+            target,
+            restrictions,
+            now_ms,
+        } => tx.put_origin(target, *restrictions, *now_ms, log_index),
+        Command::RetainVersion { targets, version } => tx.retain(targets, version, log_index),
     };
     match outcome {
         Ok(result) => Ok(result),
@@ -329,6 +345,124 @@ impl Tx<'_> {
         Ok(CommandResult::Done)
     }
 
+    fn associate(&mut self, domain: &str, name: &str, connection: &str) -> TxResult<CommandResult> {
+        let mut r = self
+            .view
+            .repository(domain, name)?
+            .ok_or_else(|| not_found(ResourceKind::Repository, name))?;
+        if let Some(existing) = r.external_connections.first() {
+            let message = if existing == connection {
+                format!("repository {name} already has external connection {connection}")
+            } else {
+                format!(
+                    "repository {name} already has external connection {existing}; a repository \
+                     can have only one"
+                )
+            };
+            return Err(conflict(ResourceKind::Repository, name, message));
+        }
+        r.external_connections.push(connection.to_owned());
+        self.put(&keys::repository(domain, name), &r)?;
+        Ok(CommandResult::Repository(r))
+    }
+
+    fn disassociate(
+        &mut self,
+        domain: &str,
+        name: &str,
+        connection: &str,
+    ) -> TxResult<CommandResult> {
+        let mut r = self
+            .view
+            .repository(domain, name)?
+            .ok_or_else(|| not_found(ResourceKind::Repository, name))?;
+        if !r.external_connections.iter().any(|c| c == connection) {
+            return Err(not_found(
+                ResourceKind::Repository,
+                format!("external connection {connection} of repository {name}"),
+            ));
+        }
+        r.external_connections.retain(|c| c != connection);
+        self.put(&keys::repository(domain, name), &r)?;
+        Ok(CommandResult::Repository(r))
+    }
+
+    fn put_origin(
+        &mut self,
+        t: &PackageTarget,
+        restrictions: OriginRestrictions,
+        now_ms: i64,
+        log_index: u64,
+    ) -> TxResult<CommandResult> {
+        let mut pkg = self.target_package(t)?.unwrap_or_else(|| PackageRecord {
+            key: t.package.clone(),
+            created_ms: now_ms,
+            modified_ms: now_ms,
+            stamp: log_index,
+            tags: Default::default(),
+            origin: restrictions,
+        });
+        pkg.origin = restrictions;
+        pkg.stamp = log_index;
+        self.put(
+            &keys::package(&t.domain, &t.repository, &t.format, &t.package),
+            &pkg,
+        )?;
+        Ok(CommandResult::Done)
+    }
+
+    fn retain(
+        &mut self,
+        targets: &[PackageTarget],
+        version: &VersionRecord,
+        log_index: u64,
+    ) -> TxResult<CommandResult> {
+        for t in targets {
+            if self.view.repository(&t.domain, &t.repository)?.is_none() {
+                continue;
+            }
+            let existing = self
+                .view
+                .package(&t.domain, &t.repository, &t.format, &t.package)?;
+            if existing
+                .as_ref()
+                .is_some_and(|p| p.origin.upstream == granary_format::model::Allow::Block)
+            {
+                continue;
+            }
+            let vkey = keys::version(
+                &t.domain,
+                &t.repository,
+                &t.format,
+                &t.package,
+                &version.version,
+            );
+            if self.view.get::<VersionRecord>("version", &vkey)?.is_some() {
+                continue;
+            }
+            let now = version.modified_ms;
+            let mut pkg = existing.unwrap_or_else(|| PackageRecord {
+                key: t.package.clone(),
+                created_ms: now,
+                modified_ms: now,
+                stamp: log_index,
+                tags: Default::default(),
+                origin: OriginRestrictions::INGESTED_FIRST,
+            });
+            pkg.modified_ms = now;
+            pkg.stamp = log_index;
+            let mut v = version.clone();
+            v.revision = revision(log_index);
+            v.remote.clear();
+            self.put(&vkey, &v)?;
+            self.put(
+                &keys::package(&t.domain, &t.repository, &t.format, &t.package),
+                &pkg,
+            )?;
+        }
+        Ok(CommandResult::Done)
+    }
+
     fn change(
         &mut self,
         t: &PackageTarget,
@@ -488,6 +622,7 @@ mod tests {
                 summary: VersionSummary::default(),
                 metadata: serde_json::json!({"name": "p"}),
                 assets: vec![],
+                remote: vec![],
             }),
             tags: vec!["latest".into()],
         }

@@ -144,17 +144,22 @@ impl ReadCache {
     /// Called by apply after `cmd`'s batch is written.
     pub(crate) fn applied(&self, cmd: &Command) {
         match cmd {
-            Command::PublishVersion { target, .. } | Command::ChangePackage { target, .. } => {
-                let prefix = super::keys::package(
-                    &target.domain,
-                    &target.repository,
-                    &target.format,
-                    &target.package,
-                );
-                self.slot(&prefix).fetch_add(1, Ordering::AcqRel);
-            }
+            Command::PublishVersion { target, .. }
+            | Command::ChangePackage { target, .. }
+            | Command::PutPackageOrigin { target, .. } => self.bump(target),
+            Command::RetainVersion { targets, .. } => targets.iter().for_each(|t| self.bump(t)),
             _ => self.invalidate_all(),
         }
+    }
+
+    fn bump(&self, target: &crate::state::command::PackageTarget) {
+        let prefix = super::keys::package(
+            &target.domain,
+            &target.repository,
+            &target.format,
+            &target.package,
+        );
+        self.slot(&prefix).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Everything cached is stale (a snapshot was installed, or a command touched more

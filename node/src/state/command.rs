@@ -4,7 +4,7 @@
 //! deterministic on every node. Conflicts are decided in apply and returned as
 //! [`CommandResult::Failed`], never as storage errors.
 
-use granary_format::model::{PackageChange, PackageKey, VersionRecord};
+use granary_format::model::{OriginRestrictions, PackageChange, PackageKey, VersionRecord};
 use serde::{Deserialize, Serialize};
 
 use super::model::{DomainRecord, Principal, RepositoryRecord, TokenKey};
@@ -51,6 +51,44 @@ pub enum Command {
         version: Box<VersionRecord>,
         /// Tags to point at it.
         tags: Vec<String>,
+    },
+    /// Gives a repository its external connection (at most one).
+    AssociateExternalConnection {
+        /// Domain name.
+        domain: String,
+        /// Repository name.
+        repository: String,
+        /// Connection name (`public:npmjs`).
+        connection: String,
+    },
+    /// Removes a repository's external connection.
+    DisassociateExternalConnection {
+        /// Domain name.
+        domain: String,
+        /// Repository name.
+        repository: String,
+        /// Connection name.
+        connection: String,
+    },
+    /// Sets a package's origin controls, creating the package (without versions) if it
+    /// has none yet, so a name can be protected before its first version.
+    PutPackageOrigin {
+        /// Where.
+        target: PackageTarget,
+        /// The controls.
+        restrictions: OriginRestrictions,
+        /// When (Unix milliseconds).
+        now_ms: i64,
+    },
+    /// Keeps a version served through the upstream chain in the repositories that must
+    /// retain it (the requested one; for external versions also the connection's).
+    /// Per target, a version already there or a package whose origin controls block
+    /// upstream versions is left alone: retention never fails a download.
+    RetainVersion {
+        /// The repositories (same format and package, one domain).
+        targets: Vec<PackageTarget>,
+        /// The version with its stored assets; `revision` is assigned by apply.
+        version: Box<VersionRecord>,
     },
     /// Changes an existing package.
     ChangePackage {

@@ -1,0 +1,449 @@
+//! Upstream repositories and external connections against a stand-in for the public npm
+//! registry (`granary_cluster_tests::standin`), which counts every request it gets.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use futures::future::join_all;
+use granary_cluster_tests::client::{NodeClient, Repo, npm_publish_body};
+use granary_cluster_tests::cluster::{Cluster, Options};
+use granary_cluster_tests::seed::Seed;
+use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, dependency_tree};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::common::require;
+
+/// A cluster whose `public:npmjs` is the stand-in; `ttl` is the metadata TTL in seconds.
+async fn cluster_for(standin: &StandIn, nodes: usize, ttl: u64) -> Cluster {
+    let config = format!(
+        "[external_connections]\n\"public:npmjs\" = \"{}\"\n\n[upstream]\nmetadata_ttl_secs = {ttl}\nnot_found_ttl_secs = 1\n",
+        standin.url()
+    );
+    Cluster::start_with(
+        Seed::from_env(),
+        Options {
+            nodes,
+            config_toml: Some(config),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn api_ok(client: &NodeClient, method: &str, path: &str, body: Value) -> Value {
+    let r = client
+        .api(method, path, Some(&body))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    assert_eq!(r.status, 200, "{method} {path}: {}", r.describe());
+    r.json()
+}
+
+/// app → team → store, store with the external connection `public:npmjs`; tokens for
+/// the domain. Returns the three repositories (app, team, store).
+async fn chain(cluster: &Cluster, domain: &str) -> (Repo, Repo, Repo) {
+    let store = cluster.setup(1, domain, "store").await;
+    let c = cluster.client(1);
+    api_ok(
+        &c,
+        "POST",
+        &format!(
+            "/v1/repository/external-connection?domain={domain}&repository=store&external-connection=public:npmjs"
+        ),
+        json!({}),
+    )
+    .await;
+    api_ok(
+        &c,
+        "POST",
+        &format!("/v1/repository?domain={domain}&repository=team"),
+        json!({"upstreams": [{"repositoryName": "store"}]}),
+    )
+    .await;
+    api_ok(
+        &c,
+        "POST",
+        &format!("/v1/repository?domain={domain}&repository=app"),
+        json!({"upstreams": [{"repositoryName": "team"}]}),
+    )
+    .await;
+    let repo = |name: &str| Repo {
+        domain: domain.to_owned(),
+        name: name.to_owned(),
+        token: store.token.clone(),
+    };
+    (repo("app"), repo("team"), store)
+}
+
+/// Names of a repository's packages (ListPackages).
+async fn package_names(client: &NodeClient, repo: &Repo) -> BTreeSet<String> {
+    client
+        .list_packages(repo)
+        .await
+        .expect("list packages")
+        .iter()
+        .map(|p| p["package"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// 1,000 concurrent requests for one uncached 10 MiB tarball through one node: the
+/// stand-in sees exactly one request for it, and every requester gets the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_misses_cost_one_upstream_request() {
+    let mut standin = StandIn::start().await;
+    let big = NpmVersion::new("big", "1.0.0").file("blob.bin", pseudo_random(10 << 20));
+    standin.add(big.clone());
+    let want = sha256_hex(&standin.tarball_bytes("big", "1.0.0"));
+    let cluster = cluster_for(&standin, 1, 300).await;
+    let (app, _team, _store) = chain(&cluster, "coalesce").await;
+    let client = cluster.client(1);
+
+    let packument = client.npm_packument(&app, "big").await.expect("packument");
+    assert_eq!(packument.status, 200, "{}", packument.describe());
+    let tarball_url = packument.json()["versions"]["1.0.0"]["dist"]["tarball"]
+        .as_str()
+        .expect("tarball url")
+        .to_owned();
+    assert!(
+        tarball_url.starts_with(&format!(
+            "{}{}",
+            cluster.node(1).spec().url(),
+            app.npm_path()
+        )),
+        "the packument sends clients back to Granary: {tarball_url}"
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let gets = (0..1000).map(|_| {
+        let http = http.clone();
+        let url = tarball_url.clone();
+        let token = app.token.clone();
+        async move {
+            let r = http.get(&url).bearer_auth(token).send().await?;
+            let status = r.status().as_u16();
+            let body = r.bytes().await?;
+            Ok::<_, reqwest::Error>((status, sha256_hex(&body)))
+        }
+    });
+    let results = join_all(gets).await;
+    let mut ok = 0;
+    for r in &results {
+        match r {
+            Ok((200, sha)) if *sha == want => ok += 1,
+            Ok((status, sha)) => panic!("a requester got HTTP {status} with sha256 {sha}"),
+            Err(e) => panic!("a requester failed: {e}"),
+        }
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(
+        standin.requests_for(&big.tarball_path()),
+        1,
+        "one upstream request for 1,000 concurrent misses"
+    );
+    assert_eq!(standin.requests().packuments, 1);
+    let metrics = client
+        .raw("GET", "/metrics", &[], vec![])
+        .await
+        .expect("metrics")
+        .text();
+    assert!(
+        metrics.contains("granary_upstream_coalesced_total{format=\"npm\",repository=\"coalesce/store\",kind=\"artifact\"} 999"),
+        "{metrics}"
+    );
+    standin.stop().await;
+}
+
+/// Deterministic bytes that do not compress.
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs npm with `home` as HOME and `cache` as its cache.
+async fn npm(home: &Path, cwd: &Path, cache: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("npm")
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("npm_config_userconfig", home.join(".npmrc"))
+        .env("npm_config_cache", cache)
+        .env("npm_config_update_notifier", "false")
+        .env("npm_config_fund", "false")
+        .env("npm_config_audit", "false")
+        .env_remove("npm_config_registry")
+        .env_remove("NPM_CONFIG_REGISTRY")
+        .output()
+        .await
+        .expect("run npm");
+    assert!(
+        out.status.success(),
+        "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
+        cwd.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+/// A fresh project that depends on `deps` (name → range), installed with npm.
+async fn install(home: &Path, registry: &str, dir: &str, deps: Value) -> std::path::PathBuf {
+    let app = home.join(dir);
+    write(
+        &app.join("package.json"),
+        &json!({"name": dir, "version": "0.0.0", "private": true, "dependencies": deps})
+            .to_string(),
+    );
+    let cache = home.join(format!("cache-{dir}"));
+    npm(home, &app, &cache, &["install", "--registry", registry]).await;
+    app
+}
+
+fn installed_version(app: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(app.join("node_modules").join(name).join("package.json"))
+        .unwrap_or_else(|e| panic!("{name} is not installed: {e}"));
+    serde_json::from_str::<Value>(&text).expect("package.json")["version"]
+        .as_str()
+        .expect("version")
+        .to_owned()
+}
+
+/// The real npm client installs a tree with transitive dependencies through app → team →
+/// store(public:npmjs); the versions are kept in app and store only; with the stand-in
+/// gone and the node restarted (no cached public document), a fresh install still works.
+/// An internal package published to team keeps resolving over a higher public version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn npm_installs_through_a_chain_and_keeps_what_it_served() {
+    if !require("npm") {
+        return;
+    }
+    let mut standin = StandIn::start().await;
+    let tree = dependency_tree("tree", 7);
+    for v in &tree {
+        standin.add(v.clone());
+    }
+    let mut cluster = cluster_for(&standin, 1, 300).await;
+    let (app, team, store) = chain(&cluster, "chain").await;
+    let client = cluster.client(1);
+
+    // Dependency substitution: acme-utils is internal (published to team first); the
+    // public registry then offers a higher version of the same name.
+    let internal = npm_tgz("acme-utils", "1.0.0", "internal");
+    let r = client
+        .npm_put(
+            &team,
+            "acme-utils",
+            npm_publish_body("acme-utils", "1.0.0", &internal)
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(r.status, 201, "{}", r.describe());
+    standin
+        .add(NpmVersion::new("acme-utils", "9.9.9").file("index.js", "module.exports='public';"));
+
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    let base = cluster.node(1).spec().url();
+    let registry = format!("{base}{}", app.npm_path());
+    write(
+        &home.join(".npmrc"),
+        &format!(
+            "{}:_authToken={}\n",
+            registry.trim_start_matches("http:"),
+            app.token
+        ),
+    );
+    let project = install(
+        home,
+        &registry,
+        "first",
+        json!({"tree-0": "^1.0.0", "acme-utils": "*"}),
+    )
+    .await;
+    for i in 0..7 {
+        assert_eq!(installed_version(&project, &format!("tree-{i}")), "1.0.0");
+    }
+    assert_eq!(
+        installed_version(&project, "acme-utils"),
+        "1.0.0",
+        "the internal package wins over a higher public one"
+    );
+    assert_eq!(
+        standin.requests_for("/acme-utils/-/acme-utils-9.9.9.tgz"),
+        0,
+        "the public acme-utils was never fetched"
+    );
+    let packument = client.npm_packument(&app, "acme-utils").await.expect("get");
+    let versions = packument.json()["versions"].clone();
+    assert!(
+        versions.get("9.9.9").is_none(),
+        "public versions of an internal package are not offered: {versions}"
+    );
+
+    // Retention: in app (requested) and store (connection), not in team (intermediate).
+    let expected: BTreeSet<String> = (0..7).map(|i| format!("tree-{i}")).collect();
+    let app_packages = package_names(&client, &app).await;
+    assert!(
+        expected.is_subset(&app_packages),
+        "app keeps {app_packages:?}"
+    );
+    assert_eq!(package_names(&client, &store).await, expected);
+    assert_eq!(
+        package_names(&client, &team).await,
+        BTreeSet::from(["acme-utils".to_owned()]),
+        "team keeps only its own package"
+    );
+    let described = api_ok(
+        &client,
+        "GET",
+        "/v1/package?domain=chain&repository=store&format=npm&package=tree-3",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        described["package"]["originConfiguration"]["restrictions"],
+        json!({"publish": "BLOCK", "upstream": "ALLOW"}),
+        "ingested first: publishing is blocked"
+    );
+
+    // Publishing a version the chain already offers is refused (CodeArtifact's 409).
+    let r = client
+        .npm_put(
+            &app,
+            "tree-6",
+            npm_publish_body("tree-6", "1.0.0", &npm_tgz("tree-6", "1.0.0", "x"))
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .expect("publish");
+    assert!(
+        r.status == 409 || r.status == 403,
+        "a version reachable upstream cannot be published: {}",
+        r.describe()
+    );
+
+    // The public registry goes away, and the node forgets every public document.
+    standin.stop().await;
+    cluster.kill(1);
+    cluster.restart(1).await;
+    let again = install(
+        home,
+        &registry,
+        "second",
+        json!({"tree-0": "^1.0.0", "acme-utils": "*"}),
+    )
+    .await;
+    for i in 0..7 {
+        assert_eq!(installed_version(&again, &format!("tree-{i}")), "1.0.0");
+    }
+}
+
+/// A gzip-framed pseudo tarball (the registry stores bytes; npm never unpacks it here).
+fn npm_tgz(name: &str, version: &str, text: &str) -> Vec<u8> {
+    NpmVersion::new(name, version)
+        .file("index.js", format!("module.exports = '{text}';\n"))
+        .tarball()
+}
+
+/// The public registry fails, then recovers: clients see a retryable error or the stale
+/// document, never a 404 remembered from the failure; a corrupted tarball is refused and
+/// not kept, and the next request fetches the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_failures_are_never_remembered_as_missing() {
+    let mut standin = StandIn::start().await;
+    standin.add(NpmVersion::new("flaky", "1.0.0"));
+    let cluster = cluster_for(&standin, 1, 1).await;
+    let (app, _team, store) = chain(&cluster, "flaky").await;
+    let client = cluster.client(1);
+
+    standin.set_mode(Mode::Fail(500));
+    let r = client.npm_packument(&app, "flaky").await.expect("get");
+    assert_eq!(
+        r.status,
+        503,
+        "an upstream 500 is a retryable error: {}",
+        r.describe()
+    );
+    assert!(r.is_retry_later(), "{:?}", r.headers);
+    standin.set_mode(Mode::Normal);
+    let r = client.npm_packument(&app, "flaky").await.expect("get");
+    assert_eq!(
+        r.status,
+        200,
+        "recovered at once, nothing cached: {}",
+        r.describe()
+    );
+
+    // Stale while down: the TTL (1 s) passes, the upstream fails, the document stays.
+    standin.set_mode(Mode::Fail(502));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        let r = client.npm_packument(&app, "flaky").await.expect("get");
+        assert_eq!(r.status, 200, "served stale while down: {}", r.describe());
+        assert!(r.json()["versions"].get("1.0.0").is_some());
+    }
+    let metrics = client
+        .raw("GET", "/metrics", &[], vec![])
+        .await
+        .expect("metrics")
+        .text();
+    assert!(
+        metrics.contains("granary_upstream_stale_served_total"),
+        "{metrics}"
+    );
+
+    // A corrupted tarball is refused and nothing is retained.
+    standin.set_mode(Mode::CorruptTarballs);
+    let r = client.npm_tarball(&app, "flaky", "1.0.0").await;
+    assert!(
+        !matches!(&r, Ok(resp) if resp.status == 200 && sha256_hex(&resp.body) == sha256_hex(&standin.tarball_bytes("flaky", "1.0.0"))),
+        "corrupted bytes are never served as a complete response"
+    );
+    let versions = client
+        .api(
+            "POST",
+            "/v1/package/versions?domain=flaky&repository=store&format=npm&package=flaky",
+            None,
+        )
+        .await
+        .expect("list");
+    assert_eq!(
+        versions.status,
+        404,
+        "nothing retained: {}",
+        versions.describe()
+    );
+    standin.set_mode(Mode::Normal);
+    let r = client
+        .npm_tarball(&app, "flaky", "1.0.0")
+        .await
+        .expect("get");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.body, standin.tarball_bytes("flaky", "1.0.0"));
+    assert_eq!(standin.requests_for("/flaky/-/flaky-1.0.0.tgz"), 2);
+    // A missing package is a 404, remembered only briefly.
+    let r = client.npm_packument(&store, "nope").await.expect("get");
+    assert_eq!(r.status, 404, "{}", r.describe());
+    standin.stop().await;
+}

@@ -1,0 +1,145 @@
+//! Counters served at `/metrics` in the Prometheus text format.
+//!
+//! A counter is a name plus a label set; both are fixed strings chosen by the code that
+//! counts (never client input beyond domain, repository and format names, which the
+//! request path has already validated). Counting takes one short lock: the map is small
+//! and increments are rare compared with the work they count.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+/// The node's counters.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+/// What each counter means, printed as `# HELP`.
+const HELP: &[(&str, &str)] = &[
+    (
+        "granary_upstream_requests_total",
+        "Requests sent to upstream registries (external connections), by kind and outcome.",
+    ),
+    (
+        "granary_upstream_coalesced_total",
+        "Requests for an upstream fetch already in flight, served by that fetch.",
+    ),
+    (
+        "granary_upstream_cache_total",
+        "Upstream metadata lookups by result: hit (fresh), stale (served stale), miss.",
+    ),
+    (
+        "granary_upstream_stale_served_total",
+        "Upstream documents served stale because the upstream failed or was being refreshed.",
+    ),
+    (
+        "granary_upstream_rejected_total",
+        "Upstream artifacts refused because their bytes did not match the published digests.",
+    ),
+    (
+        "granary_upstream_retained_total",
+        "Package versions kept in a repository after being served through its upstreams.",
+    ),
+];
+
+impl Metrics {
+    /// Adds `n` to the counter `name{labels}`; `labels` as `[("format", "npm"), …]`.
+    pub(crate) fn add(&self, name: &'static str, labels: &[(&str, &str)], n: u64) {
+        let mut text = String::new();
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "{k}=\"{}\"", escape(v));
+        }
+        let mut counters = self.counters.lock().expect("metrics lock");
+        *counters.entry((name, text)).or_default() += n;
+    }
+
+    /// Adds one.
+    pub(crate) fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
+        self.add(name, labels, 1);
+    }
+
+    /// The current value of `name{labels}` (tests and the CLI).
+    #[cfg(test)]
+    pub(crate) fn get(&self, name: &'static str, labels: &[(&str, &str)]) -> u64 {
+        let m = Metrics::default();
+        m.inc(name, labels);
+        let key = m
+            .counters
+            .lock()
+            .expect("metrics lock")
+            .keys()
+            .next()
+            .cloned();
+        key.and_then(|k| self.counters.lock().expect("metrics lock").get(&k).copied())
+            .unwrap_or(0)
+    }
+
+    /// Every counter, Prometheus text format 0.0.4.
+    pub(crate) fn render(&self) -> String {
+        let counters = self.counters.lock().expect("metrics lock");
+        let mut out = String::new();
+        let mut last: Option<&str> = None;
+        for ((name, labels), value) in counters.iter() {
+            if last != Some(name) {
+                if let Some((_, help)) = HELP.iter().find(|(n, _)| n == name) {
+                    let _ = writeln!(out, "# HELP {name} {help}");
+                }
+                let _ = writeln!(out, "# TYPE {name} counter");
+                last = Some(name);
+            }
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_as_prometheus_text() {
+        let m = Metrics::default();
+        m.inc(
+            "granary_upstream_requests_total",
+            &[("format", "npm"), ("outcome", "ok")],
+        );
+        m.add(
+            "granary_upstream_requests_total",
+            &[("format", "npm"), ("outcome", "ok")],
+            2,
+        );
+        m.inc("granary_upstream_cache_total", &[("result", "a\"b")]);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE granary_upstream_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_upstream_requests_total{format=\"npm\",outcome=\"ok\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("result=\"a\\\"b\"} 1"), "{text}");
+        assert_eq!(
+            m.get(
+                "granary_upstream_requests_total",
+                &[("format", "npm"), ("outcome", "ok")]
+            ),
+            3
+        );
+    }
+}

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Blob chunks stay `Bytes` end to end: no copy between the store and the wire.
         .bytes(".granary.v1.BlobChunk.data")
+        .bytes(".granary.v1.UpstreamChunk.data")
         .compile_with_config(config, &["proto/granary.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

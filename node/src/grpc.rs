@@ -6,7 +6,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
-use crate::cluster::blobs::BlobReplicator;
 use crate::cluster::peers::{CheckSecret, Secret};
 use crate::cluster::service::ClusterService;
 use crate::raft::network::RaftService;
@@ -45,8 +44,7 @@ impl pb::node_server::Node for StatusService {
 
 /// Serves gRPC on `listener` until `cancel` fires.
 pub(crate) async fn serve(
-    cluster: Cluster,
-    replicator: BlobReplicator,
+    cluster_service: ClusterService,
     secret: Secret,
     tls: Option<tonic::transport::ServerTlsConfig>,
     me: SelfInfo,
@@ -55,15 +53,13 @@ pub(crate) async fn serve(
 ) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let check = CheckSecret(secret);
+    let cluster = cluster_service.cluster.clone();
     let raft = pb::raft_server::RaftServer::new(RaftService::new(cluster.raft().clone()))
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(1 << 30);
-    let service = pb::cluster_server::ClusterServer::new(ClusterService {
-        cluster: cluster.clone(),
-        blobs: replicator,
-    })
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
+    let service = pb::cluster_server::ClusterServer::new(cluster_service)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = match builder.tls_config(tls) {

@@ -181,11 +181,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let replicator = BlobReplicator::new(blobs.clone(), cluster.clone(), config.max_body_bytes);
 
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let fetcher = Arc::new(
+        crate::upstream::fetch::Fetcher::new(
+            &config.upstream,
+            cluster.clone(),
+            config.region.clone(),
+            metrics.clone(),
+        )
+        .map_err(Error::Bootstrap)?,
+    );
+    let public_docs = Arc::new(crate::upstream::metadata::MetadataCache::new(
+        fetcher,
+        config.upstream.clone(),
+        metrics.clone(),
+    ));
+
     // Peers must reach this node's Raft before it can join or be elected.
     let cancel = CancellationToken::new();
     let grpc = tokio::spawn(crate::grpc::serve(
-        cluster.clone(),
-        replicator.clone(),
+        crate::cluster::service::ClusterService {
+            cluster: cluster.clone(),
+            blobs: replicator.clone(),
+            public_docs: public_docs.clone(),
+        },
         secret,
         tls.map(|t| t.server),
         SelfInfo {
@@ -237,9 +256,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
     let state = StateView::cached(store.clone(), read_cache);
     replicator.spawn_repair(state.clone(), blob_refs_rx, cancel.clone());
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let upstreams = crate::upstream::Upstreams::new(&config.upstream, metrics.clone())
-        .map_err(Error::Bootstrap)?;
+    let upstreams = crate::upstream::Upstreams::new(public_docs, metrics.clone());
     let node = Arc::new(Node {
         state,
         blobs,

@@ -231,9 +231,10 @@ impl Registry for NodeRegistry {
         version: &str,
         asset: &str,
     ) -> Result<Option<AssetBody>, RegistryError> {
+        let res = self.resolution(key).await?;
         self.node
             .upstreams
-            .fetch_asset(&self.node, &self.ask(key), version, asset)
+            .fetch_asset(&self.node, &self.ask(key), &res, version, asset)
             .await
     }
 

@@ -618,6 +618,15 @@ impl Cluster {
         out
     }
 
+    /// Every member (this node included): id, gRPC address, region.
+    pub(crate) fn members_with_regions(&self) -> Vec<(NodeId, String, String)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.grpc_addr.clone(), n.region.clone()))
+            .collect()
+    }
+
     /// Voter count and whether this node is one.
     pub(crate) fn voters(&self) -> (usize, bool) {
         let m = self.raft.metrics().borrow().membership_config.clone();

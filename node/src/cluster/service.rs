@@ -15,6 +15,9 @@ use crate::state::command::Command;
 pub(crate) struct ClusterService {
     pub(crate) cluster: Cluster,
     pub(crate) blobs: BlobReplicator,
+    /// Public registries' documents and files, for members asking this node (their
+    /// owner in the region) to fetch them.
+    pub(crate) public_docs: std::sync::Arc<crate::upstream::metadata::MetadataCache>,
 }
 
 fn membership_status(e: MembershipError) -> Status {
@@ -115,6 +118,54 @@ impl pb::cluster_server::Cluster for ClusterService {
             Some((info, body)) => Ok(Response::new(Box::pin(body_chunks(&info, body)))),
             None => Err(Status::not_found(format!("blob {sha} is not stored here"))),
         }
+    }
+
+    type FetchUpstreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::UpstreamChunk, Status>> + Send + 'static>>;
+
+    async fn fetch_upstream(
+        &self,
+        request: Request<pb::UpstreamRequest>,
+    ) -> Result<Response<Self::FetchUpstreamStream>, Status> {
+        let req = request.into_inner();
+        if !(req.url.starts_with("http://") || req.url.starts_with("https://")) {
+            return Err(Status::invalid_argument("an upstream URL is http(s)"));
+        }
+        let package = (!req.name.is_empty()).then(|| {
+            granary_format::model::PackageKey::new(
+                (!req.namespace.is_empty()).then_some(req.namespace.as_str()),
+                &req.name,
+            )
+        });
+        let reader = crate::upstream::reader_for(&req.format);
+        // A failed upstream answers every asker the same: `Unavailable("upstream …")`.
+        let raw = match (req.kind.as_str(), package, reader) {
+            ("metadata", Some(key), Some(reader)) => {
+                self.public_docs
+                    .serve_peer(&req.url, &key, reader, &req.format, &req.repository)
+                    .await
+            }
+            (kind, package, _) => {
+                let labels = crate::upstream::fetch::Labels {
+                    format: req.format,
+                    repository: req.repository,
+                    kind: if kind == "artifact" {
+                        "artifact"
+                    } else {
+                        "metadata"
+                    },
+                    package,
+                };
+                self.public_docs
+                    .fetcher()
+                    .raw_local(&req.url, &labels, req.fresh)
+                    .await
+            }
+        }
+        .map_err(Status::unavailable)?;
+        Ok(Response::new(Box::pin(crate::upstream::fetch::to_stream(
+            raw,
+        ))))
     }
 
     async fn has_blob(

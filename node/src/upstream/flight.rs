@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use granary_format::Body;
@@ -29,6 +30,8 @@ use tokio::sync::watch;
 pub(crate) enum Started {
     /// 200: the size, if the upstream sent one.
     Ok(Option<u64>),
+    /// Another HTTP status (the body is not kept).
+    Status(u16),
     /// Anything else: why.
     Failed(String),
 }
@@ -127,11 +130,17 @@ impl Flight {
                 loop {
                     let step = {
                         let s = flight.state.lock().expect("flight lock");
+                        // The last chunk waits for the end: a client that knows the
+                        // length would take a complete body as a good one, so a body
+                        // that fails its check must never be complete.
+                        let ended = matches!(s.end, Some(Ok(())));
                         match (s.chunks.get(next), &s.end) {
-                            (Some(chunk), _) => Some(Ok(chunk.clone())),
+                            (Some(chunk), _) if ended || next + 1 < s.chunks.len() => {
+                                Some(Ok(chunk.clone()))
+                            }
+                            (_, Some(Err(e))) => Some(Err(e.clone())),
                             (None, Some(Ok(()))) => return None,
-                            (None, Some(Err(e))) => Some(Err(e.clone())),
-                            (None, None) => None,
+                            _ => None,
                         }
                     };
                     match step {
@@ -179,7 +188,38 @@ impl Flights {
         self.map.lock().expect("flights lock").remove(key);
     }
 
-    /// Flights in progress (tests).
+    /// Forgets a flight that ended well after `grace`: a requester that decided to
+    /// fetch just before the artifact became available otherwise (stored, retained,
+    /// cached) replays it from memory instead of asking the upstream again.
+    pub(crate) fn remove_after(self: &Arc<Self>, key: &str, flight: &Arc<Flight>, grace: Duration) {
+        let this = self.clone();
+        let key = key.to_owned();
+        let flight = Arc::downgrade(flight);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut map = this.map.lock().expect("flights lock");
+            if map
+                .get(&key)
+                .is_some_and(|f| flight.upgrade().is_some_and(|mine| Arc::ptr_eq(f, &mine)))
+            {
+                map.remove(&key);
+            }
+        });
+    }
+
+    /// Forgets a flight that has ended (its bytes were refused by the asker, so a new
+    /// request must go to the upstream again); one still running is kept.
+    pub(crate) fn forget_ended(&self, key: &str) {
+        let mut map = self.map.lock().expect("flights lock");
+        if map
+            .get(key)
+            .is_some_and(|f| f.state.lock().expect("flight lock").end.is_some())
+        {
+            map.remove(key);
+        }
+    }
+
+    /// Flights kept (tests).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.lock().expect("flights lock").len()
@@ -222,6 +262,27 @@ mod tests {
         assert!(matches!(g.wait_started().await, Started::Ok(Some(6))));
         flights.remove("k");
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_waits_for_the_check() {
+        let flights = Flights::default();
+        let (f, _) = flights.join("k");
+        f.start(Started::Ok(Some(6)));
+        f.push(Bytes::from_static(b"abc"));
+        f.push(Bytes::from_static(b"def"));
+        let mut body = f.body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"abc");
+        let pending = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(
+            pending.is_err(),
+            "the last chunk is held until the bytes are checked"
+        );
+        f.finish(Ok(()));
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&last[..], b"def");
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ use futures::future::{BoxFuture, Shared};
 use granary_format::UpstreamFormat;
 use granary_format::model::{PackageKey, UpstreamPackage};
 
+use super::fetch::{Fetcher, Labels, Raw};
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 
@@ -33,6 +34,8 @@ const MAX_DOCUMENT_BYTES: usize = 128 << 20;
 pub(crate) struct Document {
     /// What it says.
     pub(crate) package: UpstreamPackage,
+    /// What it is: served to members that ask this node, the URL's owner, for it.
+    pub(crate) raw: bytes::Bytes,
     /// Changes when the document's bytes change: rendered documents are cached under it.
     pub(crate) digest: u64,
 }
@@ -65,11 +68,14 @@ pub(crate) struct Request<'a> {
     pub(crate) format: &'a str,
     /// `domain/repository` holding the connection.
     pub(crate) repository: &'a str,
+    /// Fetch from this node, not through the URL's owner (this node is the owner,
+    /// serving a member).
+    pub(crate) local_only: bool,
 }
 
 /// The cache of one node.
 pub(crate) struct MetadataCache {
-    client: reqwest::Client,
+    fetcher: Arc<Fetcher>,
     config: UpstreamConfig,
     metrics: Arc<Metrics>,
     entries: Mutex<HashMap<String, Entry>>,
@@ -78,12 +84,12 @@ pub(crate) struct MetadataCache {
 
 impl MetadataCache {
     pub(crate) fn new(
-        client: reqwest::Client,
+        fetcher: Arc<Fetcher>,
         config: UpstreamConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
         MetadataCache {
-            client,
+            fetcher,
             config,
             metrics,
             entries: Mutex::new(HashMap::new()),
@@ -171,22 +177,17 @@ impl MetadataCache {
         let reader = req.reader.clone();
         let format = req.format.to_owned();
         let repository = req.repository.to_owned();
+        let local_only = req.local_only;
         let task = tokio::spawn(async move {
-            let result = this.fetch_once(&url, &key, reader).await;
-            let outcome = match &result {
-                Ok(Lookup::Found(_)) => "ok",
-                Ok(Lookup::NotFound) => "not_found",
-                Err(_) => "error",
+            let labels = Labels {
+                format,
+                repository,
+                kind: "metadata",
+                package: Some(key.clone()),
             };
-            this.metrics.inc(
-                "granary_upstream_requests_total",
-                &[
-                    ("format", &format),
-                    ("repository", &repository),
-                    ("kind", "metadata"),
-                    ("outcome", outcome),
-                ],
-            );
+            let result = this
+                .fetch_once(&url, &key, reader, &labels, local_only)
+                .await;
             match &result {
                 Ok(lookup) => this.store(url.clone(), lookup.clone()),
                 Err(e) => tracing::warn!(url, error = %e, "upstream metadata fetch failed"),
@@ -209,44 +210,28 @@ impl MetadataCache {
         url: &str,
         key: &PackageKey,
         reader: Arc<dyn UpstreamFormat>,
+        labels: &Labels,
+        local_only: bool,
     ) -> Result<Lookup, String> {
-        let resp = self
-            .client
-            .get(url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(Duration::from_millis(self.config.request_timeout_ms))
-            .send()
-            .await
-            .map_err(|e| format!("upstream {url} did not answer: {e}"))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+        let raw = if local_only {
+            self.fetcher.raw_local(url, labels, false).await?
+        } else {
+            self.fetcher.raw(url, labels).await?
+        };
+        if raw.status == 404 || raw.status == 410 {
             return Ok(Lookup::NotFound);
         }
-        if !status.is_success() {
-            return Err(format!("upstream {url} answered {status}"));
+        if raw.status != 200 {
+            return Err(format!("upstream {url} answered {}", raw.status));
         }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
-        {
+        if raw.size.is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64) {
             return Err(format!(
                 "upstream document {url} exceeds {MAX_DOCUMENT_BYTES} bytes"
             ));
         }
-        let mut body = Vec::new();
-        let mut resp = resp;
-        while let Some(chunk) = resp
-            .chunk()
+        let body = granary_format::body::read_to_bytes(raw.body, MAX_DOCUMENT_BYTES)
             .await
-            .map_err(|e| format!("upstream {url} failed mid-document: {e}"))?
-        {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(format!(
-                    "upstream document {url} exceeds {MAX_DOCUMENT_BYTES} bytes"
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
+            .map_err(|e| format!("upstream document {url}: {e}"))?;
         let url = url.to_owned();
         let key = key.clone();
         tokio::task::spawn_blocking(move || {
@@ -258,10 +243,53 @@ impl MetadataCache {
                 let d = sha2::Sha256::digest(&body);
                 u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
             };
-            Ok(Lookup::Found(Arc::new(Document { package, digest })))
+            Ok(Lookup::Found(Arc::new(Document {
+                package,
+                digest,
+                raw: body,
+            })))
         })
         .await
         .map_err(|e| format!("parsing the upstream document failed: {e}"))?
+    }
+
+    /// The fetcher this cache uses (and peers' raw fetches go through).
+    pub(crate) fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    /// A member asks this node, the URL's owner, for a package document: served from
+    /// this node's cache, fetched (once, however many ask) when it has none.
+    pub(crate) async fn serve_peer(
+        self: &Arc<Self>,
+        url: &str,
+        key: &PackageKey,
+        reader: Arc<dyn UpstreamFormat>,
+        format: &str,
+        repository: &str,
+    ) -> Result<Raw, String> {
+        let lookup = self
+            .get(Request {
+                url: url.to_owned(),
+                key,
+                reader,
+                format,
+                repository,
+                local_only: true,
+            })
+            .await?;
+        Ok(match lookup {
+            Lookup::Found(doc) => Raw {
+                status: 200,
+                size: Some(doc.raw.len() as u64),
+                body: granary_format::body::full(doc.raw.clone()),
+            },
+            Lookup::NotFound => Raw {
+                status: 404,
+                size: None,
+                body: granary_format::body::empty(),
+            },
+        })
     }
 
     fn store(&self, url: String, lookup: Lookup) {

@@ -20,13 +20,13 @@
 //! Public documents are cached by [`metadata::MetadataCache`] (TTL, stale-while-revalidate,
 //! brief 404s, never a 5xx as a 404). Everything counts into `/metrics`.
 
+pub(crate) mod fetch;
 pub(crate) mod flight;
 pub(crate) mod metadata;
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use granary_format::body::BodyError;
@@ -40,10 +40,10 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
-use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::state::command::{Command, CommandResult, PackageTarget};
+use fetch::{Fetcher, Labels};
 use flight::{Flight, Flights, Started};
 use metadata::{Document, Lookup, MetadataCache};
 
@@ -52,10 +52,9 @@ pub(crate) const MAX_SEARCHED: usize = 25;
 
 /// The node's upstream machinery.
 pub(crate) struct Upstreams {
-    client: reqwest::Client,
-    config: UpstreamConfig,
+    fetcher: Arc<Fetcher>,
     metadata: Arc<MetadataCache>,
-    flights: Flights,
+    flights: Arc<Flights>,
     /// Versions being retained from internal upstreams (deduplicates bursts).
     retaining: Mutex<HashSet<String>>,
     metrics: Arc<Metrics>,
@@ -106,25 +105,15 @@ enum Source {
 }
 
 impl Upstreams {
-    /// The machinery for a node with this configuration.
-    pub(crate) fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .user_agent(concat!("granary/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
-        Ok(Upstreams {
-            metadata: Arc::new(MetadataCache::new(
-                client.clone(),
-                config.clone(),
-                metrics.clone(),
-            )),
-            client,
-            config: config.clone(),
-            flights: Flights::default(),
+    /// The machinery of a node; `metadata` (and its fetcher) also serve peers.
+    pub(crate) fn new(metadata: Arc<MetadataCache>, metrics: Arc<Metrics>) -> Self {
+        Upstreams {
+            fetcher: metadata.fetcher().clone(),
+            metadata,
+            flights: Arc::new(Flights::default()),
             retaining: Mutex::new(HashSet::new()),
             metrics,
-        })
+        }
     }
 
     /// Walks the chain of `ask.repository` and merges what it offers.
@@ -151,6 +140,7 @@ impl Upstreams {
                         reader: reader.clone(),
                         format: ask.format,
                         repository: &label,
+                        local_only: false,
                     };
                     match self.metadata.get(req).await {
                         Ok(Lookup::Found(doc)) => parts.push(Part::External {
@@ -289,11 +279,11 @@ impl Upstreams {
         &self,
         node: &Arc<Node>,
         ask: &Ask<'_>,
+        res: &Resolution,
         version: &str,
         asset: &str,
     ) -> Result<Option<AssetBody>, RegistryError> {
-        let res = self.resolve(node, ask).await?;
-        let Some((record, source)) = self.find(node, ask, &res, version)? else {
+        let Some((record, source)) = self.find(node, ask, res, version)? else {
             return Ok(None);
         };
         match source {
@@ -318,6 +308,9 @@ impl Upstreams {
                         body: flight.body(),
                     })),
                     Started::Failed(why) => Err(RegistryError::Unavailable(why)),
+                    Started::Status(status) => Err(RegistryError::Unavailable(format!(
+                        "upstream answered {status}"
+                    ))),
                 }
             }
         }
@@ -373,24 +366,12 @@ impl Upstreams {
 
     /// Fetches, verifies, stores, replicates and retains one public file.
     async fn lead(&self, node: &Arc<Node>, flight: Arc<Flight>, job: Job) {
-        let outcome = self.download(node, &flight, &job).await;
-        let label = |o: &'static str| {
-            [
-                ("format", job.format),
-                ("repository", job.label.as_str()),
-                ("kind", "artifact"),
-                ("outcome", o),
-            ]
-        };
-        let info = match outcome {
-            Ok(info) => {
-                self.metrics
-                    .inc("granary_upstream_requests_total", &label("ok"));
-                info
-            }
+        // Upstream requests are counted where they are made (`fetch`); here, what the
+        // bytes were found to be.
+        let info = match self.download(node, &flight, &job).await {
+            Ok(info) => info,
             Err(Failure::Rejected(why)) => {
-                self.metrics
-                    .inc("granary_upstream_requests_total", &label("rejected"));
+                self.fetcher.refused(&job.remote.url);
                 self.metrics.inc(
                     "granary_upstream_rejected_total",
                     &[("format", job.format), ("repository", &job.label)],
@@ -401,8 +382,6 @@ impl Upstreams {
                 return;
             }
             Err(Failure::Failed(why)) => {
-                self.metrics
-                    .inc("granary_upstream_requests_total", &label("error"));
                 tracing::warn!(url = %job.remote.url, "upstream fetch failed: {why}");
                 flight.finish(Err(why));
                 self.flights.remove(&job.key);
@@ -432,7 +411,7 @@ impl Upstreams {
         version.modified_ms = Node::now_ms();
         self.retain(node, &job.domain, &repos, job.format, &job.package, version)
             .await;
-        self.flights.remove(&job.key);
+        self.flights.remove_after(&job.key, &flight, fetch::GRACE);
     }
 
     /// The leader's transfer: streams to the flight and the blob store at once; the
@@ -443,19 +422,27 @@ impl Upstreams {
         flight: &Flight,
         job: &Job,
     ) -> Result<granary_format::model::BlobInfo, Failure> {
-        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let timeout = self.fetcher.timeout();
         let url = &job.remote.url;
-        let mut resp = tokio::time::timeout(timeout, self.client.get(url).send())
+        let labels = Labels {
+            format: job.format.to_owned(),
+            repository: job.label.clone(),
+            kind: "artifact",
+            package: None,
+        };
+        let raw = self
+            .fetcher
+            .raw(url, &labels)
             .await
-            .map_err(|_| Failure::Failed(format!("upstream {url} did not answer in time")))?
-            .map_err(|e| Failure::Failed(format!("upstream {url} did not answer: {e}")))?;
-        if !resp.status().is_success() {
+            .map_err(Failure::Failed)?;
+        if raw.status != 200 {
             return Err(Failure::Failed(format!(
                 "upstream {url} answered {}",
-                resp.status()
+                raw.status
             )));
         }
-        let size = resp.content_length();
+        let size = raw.size;
+        let mut body = raw.body;
         if let (Some(have), Some(want)) = (size, job.remote.size)
             && have != want
         {
@@ -477,11 +464,14 @@ impl Upstreams {
         let mut hasher = MultiHasher::new();
         let transfer: Result<(), String> = async {
             loop {
-                match tokio::time::timeout(timeout, resp.chunk()).await {
+                match tokio::time::timeout(timeout, body.frame()).await {
                     Err(_) => return Err(format!("upstream {url} stalled")),
-                    Ok(Err(e)) => return Err(format!("upstream {url} failed mid-file: {e}")),
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Ok(Some(chunk))) => {
+                    Ok(Some(Err(e))) => return Err(format!("upstream {url} failed mid-file: {e}")),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(Ok(frame))) => {
+                        let Ok(chunk) = frame.into_data() else {
+                            continue;
+                        };
                         hasher.update(&chunk);
                         flight.push(chunk.clone());
                         // The store may have failed; the requesters are still served.
@@ -594,6 +584,15 @@ impl Upstreams {
             }
             Err(e) => tracing::warn!("retaining a version failed: {e}"),
         }
+    }
+}
+
+/// The reader of public registries of a format, by name (peers name the format).
+pub(crate) fn reader_for(format: &str) -> Option<Arc<dyn UpstreamFormat>> {
+    use granary_format::Format as _;
+    match format {
+        "npm" => granary_format_npm::NpmFormat::default().upstream(),
+        _ => None,
     }
 }
 

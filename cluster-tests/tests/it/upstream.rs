@@ -486,3 +486,100 @@ async fn upstream_failures_are_never_remembered_as_missing() {
     assert_eq!(r.status, 404, "{}", r.describe());
     standin.stop().await;
 }
+
+/// CodeArtifact's search order and limits, seen through package documents: the
+/// repository, then its upstreams in list order, depth-first; the nearest copy of a
+/// version wins, tags from further upstream win; at most 25 repositories are searched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resolution_is_depth_first_and_bounded() {
+    let cluster = Cluster::start(Seed::from_env(), 1).await;
+    let top = cluster.setup(1, "order", "top").await;
+    let c = cluster.client(1);
+    let repo = |name: &str| Repo {
+        domain: "order".to_owned(),
+        name: name.to_owned(),
+        token: top.token.clone(),
+    };
+    // top → [ra, rb]; ra → [rc, rd]; rd → [re]. Search order: top, ra, rc, rd, re, rb.
+    for (name, upstreams) in [
+        ("re", vec![]),
+        ("rc", vec![]),
+        ("rd", vec!["re"]),
+        ("ra", vec!["rc", "rd"]),
+        ("rb", vec![]),
+    ] {
+        let ups: Vec<Value> = upstreams
+            .iter()
+            .map(|u| json!({"repositoryName": u}))
+            .collect();
+        api_ok(
+            &c,
+            "POST",
+            &format!("/v1/repository?domain=order&repository={name}"),
+            json!({"upstreams": ups}),
+        )
+        .await;
+    }
+    api_ok(
+        &c,
+        "PUT",
+        "/v1/repository?domain=order&repository=top",
+        json!({"upstreams": [{"repositoryName": "ra"}, {"repositoryName": "rb"}]}),
+    )
+    .await;
+    let publish = |repo: Repo, version: &'static str, text: &'static str| {
+        let c = c.clone();
+        async move {
+            let body = npm_publish_body("pkg", version, &npm_tgz("pkg", version, text));
+            let r = c
+                .npm_put(&repo, "pkg", body.to_string().into_bytes())
+                .await
+                .expect("publish");
+            assert_eq!(r.status, 201, "{}", r.describe());
+        }
+    };
+    // 1.0.0 in re and in rb: re comes first (depth-first through ra). 2.0.0 only in rb,
+    // searched last, so its `latest` wins the tag.
+    publish(repo("re"), "1.0.0", "from re").await;
+    publish(repo("rb"), "1.0.0", "from rb").await;
+    publish(repo("rb"), "2.0.0", "from rb").await;
+    publish(repo("rc"), "0.5.0", "from rc").await;
+    let doc = c.npm_packument(&top, "pkg").await.expect("get").json();
+    let versions: BTreeSet<&str> = doc["versions"]
+        .as_object()
+        .expect("versions")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(versions, BTreeSet::from(["0.5.0", "1.0.0", "2.0.0"]));
+    assert_eq!(doc["dist-tags"]["latest"], "2.0.0");
+    let tgz = c.npm_tarball(&top, "pkg", "1.0.0").await.expect("get");
+    assert_eq!(tgz.status, 200, "{}", tgz.describe());
+    assert_eq!(
+        tgz.body,
+        npm_tgz("pkg", "1.0.0", "from re"),
+        "re is found before rb"
+    );
+
+    // A straight line of 27 repositories: l0 → l1 → … → l26, the package only in l26.
+    for i in (0..27).rev() {
+        let body = if i == 26 {
+            json!({})
+        } else {
+            json!({"upstreams": [{"repositoryName": format!("l{}", i + 1)}]})
+        };
+        api_ok(
+            &c,
+            "POST",
+            &format!("/v1/repository?domain=order&repository=l{i}"),
+            body,
+        )
+        .await;
+    }
+    publish(repo("l26"), "1.0.0", "deep").await;
+    // From l2, l26 is the 25th repository searched; from l1 it would be the 26th.
+    let found = c.npm_packument(&repo("l2"), "pkg").await.expect("get");
+    assert_eq!(found.status, 200, "{}", found.describe());
+    let beyond = c.npm_packument(&repo("l1"), "pkg").await.expect("get");
+    assert_eq!(beyond.status, 404, "{}", beyond.describe());
+}

@@ -17,3 +17,5 @@ mod cluster_security;
 mod crash_restart;
 /// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).
 mod npm_awscli;
+/// Upstreams, external connections and origin controls through the AWS CLI.
+mod upstream_api;

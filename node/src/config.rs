@@ -320,9 +320,14 @@ impl Config {
             return invalid("body limits must be at least 1024 bytes");
         }
         for (name, url) in &self.external_connections {
-            if !name.starts_with("public:") {
+            if !DEFAULT_EXTERNAL_CONNECTIONS.iter().any(|(n, _)| n == name) {
+                let known: Vec<&str> = DEFAULT_EXTERNAL_CONNECTIONS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
                 return Err(ConfigError::Invalid(format!(
-                    "external_connections: {name:?} is not a connection name (public:…)"
+                    "external_connections: {name:?} is not an external connection; known: {}",
+                    known.join(", ")
                 )));
             }
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -393,6 +398,26 @@ mod tests {
         assert!(Config::parse("default_account = \"12\"").is_err());
         assert!(Config::parse("public_url = \"ftp://x\"").is_err());
         assert!(Config::parse("[raft]\nelection_timeout_min_ms = 50").is_err());
+        let err =
+            Config::parse("[external_connections]\n\"public:nope\" = \"http://x/\"").unwrap_err();
+        assert!(err.to_string().contains("public:npmjs"), "{err}");
+        assert!(Config::parse("[external_connections]\n\"public:npmjs\" = \"ftp://x/\"").is_err());
+    }
+
+    #[test]
+    fn external_connections_default_to_the_public_registries() {
+        let c =
+            Config::parse("[external_connections]\n\"public:npmjs\" = \"http://127.0.0.1:4873\"")
+                .unwrap();
+        assert_eq!(
+            c.external_connection_url("public:npmjs").as_deref(),
+            Some("http://127.0.0.1:4873/")
+        );
+        assert_eq!(
+            c.external_connection_url("public:pypi").as_deref(),
+            Some("https://pypi.org/")
+        );
+        assert_eq!(c.external_connection_url("public:nope"), None);
     }
 
     #[test]

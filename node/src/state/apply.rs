@@ -781,4 +781,112 @@ mod tests {
             1
         );
     }
+
+    fn retained(version: &str) -> VersionRecord {
+        match publish(version) {
+            Command::PublishVersion { version, .. } => *version,
+            _ => unreachable!(),
+        }
+    }
+
+    fn target_in(repo: &str) -> PackageTarget {
+        PackageTarget {
+            repository: repo.into(),
+            ..target()
+        }
+    }
+
+    #[test]
+    fn retention_respects_origin_controls_and_never_fails() {
+        let mut f = Fixture::new();
+        f.run(domain("d"));
+        f.run(repo("r", &[]));
+        f.run(repo("store", &[]));
+        f.run(repo("own", &[]));
+        // `own` published p first: its origin controls block upstream versions.
+        f.run(Command::PublishVersion {
+            target: target_in("own"),
+            version: Box::new(retained("0.1.0")),
+            tags: vec![],
+        });
+        let retain = Command::RetainVersion {
+            targets: vec![
+                target_in("r"),
+                target_in("store"),
+                target_in("own"),
+                target_in("gone"),
+            ],
+            version: Box::new(retained("1.0.0")),
+        };
+        assert!(matches!(f.run(retain.clone()), CommandResult::Done));
+        let v = f.view();
+        for kept in ["r", "store"] {
+            let pkg = v
+                .package("d", kept, "npm", &target().package)
+                .unwrap()
+                .unwrap();
+            assert_eq!(pkg.origin, OriginRestrictions::INGESTED_FIRST, "{kept}");
+            assert!(
+                v.version("d", kept, "npm", &target().package, "1.0.0")
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        assert!(
+            v.version("d", "own", "npm", &target().package, "1.0.0")
+                .unwrap()
+                .is_none()
+        );
+        // Again: nothing changes, nothing fails.
+        assert!(matches!(f.run(retain), CommandResult::Done));
+        // Ingested first: publishing to it is blocked until the controls change.
+        let blocked = f.run(Command::PublishVersion {
+            target: target_in("store"),
+            version: Box::new(retained("2.0.0")),
+            tags: vec![],
+        });
+        assert!(matches!(failed(blocked), ApplyError::Conflict { .. }));
+        f.run(Command::PutPackageOrigin {
+            target: target_in("store"),
+            restrictions: OriginRestrictions::PUBLISHED_FIRST,
+            now_ms: 9,
+        });
+        let pkg = f
+            .view()
+            .package("d", "store", "npm", &target().package)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pkg.origin, OriginRestrictions::PUBLISHED_FIRST);
+    }
+
+    #[test]
+    fn one_external_connection_per_repository() {
+        let mut f = Fixture::new();
+        f.run(domain("d"));
+        f.run(repo("r", &[]));
+        let assoc = |c: &str| Command::AssociateExternalConnection {
+            domain: "d".into(),
+            repository: "r".into(),
+            connection: c.into(),
+        };
+        assert!(matches!(
+            f.run(assoc("public:npmjs")),
+            CommandResult::Repository(_)
+        ));
+        assert!(matches!(
+            failed(f.run(assoc("public:pypi"))),
+            ApplyError::Conflict { .. }
+        ));
+        let dis = Command::DisassociateExternalConnection {
+            domain: "d".into(),
+            repository: "r".into(),
+            connection: "public:npmjs".into(),
+        };
+        assert!(matches!(f.run(dis.clone()), CommandResult::Repository(_)));
+        assert!(matches!(failed(f.run(dis)), ApplyError::NotFound { .. }));
+        assert!(matches!(
+            f.run(assoc("public:pypi")),
+            CommandResult::Repository(_)
+        ));
+    }
 }

@@ -365,10 +365,11 @@ async fn npm_installs_through_a_chain_and_keeps_what_it_served() {
         "ingested first: publishing is blocked"
     );
 
-    // Publishing a version the chain already offers is refused (CodeArtifact's 409).
+    // Publishing to team a version its upstream (store) offers is refused (CodeArtifact's
+    // 409); app holds tree-6@1.0.0 itself, so there it is npm's duplicate (403).
     let r = client
         .npm_put(
-            &app,
+            &team,
             "tree-6",
             npm_publish_body("tree-6", "1.0.0", &npm_tgz("tree-6", "1.0.0", "x"))
                 .to_string()

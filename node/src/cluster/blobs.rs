@@ -113,7 +113,7 @@ impl BlobReplicator {
         let mut client = self
             .cluster
             .peers()
-            .cluster(addr)
+            .cluster_bulk(addr)
             .map_err(|e| e.to_string())?;
         let has = client
             .has_blob(pb::BlobRef {
@@ -212,7 +212,7 @@ impl BlobReplicator {
         let mut client = self
             .cluster
             .peers()
-            .cluster(addr)
+            .cluster_bulk(addr)
             .map_err(|e| e.to_string())?;
         let stream = match client
             .pull_blob(pb::BlobRef {

@@ -582,7 +582,7 @@ impl Cluster {
                 if id == me {
                     return None;
                 }
-                let channel = peers.channel(&addr).ok()?;
+                let channel = peers.channel(&addr, peers::Lane::Control).ok()?;
                 let mut client = pb::node_client::NodeClient::new(channel);
                 let reply = tokio::time::timeout(
                     Duration::from_secs(1),

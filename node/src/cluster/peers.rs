@@ -125,7 +125,18 @@ pub(crate) struct Peers {
     /// The address outgoing peer connections leave from (the node's gRPC address), so
     /// peers and firewalls see one address per node.
     local_ip: Option<std::net::IpAddr>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<(String, Lane), Channel>>>,
+}
+
+/// Which connection to a peer a call takes. Bulk transfers (blobs, upstream files) get a
+/// connection of their own, so a burst of them never delays Raft heartbeats, forwarded
+/// writes or read-index rounds behind HTTP/2 flow control on a shared connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    /// Raft, forwarded proposals, read index, membership.
+    Control,
+    /// Blob pushes and pulls, upstream fetches.
+    Bulk,
 }
 
 impl Peers {
@@ -142,10 +153,12 @@ impl Peers {
         }
     }
 
-    /// A channel to `addr` (`host:port`), connected on first use and reconnected as needed.
-    pub(crate) fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::Status> {
+    /// A channel to `addr` (`host:port`) in `lane`, connected on first use and
+    /// reconnected as needed.
+    pub(crate) fn channel(&self, addr: &str, lane: Lane) -> Result<PeerChannel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(addr) {
+        let key = (addr.to_owned(), lane);
+        let channel = match channels.get(&key) {
             Some(c) => c.clone(),
             None => {
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
@@ -162,7 +175,7 @@ impl Peers {
                         .map_err(|e| tonic::Status::internal(format!("peer TLS: {e}")))?;
                 }
                 let c = endpoint.connect_lazy();
-                channels.insert(addr.to_owned(), c.clone());
+                channels.insert(key, c.clone());
                 c
             }
         };
@@ -172,14 +185,32 @@ impl Peers {
         ))
     }
 
-    /// The cluster client for a peer.
+    /// The cluster client for a peer, for control calls.
     pub(crate) fn cluster(
         &self,
         addr: &str,
     ) -> Result<pb::cluster_client::ClusterClient<PeerChannel>, tonic::Status> {
-        Ok(pb::cluster_client::ClusterClient::new(self.channel(addr)?)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        self.cluster_in(addr, Lane::Control)
+    }
+
+    /// The cluster client for a peer, for bulk transfers.
+    pub(crate) fn cluster_bulk(
+        &self,
+        addr: &str,
+    ) -> Result<pb::cluster_client::ClusterClient<PeerChannel>, tonic::Status> {
+        self.cluster_in(addr, Lane::Bulk)
+    }
+
+    fn cluster_in(
+        &self,
+        addr: &str,
+        lane: Lane,
+    ) -> Result<pb::cluster_client::ClusterClient<PeerChannel>, tonic::Status> {
+        Ok(
+            pb::cluster_client::ClusterClient::new(self.channel(addr, lane)?)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
     }
 
     /// The Raft client for a peer.
@@ -187,9 +218,11 @@ impl Peers {
         &self,
         addr: &str,
     ) -> Result<pb::raft_client::RaftClient<PeerChannel>, tonic::Status> {
-        Ok(pb::raft_client::RaftClient::new(self.channel(addr)?)
-            .max_decoding_message_size(1 << 30)
-            .max_encoding_message_size(1 << 30))
+        Ok(
+            pb::raft_client::RaftClient::new(self.channel(addr, Lane::Control)?)
+                .max_decoding_message_size(1 << 30)
+                .max_encoding_message_size(1 << 30),
+        )
     }
 }
 

@@ -242,7 +242,7 @@ impl Fetcher {
         let mut client = self
             .cluster
             .peers()
-            .cluster(addr)
+            .cluster_bulk(addr)
             .map_err(|e| PeerFailure::Unreachable(e.to_string()))?;
         let req = pb::UpstreamRequest {
             url: url.to_owned(),

@@ -113,6 +113,10 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     /// Package documents kept in memory per node. Default: `10000`.
     pub metadata_cache_entries: usize,
+    /// After an upstream fails (no answer, timeout, 5xx), requests to it fail at once for
+    /// this many milliseconds, so what can be served without it (retained versions, stale
+    /// documents) is not held up by it. `0` retries every time. Default: `5000`.
+    pub unavailable_backoff_ms: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -123,6 +127,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 3000,
             request_timeout_ms: 10_000,
             metadata_cache_entries: 10_000,
+            unavailable_backoff_ms: 5000,
         }
     }
 }

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use futures::future::join_all;
 use granary_cluster_tests::client::{NodeClient, Repo, npm_publish_body};
 use granary_cluster_tests::cluster::{Cluster, Options};
+use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
 use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, dependency_tree};
 use serde_json::{Value, json};
@@ -14,10 +16,11 @@ use sha2::{Digest, Sha256};
 
 use crate::common::require;
 
-/// A cluster whose `public:npmjs` is the stand-in; `ttl` is the metadata TTL in seconds.
-async fn cluster_for(standin: &StandIn, nodes: usize, ttl: u64) -> Cluster {
+/// A cluster whose `public:npmjs` is the stand-in; `ttl` is the metadata TTL in seconds,
+/// `backoff_ms` how long a failed upstream is not asked again.
+async fn cluster_with(standin: &StandIn, nodes: usize, ttl: u64, backoff_ms: u64) -> Cluster {
     let config = format!(
-        "[external_connections]\n\"public:npmjs\" = \"{}\"\n\n[upstream]\nmetadata_ttl_secs = {ttl}\nnot_found_ttl_secs = 1\n",
+        "[external_connections]\n\"public:npmjs\" = \"{}\"\n\n[upstream]\nmetadata_ttl_secs = {ttl}\nnot_found_ttl_secs = 1\nunavailable_backoff_ms = {backoff_ms}\n",
         standin.url()
     );
     Cluster::start_with(
@@ -29,6 +32,11 @@ async fn cluster_for(standin: &StandIn, nodes: usize, ttl: u64) -> Cluster {
         },
     )
     .await
+}
+
+/// [`cluster_with`], a failed upstream asked again at once.
+async fn cluster_for(standin: &StandIn, nodes: usize, ttl: u64) -> Cluster {
+    cluster_with(standin, nodes, ttl, 0).await
 }
 
 async fn api_ok(client: &NodeClient, method: &str, path: &str, body: Value) -> Value {
@@ -414,7 +422,7 @@ fn npm_tgz(name: &str, version: &str, text: &str) -> Vec<u8> {
 async fn upstream_failures_are_never_remembered_as_missing() {
     let mut standin = StandIn::start().await;
     standin.add(NpmVersion::new("flaky", "1.0.0"));
-    let cluster = cluster_for(&standin, 1, 1).await;
+    let cluster = cluster_with(&standin, 1, 1, 1000).await;
     let (app, _team, store) = chain(&cluster, "flaky").await;
     let client = cluster.client(1);
 
@@ -427,18 +435,44 @@ async fn upstream_failures_are_never_remembered_as_missing() {
         r.describe()
     );
     assert!(r.is_retry_later(), "{:?}", r.headers);
-    standin.set_mode(Mode::Normal);
+    // For `unavailable_backoff_ms` the failed upstream is not asked again.
+    let asked = standin.requests().packuments;
     let r = client.npm_packument(&app, "flaky").await.expect("get");
+    assert_eq!(r.status, 503, "{}", r.describe());
     assert_eq!(
-        r.status,
-        200,
-        "recovered at once, nothing cached: {}",
-        r.describe()
+        standin.requests().packuments,
+        asked,
+        "a failed upstream is left alone"
     );
+    standin.set_mode(Mode::Normal);
+    let recovered = poll::until(
+        "the recovered upstream is served",
+        Duration::from_secs(5),
+        || {
+            let client = client.clone();
+            let app = app.clone();
+            async move {
+                let r = client
+                    .npm_packument(&app, "flaky")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status == 200 {
+                    Ok(r)
+                } else {
+                    assert_eq!(r.status, 503, "never a 404: {}", r.describe());
+                    Err(r.describe())
+                }
+            }
+        },
+    )
+    .await;
+    assert!(recovered.json()["versions"].get("1.0.0").is_some());
+    // Let the backoff of the failures above pass before the next ones.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // Stale while down: the TTL (1 s) passes, the upstream fails, the document stays.
     standin.set_mode(Mode::Fail(502));
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {
         let r = client.npm_packument(&app, "flaky").await.expect("get");
         assert_eq!(r.status, 200, "served stale while down: {}", r.describe());

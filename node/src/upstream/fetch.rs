@@ -14,10 +14,10 @@
 //! skipped, so a dead owner costs one connection attempt, not an outage. What comes back
 //! is raw: checking digests, storing and retaining are the asking node's work.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -65,6 +65,11 @@ pub(crate) struct Fetcher {
     flights: Arc<Flights>,
     /// URLs whose last bytes an asker refused: the next GET must be a fresh one.
     refused: Mutex<HashSet<String>>,
+    /// Upstream origins (`scheme://host:port`) that failed (no answer, timeout, 5xx), and
+    /// until when requests to them fail at once instead of waiting on them again.
+    down: Mutex<HashMap<String, (Instant, String)>>,
+    /// How long an origin stays down after a failure.
+    backoff: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -90,6 +95,8 @@ impl Fetcher {
             region,
             flights: Arc::new(Flights::default()),
             refused: Mutex::new(HashSet::new()),
+            down: Mutex::new(HashMap::new()),
+            backoff: Duration::from_millis(config.unavailable_backoff_ms),
             metrics,
         })
     }
@@ -126,8 +133,14 @@ impl Fetcher {
             .insert(url.to_owned());
     }
 
-    /// GETs `url` through its owner in this region (see the module's diagram).
+    /// GETs `url` through its owner in this region (see the module's diagram). An
+    /// upstream that just failed fails again at once for `unavailable_backoff_ms`, here
+    /// and on the owner, so requests that can be served without it (retained versions,
+    /// stale documents) never wait on it.
     pub(crate) async fn raw(self: &Arc<Self>, url: &str, labels: &Labels) -> Result<Raw, String> {
+        if let Some(why) = self.is_down(url) {
+            return Err(why);
+        }
         let fresh = self.refused.lock().expect("refused lock").remove(url);
         for (id, addr) in self.owners(url) {
             let Some(addr) = addr else {
@@ -209,12 +222,56 @@ impl Fetcher {
         }
     }
 
+    /// Why requests to `url`'s upstream fail at once for now, if they do.
+    fn is_down(&self, url: &str) -> Option<String> {
+        let mut down = self.down.lock().expect("down lock");
+        let origin = origin(url);
+        match down.get(origin) {
+            Some((until, why)) if Instant::now() < *until => Some(format!(
+                "upstream {origin} is unavailable ({why}); retrying in {} ms",
+                until.saturating_duration_since(Instant::now()).as_millis()
+            )),
+            Some(_) => {
+                down.remove(origin);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records how a GET of `url` went: a failure marks its upstream down for a while.
+    fn record(&self, url: &str, outcome: &Result<u16, String>) {
+        let failed = match outcome {
+            Ok(status) => *status >= 500,
+            Err(_) => true,
+        };
+        let mut down = self.down.lock().expect("down lock");
+        if failed && !self.backoff.is_zero() {
+            let why = match outcome {
+                Ok(status) => format!("it answered {status}"),
+                Err(e) => e.clone(),
+            };
+            down.insert(origin(url).to_owned(), (Instant::now() + self.backoff, why));
+        } else if !failed {
+            down.remove(origin(url));
+        }
+    }
+
     /// The leader's GET: status first, then every chunk into the flight.
     async fn get(&self, url: &str, flight: &super::flight::Flight) -> Result<u16, String> {
+        if let Some(why) = self.is_down(url) {
+            return Err(why);
+        }
+        let outcome = self.get_once(url, flight).await;
+        self.record(url, &outcome);
+        outcome
+    }
+
+    async fn get_once(&self, url: &str, flight: &super::flight::Flight) -> Result<u16, String> {
         let mut resp = tokio::time::timeout(self.timeout, self.client.get(url).send())
             .await
             .map_err(|_| format!("upstream {url} did not answer in time"))?
-            .map_err(|e| format!("upstream {url} did not answer: {e}"))?;
+            .map_err(|e| format!("upstream {url} did not answer: {}", chain(&e)))?;
         let status = resp.status().as_u16();
         if status != 200 {
             flight.start(Started::Status(status));
@@ -224,7 +281,9 @@ impl Fetcher {
         loop {
             match tokio::time::timeout(self.timeout, resp.chunk()).await {
                 Err(_) => return Err(format!("upstream {url} stalled")),
-                Ok(Err(e)) => return Err(format!("upstream {url} failed mid-transfer: {e}")),
+                Ok(Err(e)) => {
+                    return Err(format!("upstream {url} failed mid-transfer: {}", chain(&e)));
+                }
                 Ok(Ok(None)) => return Ok(200),
                 Ok(Ok(Some(chunk))) => flight.push(chunk),
             }
@@ -320,6 +379,27 @@ pub(crate) fn to_stream(
     futures::stream::iter([Ok(first)]).chain(body)
 }
 
+/// `scheme://host:port` of a URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
+/// An error with its causes (`error sending request: … invalid peer certificate: …`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cur = c.source();
+    }
+    text
+}
+
 enum PeerFailure {
     /// The owner could not be asked: try the next one.
     Unreachable(String),
@@ -340,5 +420,23 @@ fn classify(s: tonic::Status) -> PeerFailure {
         | tonic::Code::Unauthenticated
         | tonic::Code::PermissionDenied => PeerFailure::Unreachable(s.to_string()),
         _ => PeerFailure::Upstream(s.message().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            origin("https://registry.npmjs.org/express"),
+            "https://registry.npmjs.org"
+        );
+        assert_eq!(
+            origin("http://127.0.0.1:4873/@a%2fb"),
+            "http://127.0.0.1:4873"
+        );
+        assert_eq!(origin("http://h"), "http://h");
     }
 }

@@ -18,8 +18,6 @@ pub(crate) mod network;
 #[allow(clippy::result_large_err)]
 pub(crate) mod state_machine;
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::state::command::{Command, CommandResult};
@@ -51,7 +49,7 @@ openraft::declare_raft_types!(
         D = Command,
         R = CommandResult,
         Node = NodeInfo,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// The node's Raft handle.

@@ -2,10 +2,14 @@
 //!
 //! Each entry is applied in one WriteBatch that also records the last applied log id (and
 //! membership), so a restart neither replays nor half-applies an entry. Snapshots are a
-//! consistent RocksDB snapshot of the state column family, framed as length-prefixed pairs.
+//! consistent RocksDB snapshot of the state column family, framed as length-prefixed pairs
+//! and streamed into a file (`{data_dir}/raft-snapshots/{id}.snap`): building one never
+//! holds the state in memory, and openraft sends and receives it in chunks from and to
+//! that file. The current snapshot's meta (and file name) is kept in `raft_meta`.
 
-use std::io::Cursor;
-use std::sync::Arc;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -24,7 +28,17 @@ use crate::state::keys;
 use crate::store::{CF_RAFT_META, CF_STATE, Store};
 
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+/// Where earlier versions kept the snapshot bytes themselves; removed when a snapshot is
+/// saved.
 const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+
+/// The current snapshot, as kept in `raft_meta`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    /// File name in the snapshot directory.
+    file: String,
+}
 
 /// The state machine; clones share the store and the notification channel.
 #[derive(Clone)]
@@ -34,6 +48,8 @@ pub(crate) struct StateMachine {
     cache: Arc<ReadCache>,
     /// Told the digests new versions refer to, so the node pulls those it lacks.
     blob_refs: Option<tokio::sync::mpsc::Sender<String>>,
+    /// The file a snapshot being received is written to.
+    receiving: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl StateMachine {
@@ -45,6 +61,7 @@ impl StateMachine {
             applied_tx: watch::channel(0).0,
             cache,
             blob_refs: None,
+            receiving: Arc::default(),
         };
         sm.applied_tx.send_replace(sm.applied_index());
         sm
@@ -104,86 +121,149 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Keeps a snapshot as the current one (meta as JSON, data raw), in one batch.
+    fn snapshot_dir(&self) -> PathBuf {
+        self.store.db().path().join("raft-snapshots")
+    }
+
+    /// Makes `file` (in the snapshot directory) the current snapshot and removes the
+    /// files of earlier ones.
     fn save_snapshot(
         &self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: &[u8],
+        file: &str,
     ) -> Result<(), StorageError<NodeId>> {
         let cf = self.store.cf(CF_RAFT_META);
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, SNAPSHOT_META, serde_json::to_vec(meta).map_err(io_err)?);
-        batch.put_cf(cf, SNAPSHOT_DATA, data);
-        self.store.db().write(batch).map_err(io_err)
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            file: file.to_owned(),
+        };
+        batch.put_cf(
+            cf,
+            SNAPSHOT_META,
+            serde_json::to_vec(&stored).map_err(io_err)?,
+        );
+        batch.delete_cf(cf, SNAPSHOT_DATA);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        if let Ok(entries) = std::fs::read_dir(self.snapshot_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(".snap") && name != file {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn encode_state(&self) -> Result<Vec<u8>, StorageError<NodeId>> {
-        let snap = self.store.db().snapshot();
-        let mut out = Vec::new();
-        for item in snap.iterator_cf(self.store.cf(CF_STATE), IteratorMode::Start) {
+    /// Writes the state, as of one RocksDB snapshot, into a new snapshot file: its meta
+    /// (last applied, membership) comes from the same RocksDB snapshot, so they agree.
+    fn write_snapshot_file(
+        &self,
+    ) -> Result<(SnapshotMeta<NodeId, NodeInfo>, String), StorageError<NodeId>> {
+        let db = self.store.db();
+        let cf = self.store.cf(CF_STATE);
+        let snap = db.snapshot();
+        let read = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError<NodeId>> {
+            snap.get_cf(cf, key).map_err(io_err)
+        };
+        let last_applied: Option<LogId<NodeId>> = match read(keys::APPLIED)? {
+            Some(v) => serde_json::from_slice(&v).map_err(io_err)?,
+            None => None,
+        };
+        let membership: StoredMembership<NodeId, NodeInfo> = match read(keys::MEMBERSHIP)? {
+            Some(v) => serde_json::from_slice(&v).map_err(io_err)?,
+            None => StoredMembership::default(),
+        };
+        let snapshot_id = match &last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
+            None => format!("empty-{}", rand::random::<u32>()),
+        };
+        let dir = self.snapshot_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err)?;
+        let file = format!("{snapshot_id}.snap");
+        let tmp = dir.join(format!("{snapshot_id}.tmp"));
+        let mut out =
+            BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io_err)?);
+        for item in snap.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(io_err)?;
-            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-            out.extend_from_slice(&k);
-            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-            out.extend_from_slice(&v);
+            out.write_all(&(k.len() as u32).to_be_bytes())
+                .map_err(io_err)?;
+            out.write_all(&k).map_err(io_err)?;
+            out.write_all(&(v.len() as u32).to_be_bytes())
+                .map_err(io_err)?;
+            out.write_all(&v).map_err(io_err)?;
         }
-        Ok(out)
+        let f = out.into_inner().map_err(|e| io_err(e.into_error()))?;
+        f.sync_all().map_err(io_err)?;
+        std::fs::rename(&tmp, dir.join(&file)).map_err(io_err)?;
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        Ok((meta, file))
     }
+
+    /// Replaces the state with a received snapshot file's pairs, in one batch.
+    fn install_file(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        path: &std::path::Path,
+    ) -> Result<(), StorageError<NodeId>> {
+        let cf = self.store.cf(CF_STATE);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 8].as_slice());
+        let mut input =
+            BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io_err)?);
+        while let Some(k) = read_frame(&mut input, true).map_err(io_err)? {
+            let v = read_frame(&mut input, false)
+                .map_err(io_err)?
+                .ok_or_else(|| io_err(Truncated))?;
+            batch.put_cf(cf, k, v);
+        }
+        if let Some(l) = &meta.last_log_id {
+            self.write_bookkeeping(&mut batch, l, Some(&meta.last_membership))?;
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store.db().write_opt(batch, &opts).map_err(io_err)
+    }
+}
+
+/// Reads one length-prefixed frame; `None` at a clean end (allowed only where `at_start`).
+fn read_frame(input: &mut impl Read, at_start: bool) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && at_start => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    input.read_exact(&mut buf)?;
+    Ok(Some(buf))
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot data is truncated")]
 struct Truncated;
 
-/// One key-value pair of a snapshot.
-type Pair<'a> = (&'a [u8], &'a [u8]);
-
-fn decode_pairs(mut data: &[u8]) -> Result<Vec<Pair<'_>>, Truncated> {
-    let mut out = Vec::new();
-    let take = |d: &mut &[u8]| -> Result<usize, Truncated> {
-        let (len, rest) = d.split_at_checked(4).ok_or(Truncated)?;
-        *d = rest;
-        Ok(u32::from_be_bytes(len.try_into().map_err(|_| Truncated)?) as usize)
-    };
-    while !data.is_empty() {
-        let kl = take(&mut data)?;
-        let (k, rest) = data.split_at_checked(kl).ok_or(Truncated)?;
-        data = rest;
-        let vl = take(&mut data)?;
-        let (v, rest) = data.split_at_checked(vl).ok_or(Truncated)?;
-        data = rest;
-        out.push((k, v));
-    }
-    Ok(out)
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        // Applied state and data come from one RocksDB snapshot, so they agree.
-        let data = self.encode_state()?;
-        let pairs = decode_pairs(&data).map_err(io_err)?;
-        let mut last_applied: Option<LogId<NodeId>> = None;
-        let mut membership = StoredMembership::default();
-        for (k, v) in &pairs {
-            if *k == keys::APPLIED {
-                last_applied = serde_json::from_slice(v).map_err(io_err)?;
-            } else if *k == keys::MEMBERSHIP {
-                membership = serde_json::from_slice(v).map_err(io_err)?;
-            }
-        }
-        let snapshot_id = match &last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
-            None => format!("empty-{}", rand::random::<u32>()),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        self.save_snapshot(&meta, &data)?;
+        let this = self.clone();
+        let (meta, file) = tokio::task::spawn_blocking(move || this.write_snapshot_file())
+            .await
+            .map_err(io_err)??;
+        self.save_snapshot(&meta, &file)?;
+        let data = tokio::fs::File::open(self.snapshot_dir().join(&file))
+            .await
+            .map_err(io_err)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(data),
         })
     }
 }
@@ -259,31 +339,57 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let dir = self.snapshot_dir();
+        tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
+        let path = dir.join(format!("receiving-{}.tmp", rand::random::<u64>()));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(io_err)?;
+        let previous = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(path);
+        if let Some(p) = previous {
+            let _ = tokio::fs::remove_file(p).await;
+        }
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let pairs = decode_pairs(&data).map_err(io_err)?;
-        let cf = self.store.cf(CF_STATE);
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 8].as_slice());
-        for (k, v) in pairs {
-            batch.put_cf(cf, k, v);
-        }
-        if let Some(l) = &meta.last_log_id {
-            self.write_bookkeeping(&mut batch, l, Some(&meta.last_membership))?;
-        }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        use tokio::io::AsyncWriteExt as _;
+        let mut snapshot = snapshot;
+        snapshot.flush().await.map_err(io_err)?;
+        snapshot.sync_all().await.map_err(io_err)?;
+        drop(snapshot);
+        let received = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| io_err(std::io::Error::other("no snapshot is being received")))?;
+        let this = self.clone();
+        let m = meta.clone();
+        let path = received.clone();
+        tokio::task::spawn_blocking(move || this.install_file(&m, &path))
+            .await
+            .map_err(io_err)??;
         self.cache.invalidate_all();
-        self.save_snapshot(meta, &data)?;
+        let file = format!("{}.snap", meta.snapshot_id);
+        tokio::fs::rename(&received, self.snapshot_dir().join(&file))
+            .await
+            .map_err(io_err)?;
+        self.save_snapshot(meta, &file)?;
         if let Some(l) = &meta.last_log_id {
             self.applied_tx.send_replace(l.index);
         }
@@ -295,15 +401,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let db = self.store.db();
         let cf = self.store.cf(CF_RAFT_META);
-        let (Some(meta), Some(data)) = (
-            db.get_pinned_cf(cf, SNAPSHOT_META).map_err(io_err)?,
-            db.get_cf(cf, SNAPSHOT_DATA).map_err(io_err)?,
-        ) else {
+        let Some(raw) = db.get_pinned_cf(cf, SNAPSHOT_META).map_err(io_err)? else {
             return Ok(None);
         };
-        Ok(Some(Snapshot {
-            meta: serde_json::from_slice(&meta).map_err(io_err)?,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        // A meta in an older layout (bytes kept in RocksDB) is not used: openraft builds
+        // a new snapshot when it needs one.
+        let Ok(stored) = serde_json::from_slice::<StoredSnapshot>(&raw) else {
+            return Ok(None);
+        };
+        match tokio::fs::File::open(self.snapshot_dir().join(&stored.file)).await {
+            Ok(data) => Ok(Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(data),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod cli;
 mod cluster;
 pub mod config;
 mod docs;
+pub mod faults;
 mod grpc;
 mod http;
 mod metrics;
@@ -31,4 +32,4 @@ pub mod store;
 mod upstream;
 
 pub use config::Config;
-pub use node::{Error, Node, run};
+pub use node::{Embedded, Error, Node, run, run_embedded};

@@ -96,6 +96,27 @@ impl Node {
 /// Prints the bound addresses (`http: …`, `grpc: …`) on stdout once listening, so a
 /// caller that asked for port 0 learns the ports.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    run_embedded(config, shutdown, Embedded::default()).await
+}
+
+/// What a program running nodes inside itself (tests running a whole cluster in one
+/// process) gives [`run_embedded`] instead of the environment.
+#[derive(Default)]
+pub struct Embedded {
+    /// Every peer call goes through these faults (see [`crate::faults`]).
+    pub faults: Option<Arc<crate::faults::Faults>>,
+    /// The admin's access key id and secret (otherwise `GRANARY_ADMIN_ACCESS_KEY_ID` and
+    /// `GRANARY_ADMIN_SECRET_ACCESS_KEY`, or generated and printed on the first start).
+    pub admin_key: Option<(String, String)>,
+}
+
+/// [`run`] for a node embedded in another program.
+pub async fn run_embedded(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    embedded: Embedded,
+) -> Result<(), Error> {
+    let Embedded { faults, admin_key } = embedded;
     config.validate()?;
     let store = Store::open(&config.data_dir)?;
 
@@ -136,11 +157,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(t) => Some(TlsConfigs::load(t).map_err(Error::Bootstrap)?),
         None => None,
     };
-    let peers = Peers::new(
+    let mut peers = Peers::new(
         secret.clone(),
         tls.as_ref().map(|t| t.client.clone()),
         Some(grpc_addr.ip()),
     );
+    if let Some(f) = faults {
+        peers = peers.with_faults(f, &grpc_addr.to_string());
+    }
 
     // Raft.
     let read_cache = Arc::new(ReadCache::default());
@@ -276,7 +300,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // everything the leader has committed.
         let _ = node.cluster.linearize().await;
     }
-    bootstrap_credentials(&node).await?;
+    bootstrap_credentials(&node, admin_key).await?;
 
     let http = tokio::spawn(crate::http::serve(
         node.clone(),
@@ -302,7 +326,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// On first start: a token-signing key, and the admin principal (from the environment, or
 /// generated and printed once).
-async fn bootstrap_credentials(node: &Node) -> Result<(), Error> {
+async fn bootstrap_credentials(
+    node: &Node,
+    admin_key: Option<(String, String)>,
+) -> Result<(), Error> {
     let propose = |cmd: Command| async move {
         match node.propose(cmd).await {
             Ok(CommandResult::Failed(e)) => Err(Error::Bootstrap(e.to_string())),
@@ -325,6 +352,10 @@ async fn bootstrap_credentials(node: &Node) -> Result<(), Error> {
     let env_secret = std::env::var("GRANARY_ADMIN_SECRET_ACCESS_KEY")
         .ok()
         .filter(|s| !s.is_empty());
+    let (env_id, env_secret) = match admin_key {
+        Some((id, secret)) => (Some(id), Some(secret)),
+        None => (env_id, env_secret),
+    };
     let (id, secret, print) = match (env_id, env_secret) {
         (Some(id), Some(secret)) => {
             if let Some(p) = node.state.principal(&id)?

@@ -48,7 +48,7 @@ impl FormatState {
         domain: &str,
         repository: &str,
     ) -> Result<ActorRef<RepositoryMsg>, ActorError> {
-        let name = repository_name(self.args.format, domain, repository);
+        let name = repository_name(self.args.cluster.id(), self.args.format, domain, repository);
         if let Some(cell) = ractor::registry::where_is(name.clone()) {
             return Ok(cell.into());
         }

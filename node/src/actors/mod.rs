@@ -3,7 +3,7 @@
 //! idle, restarted with backoff when it fails.
 //!
 //! ```text
-//!   NodeSupervisor ── FormatSupervisor "format/npm" ─┬─ RepositoryActor "npm/acme/app"
+//!   NodeSupervisor ── FormatSupervisor "n1/format/npm" ─┬─ RepositoryActor "n1/npm/acme/app"
 //!                                                    └─ RepositoryActor "npm/acme/team"
 //! ```
 //!
@@ -47,17 +47,25 @@ pub(crate) enum ActorError {
 
 /// The node's handle on the actor tree.
 pub(crate) struct Actors {
+    /// This node's id: actor names start with it (ractor's registry is per process, and
+    /// tests run several nodes in one).
+    node: u64,
     root: ActorRef<()>,
     handle: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
-fn repository_name(format: &str, domain: &str, repo: &str) -> String {
-    format!("{format}/{domain}/{repo}")
+fn repository_name(node: u64, format: &str, domain: &str, repo: &str) -> String {
+    format!("n{node}/{format}/{domain}/{repo}")
+}
+
+fn format_supervisor_name(node: u64, format: &str) -> String {
+    format!("n{node}/format/{format}")
 }
 
 impl Actors {
     /// Starts the tree.
     pub(crate) async fn start(config: &Config, cluster: Cluster) -> Result<Actors, ActorError> {
+        let node = cluster.id();
         let args = NodeSupervisorArgs {
             cluster,
             actors: config.actors.clone(),
@@ -66,6 +74,7 @@ impl Actors {
             .await
             .map_err(|e| ActorError::Spawn(e.to_string()))?;
         Ok(Actors {
+            node,
             root,
             handle: tokio::sync::Mutex::new(Some(handle)),
         })
@@ -78,13 +87,16 @@ impl Actors {
         domain: &str,
         repo: &str,
     ) -> Result<ActorRef<RepositoryMsg>, ActorError> {
-        let name = repository_name(format, domain, repo);
+        let name = repository_name(self.node, format, domain, repo);
         if let Some(cell) = ractor::registry::where_is(name.clone()) {
             return Ok(cell.into());
         }
-        let sup: ActorRef<FormatMsg> = ractor::registry::where_is(format!("format/{format}"))
-            .ok_or_else(|| ActorError::Unavailable(format!("no supervisor for format {format}")))?
-            .into();
+        let sup: ActorRef<FormatMsg> =
+            ractor::registry::where_is(format_supervisor_name(self.node, format))
+                .ok_or_else(|| {
+                    ActorError::Unavailable(format!("no supervisor for format {format}"))
+                })?
+                .into();
         let reply = sup
             .call(
                 |port| FormatMsg::Get {
@@ -204,7 +216,7 @@ mod tests {
         let mut config = Config::default();
         config.actors.idle_stop_secs = 1;
         let actors = Actors::start(&config, raft.clone()).await.unwrap();
-        let name = repository_name("npm", "sup", "repo");
+        let name = repository_name(1, "npm", "sup", "repo");
         assert!(
             ractor::registry::where_is(name.clone()).is_none(),
             "not spawned before use"

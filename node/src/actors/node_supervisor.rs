@@ -28,7 +28,7 @@ async fn spawn_format(
         actors: args.actors.clone(),
     };
     Actor::spawn_linked(
-        Some(format!("format/{format}")),
+        Some(super::format_supervisor_name(args.cluster.id(), format)),
         FormatSupervisor,
         child_args,
         myself.get_cell(),
@@ -62,7 +62,10 @@ impl Actor for NodeSupervisor {
         if let SupervisionEvent::ActorFailed(cell, err) = event {
             let name = cell.get_name().unwrap_or_default();
             tracing::error!(actor = %name, error = %err, "format supervisor failed; restarting it");
-            if let Some(format) = FORMATS.iter().find(|f| name == format!("format/{f}")) {
+            if let Some(format) = FORMATS
+                .iter()
+                .find(|f| name == super::format_supervisor_name(state.cluster.id(), f))
+            {
                 // The failed child's name is released once it is gone; wait briefly for that.
                 for _ in 0..50 {
                     if ractor::registry::where_is(name.clone()).is_none() {

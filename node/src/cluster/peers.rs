@@ -2,7 +2,10 @@
 //! call carrying the cluster secret.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use granary_protocol::pb;
@@ -12,6 +15,7 @@ use tonic::transport::{
 };
 
 use crate::config::PeerTls;
+use crate::faults::{Faults, Verdict};
 
 /// The metadata key that carries the cluster secret.
 pub(crate) const SECRET_HEADER: &str = "x-granary-cluster-secret";
@@ -88,7 +92,48 @@ impl tonic::service::Interceptor for CheckSecret {
 }
 
 /// A channel with the secret added to every call.
-pub(crate) type PeerChannel = InterceptedService<Channel, AddSecret>;
+pub(crate) type PeerChannel = InterceptedService<FaultyChannel, AddSecret>;
+
+/// A channel to one peer that first asks the test's [`Faults`] (if any) what happens to
+/// each call.
+#[derive(Clone)]
+pub(crate) struct FaultyChannel {
+    inner: Channel,
+    faults: Option<(Arc<Faults>, Arc<str>, Arc<str>)>,
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for FaultyChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        // The clone that was polled ready serves this call; a fresh one waits for the next.
+        let fresh = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, fresh);
+        let verdict = self
+            .faults
+            .as_ref()
+            .map_or(Verdict::Pass, |(f, from, to)| f.verdict(from, to));
+        Box::pin(async move {
+            match verdict {
+                Verdict::Pass => {}
+                Verdict::Cut => {
+                    return Err(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "peer link cut (test fault)",
+                    )) as Self::Error);
+                }
+                Verdict::Delay(d) => tokio::time::sleep(d).await,
+            }
+            ready.call(req).await.map_err(Into::into)
+        })
+    }
+}
 
 /// The TLS settings of both sides of peer traffic, read from the configured files.
 #[derive(Clone)]
@@ -126,6 +171,8 @@ pub(crate) struct Peers {
     /// peers and firewalls see one address per node.
     local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<(String, Lane), Channel>>>,
+    /// Test faults, and this node's gRPC address (the `from` of its calls).
+    faults: Option<(Arc<Faults>, Arc<str>)>,
 }
 
 /// Which connection to a peer a call takes. Bulk transfers (blobs, upstream files) get a
@@ -150,7 +197,14 @@ impl Peers {
             tls,
             local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
             channels: Default::default(),
+            faults: None,
         }
+    }
+
+    /// Routes every call through `faults`; `me` is this node's gRPC address.
+    pub(crate) fn with_faults(mut self, faults: Arc<Faults>, me: &str) -> Peers {
+        self.faults = Some((faults, Arc::from(me)));
+        self
     }
 
     /// A channel to `addr` (`host:port`) in `lane`, connected on first use and
@@ -178,6 +232,13 @@ impl Peers {
                 channels.insert(key, c.clone());
                 c
             }
+        };
+        let channel = FaultyChannel {
+            inner: channel,
+            faults: self
+                .faults
+                .as_ref()
+                .map(|(f, me)| (f.clone(), me.clone(), Arc::from(addr))),
         };
         Ok(InterceptedService::new(
             channel,

@@ -15,6 +15,8 @@ mod cli;
 mod cluster_security;
 /// SIGKILL during a publish burst: every acknowledged publish survives a restart.
 mod crash_restart;
+/// Three nodes in this process, peer links through seeded faults (isolate, drop, delay).
+mod inproc;
 /// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).
 mod npm_awscli;
 /// Upstreams, external connections and origin controls through the AWS CLI.

@@ -1,0 +1,160 @@
+//! Transport faults between members, for tests that run a whole cluster in one process:
+//! partitions, an isolated node, dropped calls, delayed calls. Every outgoing peer call
+//! (Raft, forwarded writes, read index, blobs, upstream fetches) asks [`Faults::verdict`]
+//! first; production nodes have no `Faults` and pay one branch per call.
+//!
+//! ```text
+//!   test ──isolate / partition / drop_rate / delay / heal──▶ Faults (seeded RNG)
+//!   node A ─peer call to B─▶ verdict(A, B): Pass | Cut (fails like a dead link) | Delay
+//! ```
+//!
+//! Nodes are named by their gRPC address (`127.0.0.1:PORT`), as the membership names them.
+//! Every random choice (which call is dropped, how long a delay is) comes from the seed.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// What happens to one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Goes through.
+    Pass,
+    /// Fails at once, as on a link that is down.
+    Cut,
+    /// Goes through after this long.
+    Delay(Duration),
+}
+
+struct Rules {
+    isolated: HashSet<String>,
+    cut: HashSet<(String, String)>,
+    drop_rate: f64,
+    delay: Option<(Duration, Duration)>,
+    rng: StdRng,
+}
+
+/// The faults of one in-process cluster.
+pub struct Faults {
+    rules: Mutex<Rules>,
+}
+
+impl Faults {
+    /// No faults yet; `seed` drives every random choice.
+    pub fn new(seed: u64) -> Faults {
+        Faults {
+            rules: Mutex::new(Rules {
+                isolated: HashSet::new(),
+                cut: HashSet::new(),
+                drop_rate: 0.0,
+                delay: None,
+                rng: StdRng::seed_from_u64(seed),
+            }),
+        }
+    }
+
+    fn rules(&self) -> std::sync::MutexGuard<'_, Rules> {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cuts `node` off from every other member, both ways.
+    pub fn isolate(&self, node: &str) {
+        self.rules().isolated.insert(node.to_owned());
+    }
+
+    /// Cuts every link between a member of `a` and a member of `b`, both ways.
+    pub fn partition(&self, a: &[&str], b: &[&str]) {
+        let mut r = self.rules();
+        for x in a {
+            for y in b {
+                r.cut.insert(((*x).to_owned(), (*y).to_owned()));
+                r.cut.insert(((*y).to_owned(), (*x).to_owned()));
+            }
+        }
+    }
+
+    /// Fails this fraction (0–1) of all calls, chosen at random.
+    pub fn drop_rate(&self, rate: f64) {
+        self.rules().drop_rate = rate.clamp(0.0, 1.0);
+    }
+
+    /// Delays every call by `min` to `max`, chosen at random.
+    pub fn delay(&self, min: Duration, max: Duration) {
+        self.rules().delay = Some((min, max.max(min)));
+    }
+
+    /// Removes every fault.
+    pub fn heal(&self) {
+        let mut r = self.rules();
+        r.isolated.clear();
+        r.cut.clear();
+        r.drop_rate = 0.0;
+        r.delay = None;
+    }
+
+    /// What happens to a call from `from` to `to`.
+    pub(crate) fn verdict(&self, from: &str, to: &str) -> Verdict {
+        let mut r = self.rules();
+        if r.isolated.contains(from)
+            || r.isolated.contains(to)
+            || r.cut.contains(&(from.to_owned(), to.to_owned()))
+        {
+            return Verdict::Cut;
+        }
+        if r.drop_rate > 0.0 {
+            let p = r.drop_rate;
+            if r.rng.random_bool(p) {
+                return Verdict::Cut;
+            }
+        }
+        match r.delay {
+            Some((min, max)) if max > Duration::ZERO => {
+                let span = (max - min).as_micros() as u64;
+                let extra = if span == 0 {
+                    0
+                } else {
+                    r.rng.random_range(0..=span)
+                };
+                Verdict::Delay(min + Duration::from_micros(extra))
+            }
+            _ => Verdict::Pass,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_rules_and_the_seed() {
+        let f = Faults::new(7);
+        assert_eq!(f.verdict("a", "b"), Verdict::Pass);
+        f.partition(&["a"], &["b", "c"]);
+        assert_eq!(f.verdict("b", "a"), Verdict::Cut);
+        assert_eq!(f.verdict("b", "c"), Verdict::Pass);
+        f.heal();
+        f.isolate("c");
+        assert_eq!(f.verdict("a", "c"), Verdict::Cut);
+        f.heal();
+        f.drop_rate(0.5);
+        let run = |seed| {
+            let f = Faults::new(seed);
+            f.drop_rate(0.5);
+            (0..64).map(|_| f.verdict("a", "b")).collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3), "the same seed drops the same calls");
+        assert!(run(3).contains(&Verdict::Cut) && run(3).contains(&Verdict::Pass));
+        f.heal();
+        f.delay(Duration::from_millis(5), Duration::from_millis(10));
+        match f.verdict("a", "b") {
+            Verdict::Delay(d) => {
+                assert!(d >= Duration::from_millis(5) && d <= Duration::from_millis(10))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

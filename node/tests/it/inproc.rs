@@ -1,0 +1,334 @@
+//! Clusters inside this test process: three nodes started with `granary_node::run_embedded`
+//! on free loopback ports and temporary directories, every peer call going through one
+//! seeded [`Faults`] (partition, isolate, drop, delay). Every random choice — which node is
+//! cut off, which calls are dropped, how long delays are, where each publish goes — comes
+//! from the seed printed at the start (`GRANARY_TEST_SEED` replays it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use granary_node::faults::Faults;
+use granary_node::{Config, Embedded};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::harness::{ACCESS_KEY, Client, SECRET_KEY, fake_tgz, npm_path, npm_publish_body};
+
+struct Member {
+    http: String,
+    grpc: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), granary_node::Error>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A cluster in this process.
+struct InprocCluster {
+    faults: Arc<Faults>,
+    members: Vec<Member>,
+    rng: StdRng,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("GRANARY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("in-process cluster: seed {seed} (replay with GRANARY_TEST_SEED={seed})");
+    seed
+}
+
+/// Polls `probe` until it returns `Some`, at most `timeout`.
+async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl InprocCluster {
+    async fn start(n: u64) -> InprocCluster {
+        let seed = seed();
+        let faults = Arc::new(Faults::new(seed));
+        let mut members: Vec<Member> = Vec::new();
+        for id in 1..=n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let http = format!("127.0.0.1:{}", free_port());
+            let grpc = format!("127.0.0.1:{}", free_port());
+            let config = Config {
+                node_id: id,
+                data_dir: dir.path().join("data"),
+                http_addr: http.parse().expect("addr"),
+                grpc_addr: grpc.parse().expect("addr"),
+                join: members
+                    .first()
+                    .map(|m| vec![m.grpc.clone()])
+                    .unwrap_or_default(),
+                ..Config::default()
+            };
+            let (stop, stopped) = oneshot::channel::<()>();
+            let embedded = Embedded {
+                faults: Some(faults.clone()),
+                admin_key: Some((ACCESS_KEY.to_owned(), SECRET_KEY.to_owned())),
+            };
+            let task = tokio::spawn(granary_node::run_embedded(
+                config,
+                async move {
+                    let _ = stopped.await;
+                },
+                embedded,
+            ));
+            let member = Member {
+                http,
+                grpc,
+                stop: Some(stop),
+                task: Some(task),
+                _dir: dir,
+            };
+            let client = Client {
+                base: format!("http://{}", member.http),
+            };
+            until(&format!("node {id} ready"), Duration::from_secs(30), || {
+                let client = client.clone();
+                async move {
+                    let r = reqwest::get(format!("{}/readyz", client.base)).await.ok()?;
+                    (r.status() == 200).then_some(())
+                }
+            })
+            .await;
+            members.push(member);
+        }
+        let cluster = InprocCluster {
+            faults,
+            members,
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        };
+        until("every node a voter", Duration::from_secs(30), || async {
+            let s = cluster.status(1).await?;
+            let voters = s["members"]
+                .as_array()?
+                .iter()
+                .filter(|m| m["role"] == "voter")
+                .count();
+            (voters == n as usize).then_some(())
+        })
+        .await;
+        cluster
+    }
+
+    fn client(&self, id: u64) -> Client {
+        Client {
+            base: format!("http://{}", self.members[id as usize - 1].http),
+        }
+    }
+
+    fn grpc(&self, id: u64) -> &str {
+        &self.members[id as usize - 1].grpc
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64).collect()
+    }
+
+    async fn status(&self, id: u64) -> Option<Value> {
+        let r = self
+            .client(id)
+            .api("GET", "/admin/v1/cluster/status", None)
+            .await;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// The leader as `among` agree on it.
+    async fn leader(&self, among: &[u64]) -> u64 {
+        until("a leader", Duration::from_secs(30), || async {
+            let mut seen = None;
+            for id in among {
+                let l = self.status(*id).await?["leaderId"].as_u64()?;
+                if seen.is_some_and(|s| s != l) {
+                    return None;
+                }
+                seen = Some(l);
+            }
+            seen.filter(|l| among.contains(l))
+        })
+        .await
+    }
+
+    async fn stop(mut self) {
+        for m in &mut self.members {
+            if let Some(s) = m.stop.take() {
+                let _ = s.send(());
+            }
+        }
+        for m in &mut self.members {
+            if let Some(t) = m.task.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+            }
+        }
+    }
+}
+
+/// Publishes one version through `via`; `Ok` once acknowledged, `Err` with what the node
+/// said otherwise.
+async fn publish(c: &Client, token: &str, name: &str, tgz: &[u8]) -> Result<(), String> {
+    let body = npm_publish_body(name, "1.0.0", tgz, json!({}));
+    let r = c
+        .raw(
+            "PUT",
+            &format!("/npm/inproc/repo/{}", npm_path(name)),
+            &[
+                ("authorization", format!("Bearer {token}")),
+                ("content-type", "application/json".into()),
+            ],
+            body.to_string().into_bytes(),
+        )
+        .await;
+    match r.status {
+        201 => Ok(()),
+        503 => Err(format!("retryable: {}", r.text())),
+        other => panic!("publish {name}: unexpected HTTP {other}: {}", r.text()),
+    }
+}
+
+async fn tarball(c: &Client, token: &str, name: &str) -> (u16, Vec<u8>) {
+    let r = c
+        .raw(
+            "GET",
+            &format!("/npm/inproc/repo/{name}/-/{name}-1.0.0.tgz"),
+            &[("authorization", format!("Bearer {token}"))],
+            vec![],
+        )
+        .await;
+    (r.status, r.body)
+}
+
+/// Every acknowledged publish is readable, bytes identical, from every node in `ids`.
+async fn all_readable(
+    cluster: &InprocCluster,
+    ids: &[u64],
+    token: &str,
+    acked: &[(String, Vec<u8>)],
+) {
+    for id in ids {
+        let c = cluster.client(*id);
+        for (name, tgz) in acked {
+            let got = until(
+                &format!("{name} on node {id}"),
+                Duration::from_secs(30),
+                || {
+                    let c = c.clone();
+                    async move {
+                        let (status, body) = tarball(&c, token, name).await;
+                        (status == 200).then_some(body)
+                    }
+                },
+            )
+            .await;
+            assert_eq!(&got, tgz, "{name} on node {id}");
+        }
+    }
+}
+
+/// The leader is cut off from both followers: they elect a new leader and keep taking
+/// publishes; the isolated node serves no metadata (it cannot confirm a read index) and
+/// takes no write; after healing it converges and serves every acknowledged publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolating_the_leader_in_process() {
+    let mut cluster = InprocCluster::start(3).await;
+    let token = cluster.client(1).setup("inproc", "repo").await;
+    let old = cluster.leader(&cluster.ids()).await;
+    let mut acked = Vec::new();
+    let tgz = fake_tgz(cluster.rng.random(), 4096);
+    publish(&cluster.client(old), &token, "before", &tgz)
+        .await
+        .expect("publish before the fault");
+    acked.push(("before".to_owned(), tgz));
+
+    cluster.faults.isolate(cluster.grpc(old));
+    let rest: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != old).collect();
+    let new = cluster.leader(&rest).await;
+    assert_ne!(new, old);
+    for i in 0..5 {
+        let via = rest[cluster.rng.random_range(0..rest.len())];
+        let name = format!("during-{i}");
+        let tgz = fake_tgz(cluster.rng.random(), 4096);
+        let c = cluster.client(via);
+        until(
+            &format!("{name} acknowledged"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                let (token, name, tgz) = (token.clone(), name.clone(), tgz.clone());
+                async move { publish(&c, &token, &name, &tgz).await.ok() }
+            },
+        )
+        .await;
+        acked.push((name, tgz));
+    }
+    // The isolated node: no stale read, no write.
+    let isolated = cluster.client(old);
+    let (status, _) = tarball(&isolated, &token, "during-0").await;
+    assert_eq!(
+        status, 503,
+        "an isolated node serves no metadata it cannot confirm"
+    );
+    let refused = publish(&isolated, &token, "isolated", &fake_tgz(1, 4096)).await;
+    assert!(refused.is_err(), "an isolated node acknowledges no write");
+
+    cluster.faults.heal();
+    all_readable(&cluster, &cluster.ids(), &token, &acked).await;
+    cluster.stop().await;
+}
+
+/// Publishes through random nodes while a seeded tenth of all peer calls fail and every
+/// call is delayed by 1–20 ms: every acknowledged publish is readable from every node,
+/// bytes identical, once the faults are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishes_survive_dropped_and_delayed_peer_calls() {
+    let mut cluster = InprocCluster::start(3).await;
+    let token = cluster.client(1).setup("inproc", "repo").await;
+    cluster.faults.drop_rate(0.1);
+    cluster
+        .faults
+        .delay(Duration::from_millis(1), Duration::from_millis(20));
+    let mut acked = Vec::new();
+    let mut retryable = 0;
+    for i in 0..20 {
+        let via = cluster.rng.random_range(1..=3);
+        let name = format!("lossy-{i}");
+        let tgz = fake_tgz(cluster.rng.random(), 8192);
+        match publish(&cluster.client(via), &token, &name, &tgz).await {
+            Ok(()) => acked.push((name, tgz)),
+            Err(_) => retryable += 1,
+        }
+    }
+    eprintln!(
+        "{} acknowledged, {retryable} refused as retryable",
+        acked.len()
+    );
+    assert!(
+        !acked.is_empty(),
+        "some publishes get through a lossy network"
+    );
+    cluster.faults.heal();
+    all_readable(&cluster, &cluster.ids(), &token, &acked).await;
+    cluster.stop().await;
+}

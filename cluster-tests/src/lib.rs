@@ -17,6 +17,8 @@
 //! Tests wait on conditions with deadlines ([`poll`]), never on bare sleeps; a failing
 //! test prints its seed (`GRANARY_TEST_SEED` replays it) and every node's last output.
 
+// What the benchmark binaries share: arguments, percentiles.
+pub mod bench;
 // SigV4-signed admin and CodeArtifact calls; npm publish and fetch over raw HTTP.
 pub mod client;
 // A cluster of processes: start, join, leader discovery, kill, restart, add, remove.

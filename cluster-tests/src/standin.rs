@@ -763,6 +763,16 @@ fn now_iso() -> String {
         .expect("a UTC time formats with a fixed description")
 }
 
+/// A node config (TOML) whose `public:npmjs` is the stand-in at `url`: public documents
+/// fresh for `metadata_ttl_secs`, a failed upstream left alone for `unavailable_backoff_ms`.
+pub fn node_config(url: &str, metadata_ttl_secs: u64, unavailable_backoff_ms: u64) -> String {
+    format!(
+        "[external_connections]\n\"public:npmjs\" = \"{url}\"\n\n[upstream]\n\
+         metadata_ttl_secs = {metadata_ttl_secs}\nnot_found_ttl_secs = 1\n\
+         unavailable_backoff_ms = {unavailable_backoff_ms}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

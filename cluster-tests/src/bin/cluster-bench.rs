@@ -16,28 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use granary_cluster_tests::bench::{arg, percentile};
 use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, npm_publish_body};
 use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
 use serde_json::json;
-
-fn arg(n: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(n)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| panic!("argument {n} must be a number"))
-        })
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 /// A publish request body for a fresh package version with incompressible content.
 fn publish_body(name: &str, version: &str, kib: usize, salt: u64) -> Vec<u8> {

@@ -23,33 +23,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use granary_cluster_tests::bench::{arg, percentile};
 use granary_cluster_tests::client::{NodeClient, Repo};
 use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
-use granary_cluster_tests::standin::{Counts, NpmVersion, StandIn, dependency_tree};
+use granary_cluster_tests::standin::{Counts, NpmVersion, StandIn, dependency_tree, node_config};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 /// How long one tarball GET of the coalesce run may take before it counts as failed.
 const GET_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn arg(n: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(n)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| panic!("argument {n} must be a number"))
-        })
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 fn ms(d: Duration) -> f64 {
     ms_of(d.as_secs_f64() * 1e3)
@@ -86,10 +69,7 @@ fn noise(n: usize) -> Vec<u8> {
 
 /// A cluster of `nodes` whose `public:npmjs` is the stand-in (every node the same config).
 async fn cluster_for(standin: &StandIn, nodes: usize) -> Cluster {
-    let config = format!(
-        "[external_connections]\n\"public:npmjs\" = \"{}\"\n\n[upstream]\nmetadata_ttl_secs = 300\n",
-        standin.url()
-    );
+    let config = node_config(&standin.url(), 300, 5000);
     Cluster::start_with(
         Seed::from_env(),
         Options {

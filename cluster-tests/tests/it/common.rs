@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -104,4 +105,35 @@ pub(crate) async fn final_checks(cluster: &Cluster, ids: &[u64], repo: &Repo, or
     no_lost_ack::check(&clients, repo, oracle).await;
     blobs_resolve::check(&clients, repo, oracle).await;
     single_leader::check(&cluster.snapshots());
+}
+
+/// Runs npm with `home` as HOME and `cache` as its cache.
+pub(crate) async fn npm(home: &Path, cwd: &Path, cache: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("npm")
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("npm_config_userconfig", home.join(".npmrc"))
+        .env("npm_config_cache", cache)
+        .env("npm_config_update_notifier", "false")
+        .env("npm_config_fund", "false")
+        .env("npm_config_audit", "false")
+        .env_remove("npm_config_registry")
+        .env_remove("NPM_CONFIG_REGISTRY")
+        .output()
+        .await
+        .expect("run npm");
+    assert!(
+        out.status.success(),
+        "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
+        cwd.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub(crate) fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
 }

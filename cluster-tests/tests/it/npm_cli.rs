@@ -1,40 +1,7 @@
-use std::path::Path;
-
 use granary_cluster_tests::cluster::Cluster;
 use granary_cluster_tests::seed::Seed;
 
-use crate::common::require;
-
-/// Runs npm with `home` as HOME (its `.npmrc`) and a private cache.
-async fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("npm")
-        .args(args)
-        .current_dir(cwd)
-        .env("HOME", home)
-        .env("npm_config_userconfig", home.join(".npmrc"))
-        .env("npm_config_cache", home.join("npm-cache"))
-        .env("npm_config_update_notifier", "false")
-        .env("npm_config_fund", "false")
-        .env("npm_config_audit", "false")
-        .env_remove("npm_config_registry")
-        .env_remove("NPM_CONFIG_REGISTRY")
-        .output()
-        .await
-        .expect("run npm");
-    assert!(
-        out.status.success(),
-        "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
-        cwd.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write");
-}
+use crate::common::{npm, require, write};
 
 /// The real npm CLI publishes through node 1; right away, `npm install` through node 2
 /// gets it: reads on any node see every acknowledged write.
@@ -66,7 +33,13 @@ async fn npm_publish_to_one_node_then_install_from_another_at_once() {
         r#"{"name":"cluster-hello","version":"1.0.0","description":"cluster test","main":"index.js","license":"MIT"}"#,
     );
     write(&lib.join("index.js"), source);
-    npm(home, &lib, &["publish", "--registry", &registry(1)]).await;
+    npm(
+        home,
+        &lib,
+        &home.join("npm-cache"),
+        &["publish", "--registry", &registry(1)],
+    )
+    .await;
 
     let app = home.join("app");
     write(
@@ -76,6 +49,7 @@ async fn npm_publish_to_one_node_then_install_from_another_at_once() {
     npm(
         home,
         &app,
+        &home.join("npm-cache"),
         &["install", "cluster-hello@1.0.0", "--registry", &registry(2)],
     )
     .await;

@@ -10,19 +10,16 @@ use granary_cluster_tests::client::{NodeClient, Repo, npm_publish_body};
 use granary_cluster_tests::cluster::{Cluster, Options};
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
-use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, dependency_tree};
+use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, dependency_tree, node_config};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::common::require;
+use crate::common::{npm, require, write};
 
 /// A cluster whose `public:npmjs` is the stand-in; `ttl` is the metadata TTL in seconds,
 /// `backoff_ms` how long a failed upstream is not asked again.
 async fn cluster_with(standin: &StandIn, nodes: usize, ttl: u64, backoff_ms: u64) -> Cluster {
-    let config = format!(
-        "[external_connections]\n\"public:npmjs\" = \"{}\"\n\n[upstream]\nmetadata_ttl_secs = {ttl}\nnot_found_ttl_secs = 1\nunavailable_backoff_ms = {backoff_ms}\n",
-        standin.url()
-    );
+    let config = node_config(&standin.url(), ttl, backoff_ms);
     Cluster::start_with(
         Seed::from_env(),
         Options {
@@ -218,37 +215,6 @@ fn pseudo_random(n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-/// Runs npm with `home` as HOME and `cache` as its cache.
-async fn npm(home: &Path, cwd: &Path, cache: &Path, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("npm")
-        .args(args)
-        .current_dir(cwd)
-        .env("HOME", home)
-        .env("npm_config_userconfig", home.join(".npmrc"))
-        .env("npm_config_cache", cache)
-        .env("npm_config_update_notifier", "false")
-        .env("npm_config_fund", "false")
-        .env("npm_config_audit", "false")
-        .env_remove("npm_config_registry")
-        .env_remove("NPM_CONFIG_REGISTRY")
-        .output()
-        .await
-        .expect("run npm");
-    assert!(
-        out.status.success(),
-        "npm {args:?} in {} failed:\nstdout: {}\nstderr: {}",
-        cwd.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write");
 }
 
 /// A fresh project that depends on `deps` (name → range), installed with npm.

@@ -61,7 +61,10 @@ fn display(key: &PackageKey) -> String {
     }
 }
 
-fn package_target(req: &ApiRequest<'_>) -> Result<Target, ApiError> {
+/// The repository, format and package a request names (`format`, `namespace`, `package`).
+fn coordinates(
+    req: &ApiRequest<'_>,
+) -> Result<(DomainRecord, RepositoryRecord, String, PackageKey), ApiError> {
     let (domain, repo) = req.repository()?;
     let format = format_param(req, true)?.unwrap_or_default().to_owned();
     let namespace = req
@@ -69,7 +72,11 @@ fn package_target(req: &ApiRequest<'_>) -> Result<Target, ApiError> {
         .map(|n| component(n, "namespace"))
         .transpose()?;
     let name = component(req.required("package")?, "package")?;
-    let key = PackageKey::new(namespace, name);
+    Ok((domain, repo, format, PackageKey::new(namespace, name)))
+}
+
+fn package_target(req: &ApiRequest<'_>) -> Result<Target, ApiError> {
+    let (domain, repo, format, key) = coordinates(req)?;
     let package = req
         .node
         .state
@@ -102,13 +109,7 @@ fn version_of(req: &ApiRequest<'_>, t: &Target) -> Result<std::sync::Arc<Version
 pub(super) async fn put_origin_configuration(
     req: &ApiRequest<'_>,
 ) -> Result<Response<Body>, ApiError> {
-    let (domain, repo) = req.repository()?;
-    let format = format_param(req, true)?.unwrap_or_default().to_owned();
-    let namespace = req
-        .q("namespace")
-        .map(|n| component(n, "namespace"))
-        .transpose()?;
-    let name = component(req.required("package")?, "package")?;
+    let (domain, repo, format, key) = coordinates(req)?;
     let body = req.json()?;
     let restrictions = body
         .get("restrictions")
@@ -128,7 +129,6 @@ pub(super) async fn put_origin_configuration(
         publish: allow("publish")?,
         upstream: allow("upstream")?,
     };
-    let key = PackageKey::new(namespace, name);
     let cmd = Command::PutPackageOrigin {
         target: PackageTarget {
             domain: domain.name.clone(),

@@ -311,8 +311,25 @@ pub async fn run_embedded(
     println!("granary: public url: {}", node.public_url);
     tracing::info!(%http_addr, %grpc_addr, "node is serving");
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = removed_from_cluster(&raft, node.config.node_id) => {
+            eprintln!(
+                "granary: node {} was removed from the cluster; stopping (remove its data \
+                 directory before adding it again)",
+                node.config.node_id
+            );
+        }
+        _ = node.cluster.removed() => {
+            // Serving on would answer clients from a state that no longer follows the
+            // cluster, and its elections would disturb the members.
+            eprintln!(
+                "granary: node {} was removed from the cluster; stopping (remove its data \
+                 directory before adding it again)",
+                node.config.node_id
+            );
+        }
+    }
     cancel.cancel();
     // Reverse order of start: front first, then peers, then actors, then Raft.
     let _ = http.await;
@@ -426,4 +443,29 @@ fn check_node_id(store: &Store, node_id: u64) -> Result<(), Error> {
             .map_err(|e| Error::Storage(e.into()))?,
     }
     Ok(())
+}
+
+/// Completes once this node, having been a member, is no longer in the committed
+/// membership (an operator removed it).
+async fn removed_from_cluster(raft: &Raft, me: u64) {
+    let mut metrics = raft.metrics();
+    let mut was_member = false;
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            let membership = m.membership_config.membership();
+            // A config takes effect once appended; the leader appends one without this
+            // node only after the joint config (which still names it) is committed.
+            let member = membership.nodes().any(|(id, _)| *id == me);
+            if member {
+                was_member = true;
+            } else if was_member {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            // Raft stopped: never complete (shutdown has its own path).
+            std::future::pending::<()>().await;
+        }
+    }
 }

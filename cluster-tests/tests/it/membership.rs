@@ -71,6 +71,20 @@ async fn node_added_under_load_is_promoted_and_another_is_removed_with_the_cli()
     let via = rng.choose(&remaining[..2]);
     cluster.remove_node_with_cli(via, removed).await;
     cluster.wait_members(&remaining, &[], SETTLE_TIMEOUT).await;
+    // The removed node learns it was removed and stops by itself.
+    let stopped = poll::until(
+        &format!("removed node {removed} stops"),
+        SETTLE_TIMEOUT,
+        || {
+            let status = cluster.node_mut(removed).exit_status();
+            async move { status.ok_or_else(|| "still running".to_owned()) }
+        },
+    )
+    .await;
+    assert!(
+        stopped.success(),
+        "the removed node exits cleanly: {stopped:?}"
+    );
     cluster.forget(removed);
     let before = oracle.len();
     wait_acks(&oracle, before + 30, &load, "load after the removal").await;

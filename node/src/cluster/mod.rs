@@ -123,6 +123,8 @@ pub(crate) struct Cluster {
     me: NodeId,
     consistency: ReadConsistency,
     reads: Arc<Mutex<ReadBatch>>,
+    /// Fired when the leader says this node was removed from the cluster.
+    removed: Arc<tokio::sync::Notify>,
 }
 
 impl Cluster {
@@ -133,10 +135,21 @@ impl Cluster {
             me,
             consistency,
             reads: Default::default(),
+            removed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
     /// The peer connections.
+    /// Completes once the leader has said this node was removed from the cluster.
+    pub(crate) async fn removed(&self) {
+        self.removed.notified().await;
+    }
+
+    /// The leader says this node was removed.
+    pub(crate) fn mark_removed(&self) {
+        self.removed.notify_one();
+    }
+
     pub(crate) fn peers(&self) -> &Peers {
         &self.peers
     }
@@ -514,16 +527,32 @@ impl Cluster {
                         "node {id} is not a member"
                     )));
                 }
-                if voters.contains(&id) {
+                let addr = membership.get_node(&id).map(|n| n.grpc_addr.clone());
+                let index = if voters.contains(&id) {
                     if voters.len() == 1 {
                         return Err(MembershipError::Invalid(
                             "cannot remove the last voter".into(),
                         ));
                     }
-                    write(change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await)
+                    write(change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await)?
                 } else {
-                    write(change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await)
+                    write(change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await)?
+                };
+                // No longer replicated to, the removed node would not learn it: tell it
+                // (best effort; a node that is down learns nothing, and needs nothing).
+                if id == self.me {
+                    self.mark_removed();
+                } else if let Some(addr) = addr {
+                    let peers = self.peers.clone();
+                    tokio::spawn(async move {
+                        if let Ok(mut c) = peers.cluster(&addr) {
+                            let req = pb::LeaveRequest { node_id: id };
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), c.leave(req)).await;
+                        }
+                    });
                 }
+                Ok(index)
             }
         }
     }

@@ -168,6 +168,22 @@ impl pb::cluster_server::Cluster for ClusterService {
         ))))
     }
 
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveReply>, Status> {
+        let id = request.into_inner().node_id;
+        if id != self.cluster.id() {
+            return Err(Status::invalid_argument(format!(
+                "this is node {}, not node {id}",
+                self.cluster.id()
+            )));
+        }
+        tracing::warn!("the leader removed this node from the cluster");
+        self.cluster.mark_removed();
+        Ok(Response::new(pb::LeaveReply {}))
+    }
+
     async fn has_blob(
         &self,
         request: Request<pb::BlobRef>,

@@ -313,16 +313,10 @@ pub async fn run_embedded(
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
-        _ = removed_from_cluster(&raft, node.config.node_id) => {
-            eprintln!(
-                "granary: node {} was removed from the cluster; stopping (remove its data \
-                 directory before adding it again)",
-                node.config.node_id
-            );
-        }
         _ = node.cluster.removed() => {
             // Serving on would answer clients from a state that no longer follows the
-            // cluster, and its elections would disturb the members.
+            // cluster, and its elections would disturb the members. (A removed node is
+            // not replicated the config that removes it: the leader says so instead.)
             eprintln!(
                 "granary: node {} was removed from the cluster; stopping (remove its data \
                  directory before adding it again)",
@@ -443,29 +437,4 @@ fn check_node_id(store: &Store, node_id: u64) -> Result<(), Error> {
             .map_err(|e| Error::Storage(e.into()))?,
     }
     Ok(())
-}
-
-/// Completes once this node, having been a member, is no longer in the committed
-/// membership (an operator removed it).
-async fn removed_from_cluster(raft: &Raft, me: u64) {
-    let mut metrics = raft.metrics();
-    let mut was_member = false;
-    loop {
-        {
-            let m = metrics.borrow_and_update();
-            let membership = m.membership_config.membership();
-            // A config takes effect once appended; the leader appends one without this
-            // node only after the joint config (which still names it) is committed.
-            let member = membership.nodes().any(|(id, _)| *id == me);
-            if member {
-                was_member = true;
-            } else if was_member {
-                return;
-            }
-        }
-        if metrics.changed().await.is_err() {
-            // Raft stopped: never complete (shutdown has its own path).
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -192,9 +192,7 @@ impl Registry for NodeRegistry {
     }
 
     async fn open_blob(&self, sha256: &str) -> Result<Option<(u64, Body)>, RegistryError> {
-        Ok(crate::upstream::open_blob(&self.node, sha256)
-            .await?
-            .map(|a| (a.size.unwrap_or(0), a.body)))
+        crate::upstream::open_blob(&self.node, sha256).await
     }
 
     async fn resolve_package(

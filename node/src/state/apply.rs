@@ -311,14 +311,8 @@ impl Tx<'_> {
             }));
         }
         let now = version.published_ms;
-        let mut pkg = existing.unwrap_or_else(|| PackageRecord {
-            key: t.package.clone(),
-            created_ms: now,
-            modified_ms: now,
-            stamp: log_index,
-            tags: Default::default(),
-            origin: OriginRestrictions::PUBLISHED_FIRST,
-        });
+        let mut pkg = existing
+            .unwrap_or_else(|| new_package(t, now, log_index, OriginRestrictions::PUBLISHED_FIRST));
         if pkg.origin.publish == granary_format::model::Allow::Block {
             return Err(conflict(
                 ResourceKind::Package,
@@ -394,14 +388,9 @@ impl Tx<'_> {
         now_ms: i64,
         log_index: u64,
     ) -> TxResult<CommandResult> {
-        let mut pkg = self.target_package(t)?.unwrap_or_else(|| PackageRecord {
-            key: t.package.clone(),
-            created_ms: now_ms,
-            modified_ms: now_ms,
-            stamp: log_index,
-            tags: Default::default(),
-            origin: restrictions,
-        });
+        let mut pkg = self
+            .target_package(t)?
+            .unwrap_or_else(|| new_package(t, now_ms, log_index, restrictions));
         pkg.origin = restrictions;
         pkg.stamp = log_index;
         self.put(
@@ -441,13 +430,8 @@ impl Tx<'_> {
                 continue;
             }
             let now = version.modified_ms;
-            let mut pkg = existing.unwrap_or_else(|| PackageRecord {
-                key: t.package.clone(),
-                created_ms: now,
-                modified_ms: now,
-                stamp: log_index,
-                tags: Default::default(),
-                origin: OriginRestrictions::INGESTED_FIRST,
+            let mut pkg = existing.unwrap_or_else(|| {
+                new_package(t, now, log_index, OriginRestrictions::INGESTED_FIRST)
             });
             pkg.modified_ms = now;
             pkg.stamp = log_index;
@@ -522,6 +506,23 @@ impl Tx<'_> {
         pkg.stamp = log_index;
         self.put(&pkey, &pkg)?;
         Ok(CommandResult::Done)
+    }
+}
+
+/// A package's record on its first arrival.
+fn new_package(
+    t: &PackageTarget,
+    now_ms: i64,
+    log_index: u64,
+    origin: OriginRestrictions,
+) -> PackageRecord {
+    PackageRecord {
+        key: t.package.clone(),
+        created_ms: now_ms,
+        modified_ms: now_ms,
+        stamp: log_index,
+        tags: Default::default(),
+        origin,
     }
 }
 

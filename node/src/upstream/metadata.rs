@@ -106,18 +106,14 @@ impl MetadataCache {
 
     /// The document for `req.url`, as fresh as the rules above allow.
     pub(crate) async fn get(self: &Arc<Self>, req: Request<'_>) -> Result<Lookup, String> {
-        let labels = |result: &'static str| -> [(&'static str, String); 3] {
-            [
-                ("format", req.format.to_owned()),
-                ("repository", req.repository.to_owned()),
-                ("result", result.to_owned()),
-            ]
-        };
-        let count = |result: &'static str| {
-            let l = labels(result);
+        let count = |result: &str| {
             self.metrics.inc(
                 "granary_upstream_cache_total",
-                &[(l[0].0, &l[0].1), (l[1].0, &l[1].1), (l[2].0, &l[2].1)],
+                &[
+                    ("format", req.format),
+                    ("repository", req.repository),
+                    ("result", result),
+                ],
             );
         };
         let stale = {
@@ -136,18 +132,15 @@ impl MetadataCache {
                 _ => None,
             }
         };
-        let fetch = self.fetch(&req);
         if let Some(doc) = stale {
-            // Serve what we have; the refresh runs on its own.
+            // Serve what we have; the refresh (a spawned task) runs on its own.
             count("stale");
             self.stale_served(&req);
-            tokio::spawn(async move {
-                let _ = fetch.await;
-            });
+            let _refresh = self.fetch(&req, false);
             return Ok(Lookup::Found(doc));
         }
         count("miss");
-        fetch.await
+        self.fetch(&req, true).await
     }
 
     fn stale_served(&self, req: &Request<'_>) {
@@ -157,10 +150,14 @@ impl MetadataCache {
         );
     }
 
-    /// The shared fetch of `req.url`, started if none is running.
-    fn fetch(self: &Arc<Self>, req: &Request<'_>) -> Fetch {
+    /// The shared fetch of `req.url`, started if none is running; `waiter` counts a
+    /// caller that joins one already running as coalesced.
+    fn fetch(self: &Arc<Self>, req: &Request<'_>, waiter: bool) -> Fetch {
         let mut inflight = self.inflight.lock().expect("metadata lock");
         if let Some(f) = inflight.get(&req.url) {
+            if !waiter {
+                return f.clone();
+            }
             self.metrics.inc(
                 "granary_upstream_coalesced_total",
                 &[

@@ -28,17 +28,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use granary_format::body::BodyError;
 use granary_format::hashing::MultiHasher;
 use granary_format::model::{
     AssetRecord, OriginRestrictions, OriginType, PackageKey, PackageRecord, RemoteAsset,
     VersionOrigin, VersionRecord,
 };
 use granary_format::{AssetBody, Body, RegistryError, UpstreamFormat};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use tokio::sync::mpsc;
+use http_body_util::BodyExt;
 
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -295,7 +291,12 @@ impl Upstreams {
                 if repo != ask.repository {
                     self.retain_from_upstream(node, ask, &record);
                 }
-                open_blob(node, &sha256).await
+                Ok(open_blob(node, &sha256)
+                    .await?
+                    .map(|(size, body)| AssetBody {
+                        size: Some(size),
+                        body,
+                    }))
             }
             Source::External { repo, .. } => {
                 let Some(remote) = record.remote.iter().find(|r| r.name == asset).cloned() else {
@@ -370,19 +371,19 @@ impl Upstreams {
         // bytes were found to be.
         let info = match self.download(node, &flight, &job).await {
             Ok(info) => info,
-            Err(Failure::Rejected(why)) => {
-                self.fetcher.refused(&job.remote.url);
-                self.metrics.inc(
-                    "granary_upstream_rejected_total",
-                    &[("format", job.format), ("repository", &job.label)],
-                );
-                tracing::warn!(url = %job.remote.url, "refused an upstream file: {why}");
-                flight.finish(Err(why));
-                self.flights.remove(&job.key);
-                return;
-            }
-            Err(Failure::Failed(why)) => {
-                tracing::warn!(url = %job.remote.url, "upstream fetch failed: {why}");
+            Err(failure) => {
+                let why = match failure {
+                    Failure::Rejected(why) => {
+                        self.fetcher.refused(&job.remote.url);
+                        self.metrics.inc(
+                            "granary_upstream_rejected_total",
+                            &[("format", job.format), ("repository", &job.label)],
+                        );
+                        why
+                    }
+                    Failure::Failed(why) => why,
+                };
+                tracing::warn!(url = %job.remote.url, "upstream file not taken: {why}");
                 flight.finish(Err(why));
                 self.flights.remove(&job.key);
                 return;
@@ -402,7 +403,6 @@ impl Upstreams {
             }
         }
         let mut version = job.version.clone();
-        version.remote.clear();
         version.assets = vec![AssetRecord {
             name: job.remote.name.clone(),
             size: info.size,
@@ -419,7 +419,7 @@ impl Upstreams {
     async fn download(
         &self,
         node: &Arc<Node>,
-        flight: &Flight,
+        flight: &Arc<Flight>,
         job: &Job,
     ) -> Result<granary_format::model::BlobInfo, Failure> {
         let timeout = self.fetcher.timeout();
@@ -451,16 +451,6 @@ impl Upstreams {
             )));
         }
         flight.start(Started::Ok(size));
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BodyError>>(64);
-        let store = {
-            let node = node.clone();
-            let limit = node.config.max_body_bytes;
-            let body: Body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|item| (item, rx))
-            }))
-            .boxed_unsync();
-            tokio::spawn(async move { node.blobs.put(body, limit).await })
-        };
         let mut hasher = MultiHasher::new();
         let transfer: Result<(), String> = async {
             loop {
@@ -469,13 +459,10 @@ impl Upstreams {
                     Ok(Some(Err(e))) => return Err(format!("upstream {url} failed mid-file: {e}")),
                     Ok(None) => return Ok(()),
                     Ok(Some(Ok(frame))) => {
-                        let Ok(chunk) = frame.into_data() else {
-                            continue;
-                        };
-                        hasher.update(&chunk);
-                        flight.push(chunk.clone());
-                        // The store may have failed; the requesters are still served.
-                        let _ = tx.send(Ok(Frame::data(chunk))).await;
+                        if let Ok(chunk) = frame.into_data() {
+                            hasher.update(&chunk);
+                            flight.push(chunk);
+                        }
                     }
                 }
             }
@@ -483,31 +470,29 @@ impl Upstreams {
         .await;
         let len = hasher.len();
         let hashes = hasher.finish();
-        let refusal = match transfer {
-            Err(why) => Some(Failure::Failed(why)),
-            Ok(()) if size.is_some_and(|s| s != len) => Some(Failure::Failed(format!(
-                "upstream {url} ended after {len} bytes"
-            ))),
-            Ok(()) if !job.remote.matches(len, &hashes) => Some(Failure::Rejected(format!(
-                "{} from {url} does not match the digests its registry published",
-                job.remote.name
-            ))),
-            Ok(()) => None,
-        };
-        if let Some(refusal) = refusal {
-            // Fail the store's stream so nothing of it is kept.
-            let _ = tx.send(Err("upstream file refused".into())).await;
-            drop(tx);
-            let _ = store.await;
-            return Err(refusal);
+        match transfer {
+            Err(why) => return Err(Failure::Failed(why)),
+            Ok(()) if size.is_some_and(|s| s != len) => {
+                return Err(Failure::Failed(format!(
+                    "upstream {url} ended after {len} bytes"
+                )));
+            }
+            Ok(()) if !job.remote.matches(len, &hashes) => {
+                return Err(Failure::Rejected(format!(
+                    "{} from {url} does not match the digests its registry published",
+                    job.remote.name
+                )));
+            }
+            Ok(()) => {}
         }
-        drop(tx);
         flight.finish(Ok(()));
-        match store.await {
-            Ok(Ok(info)) => Ok(info),
-            Ok(Err(e)) => Err(Failure::Failed(format!("storing {url} failed: {e}"))),
-            Err(e) => Err(Failure::Failed(format!("storing {url} failed: {e}"))),
-        }
+        // Only checked bytes reach the store, replayed from the flight's memory; the four
+        // digests are known, so the store recomputes only the SHA-256 that names them.
+        let info = granary_format::model::BlobInfo { size: len, hashes };
+        node.blobs
+            .put_replica(flight.body(), node.config.max_body_bytes, &info)
+            .await
+            .map_err(|e| Failure::Failed(format!("storing {url} failed: {e}")))
     }
 
     /// Keeps a version served from an upstream repository in the requested one, in the
@@ -596,20 +581,17 @@ pub(crate) fn reader_for(format: &str) -> Option<Arc<dyn UpstreamFormat>> {
     }
 }
 
-/// Opens a stored blob, fetching it from a peer if this node lacks it.
+/// Opens a stored blob, fetching it from a peer if this node lacks it: its size and body.
 pub(crate) async fn open_blob(
     node: &Node,
     sha256: &str,
-) -> Result<Option<AssetBody>, RegistryError> {
-    let open = |node: &Node| -> Result<Option<AssetBody>, RegistryError> {
+) -> Result<Option<(u64, Body)>, RegistryError> {
+    let open = |node: &Node| -> Result<Option<(u64, Body)>, RegistryError> {
         Ok(node
             .blobs
             .open(sha256)
             .map_err(internal)?
-            .map(|(info, body)| AssetBody {
-                size: Some(info.size),
-                body,
-            }))
+            .map(|(info, body)| (info.size, body)))
     };
     if let Some(found) = open(node)? {
         return Ok(Some(found));

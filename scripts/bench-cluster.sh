@@ -6,21 +6,22 @@
 # (1) failover: SIGKILL the leader, time until the next publish is acknowledged by a
 #     survivor; the old leader restarts and the cluster converges before the next trial.
 # (2) publish: npm publishes of unique, incompressible packages spread over the three nodes
-#     at a fixed concurrency: acknowledged publishes per second, p50 and p99 latency.
+#     at a fixed concurrency: acknowledged publishes per second, p50 and p99 latency; then
+#     the same load on one node alone, the reference (no replication, no Raft round trips).
 # Results (one JSON line per run, and the logs) go to bench-out/cluster-<timestamp>/.
 # See docs/BENCHMARKS.md.
 #
 # Knobs (environment):
 #   TRIALS=20              failover trials
 #   SECONDS_PER_RUN=20     duration of each publish run
-#   CONCURRENCY="8 64"     publish runs, one per concurrency
+#   CONCURRENCY="8 16 64"  publish runs, one per concurrency (three nodes, then one)
 #   KIB=100                package size
 #   SKIP_BUILD=1           do not run cargo build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRIALS=${TRIALS:-20}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-20}
-CONCURRENCY=${CONCURRENCY:-"8 64"}
+CONCURRENCY=${CONCURRENCY:-"8 16 64"}
 KIB=${KIB:-100}
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p granary-node --bin granary -p granary-cluster-tests --bin cluster-bench
@@ -31,8 +32,10 @@ mkdir -p "$OUT"
 echo "== failover: $TRIALS trials"
 target/release/cluster-bench failover "$TRIALS" 2>"$OUT/failover.log" | tee "$OUT/failover.json"
 for c in $CONCURRENCY; do
-    echo "== publish: ${SECONDS_PER_RUN}s, concurrency $c, $KIB KiB"
-    target/release/cluster-bench publish "$SECONDS_PER_RUN" "$c" "$KIB" 2>"$OUT/publish-c$c.log" \
-        | tee "$OUT/publish-c$c.json"
+    for nodes in 3 1; do
+        echo "== publish: ${SECONDS_PER_RUN}s, concurrency $c, $KIB KiB, $nodes node(s)"
+        target/release/cluster-bench publish "$SECONDS_PER_RUN" "$c" "$KIB" "$nodes" \
+            2>"$OUT/publish-c$c-n$nodes.log" | tee "$OUT/publish-c$c-n$nodes.json"
+    done
 done
 echo "== results in $OUT"

@@ -51,7 +51,9 @@ pub(crate) async fn serve(
     listener: TcpListener,
     cancel: CancellationToken,
 ) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // Replies are small frames written as soon as they are ready: without TCP_NODELAY,
+    // Nagle's algorithm holds one back until the peer's delayed ACK (40 ms on Linux).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let check = CheckSecret(secret);
     let cluster = cluster_service.cluster.clone();
     let raft = pb::raft_server::RaftServer::new(RaftService::new(cluster.raft().clone()))

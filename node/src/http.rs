@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use granary_format::{Action, Body, Caller, Format, FormatError, RepositoryRef};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -184,7 +184,15 @@ async fn serve_format<F: Format>(
             request_id,
         );
     }
-    let claims = match auth::authenticate_token(&node.state, req.headers(), domain, now) {
+    let mut authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
+    if matches!(authenticated, Err(TokenAuthError::Invalid)) {
+        // Perhaps signed a moment ago through another node with a key this node has not
+        // applied yet: catch up with the leader and check once more.
+        if node.cluster.linearize().await.is_ok() {
+            authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
+        }
+    }
+    let claims = match authenticated {
         Ok(c) => c,
         Err(TokenAuthError::Store(e)) => {
             return format_error(format, FormatError::Internal(e.to_string()), request_id);
@@ -205,11 +213,26 @@ async fn serve_format<F: Format>(
     };
     // Reads see every write acknowledged before them, on whichever node they land; a node
     // cut off from the leader answers 503 rather than stale metadata. Only authenticated
-    // requests cost the leader a round trip.
-    if let Err(e) = node.cluster.linearize().await {
-        return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
+    // requests cost the leader a round trip. A write starts its round and goes on with the
+    // upload meanwhile (see `registry::CatchUp`).
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let round = if write {
+        Some(crate::registry::catch_up(node))
+    } else {
+        if let Err(e) = node.cluster.linearize().await {
+            return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
+        }
+        None
+    };
+    let mut found = node.state.repository_cached(domain, repository);
+    if let (Ok(None), Some(round)) = (&found, &round) {
+        // Perhaps created a moment ago through another node: look again once caught up.
+        if let Err(e) = round.clone().await {
+            return format_error(format, FormatError::Unavailable(e), request_id);
+        }
+        found = node.state.repository_cached(domain, repository);
     }
-    match node.state.repository_cached(domain, repository) {
+    match found {
         Ok(Some(_)) => {}
         Ok(None) => {
             return format_error(
@@ -250,7 +273,8 @@ async fn serve_format<F: Format>(
                 .to_owned(),
         },
         format.upstream(),
-    );
+    )
+    .after(round);
     match format.handle(route, body, &registry).await {
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),

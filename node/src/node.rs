@@ -200,7 +200,10 @@ pub async fn run_embedded(
     };
     let cluster = Cluster::new(raft.clone(), peers, config.node_id, config.read_consistency);
     let blobs = BlobStore::new(
-        Arc::new(RocksBlobBackend::new(store.clone())),
+        Arc::new(RocksBlobBackend::open(
+            store.clone(),
+            &config.data_dir.join("blobs"),
+        )?),
         (config.blob_cache_mib << 20) as usize,
     );
     let replicator = BlobReplicator::new(blobs.clone(), cluster.clone(), config.max_body_bytes);

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use granary_format::model::{
     BlobInfo, NewVersion, OriginType, PackageChange, PackageKey, PackageRecord, VersionOrigin,
     VersionRecord, VersionStatus,
@@ -34,6 +36,25 @@ pub(crate) struct NodeRegistry {
     /// The chain's answer for the package this request asked about: one walk per
     /// request, and every read of the request sees the same one.
     pub(crate) resolved: tokio::sync::Mutex<Option<(PackageKey, Arc<Resolution>)>>,
+    /// For a write, the ReadIndex round started when the request arrived: reads of the
+    /// local state wait for it (see [`CatchUp`]).
+    catch_up: Option<CatchUp>,
+}
+
+/// A ReadIndex round running beside a write request. The write is decided by the leader
+/// in apply, against its latest state, so the request need not wait for the round before
+/// it starts receiving and replicating the upload; only the format's own reads of the
+/// local state (its early checks: does the version exist, which tags) wait, so that they
+/// see every write acknowledged before the request arrived, as any read does.
+pub(crate) type CatchUp = Shared<BoxFuture<'static, Result<(), String>>>;
+
+/// Starts the ReadIndex round for a write request.
+pub(crate) fn catch_up(node: &Arc<Node>) -> CatchUp {
+    let cluster = node.cluster.clone();
+    let round = tokio::spawn(async move { cluster.linearize().await.map_err(|e| e.to_string()) });
+    async move { round.await.unwrap_or_else(|e| Err(e.to_string())) }
+        .boxed()
+        .shared()
 }
 
 fn internal(e: StoreError) -> RegistryError {
@@ -56,6 +77,20 @@ impl NodeRegistry {
             caller,
             reader,
             resolved: tokio::sync::Mutex::new(None),
+            catch_up: None,
+        }
+    }
+
+    /// Makes this view's local reads wait for `round` first.
+    pub(crate) fn after(mut self, round: Option<CatchUp>) -> Self {
+        self.catch_up = round;
+        self
+    }
+
+    async fn caught_up(&self) -> Result<(), RegistryError> {
+        match &self.catch_up {
+            Some(round) => round.clone().await.map_err(RegistryError::Unavailable),
+            None => Ok(()),
         }
     }
 
@@ -70,6 +105,7 @@ impl NodeRegistry {
     }
 
     async fn resolution(&self, key: &PackageKey) -> Result<Arc<Resolution>, RegistryError> {
+        self.caught_up().await?;
         let mut slot = self.resolved.lock().await;
         if let Some((k, r)) = &*slot
             && k == key
@@ -140,6 +176,7 @@ impl Registry for NodeRegistry {
     }
 
     async fn package(&self, key: &PackageKey) -> Result<Option<PackageRecord>, RegistryError> {
+        self.caught_up().await?;
         self.node
             .state
             .package(&self.repo.domain, &self.repo.repository, self.format, key)
@@ -147,6 +184,7 @@ impl Registry for NodeRegistry {
     }
 
     async fn versions(&self, key: &PackageKey) -> Result<Vec<VersionRecord>, RegistryError> {
+        self.caught_up().await?;
         self.node
             .state
             .versions(&self.repo.domain, &self.repo.repository, self.format, key)
@@ -158,6 +196,7 @@ impl Registry for NodeRegistry {
         key: &PackageKey,
         version: &str,
     ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
+        self.caught_up().await?;
         self.node
             .state
             .version(
@@ -239,6 +278,7 @@ impl Registry for NodeRegistry {
     async fn publish(&self, v: NewVersion) -> Result<(), RegistryError> {
         // CodeArtifact refuses to publish a version its upstreams already offer, unless
         // the package blocks upstream versions here.
+        self.caught_up().await?;
         if let Some(source) = self
             .node
             .upstreams

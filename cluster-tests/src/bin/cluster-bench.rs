@@ -4,12 +4,13 @@
 //! ```text
 //! cluster-bench failover [TRIALS]                 time from leader SIGKILL to the next
 //!                                                 acknowledged publish, per trial
-//! cluster-bench publish [SECONDS] [CONCURRENCY] [KIB]
+//! cluster-bench publish [SECONDS] [CONCURRENCY] [KIB] [NODES]
 //!                                                 npm publishes of KIB-sized packages
-//!                                                 spread over three nodes: rate, latency
+//!                                                 spread over NODES (3) nodes: rate,
+//!                                                 latency; NODES=1 is the reference
 //! ```
 //!
-//! Both start a three-node cluster of the `granary` binary found as the tests find it
+//! Both start a cluster (three nodes unless told otherwise) of the `granary` binary found as the tests find it
 //! (`GRANARY_BIN`, or next to this executable) and print one JSON line of results last.
 
 use std::sync::Arc;
@@ -99,7 +100,7 @@ async fn failover(trials: u64) {
     );
 }
 
-async fn publish(seconds: u64, concurrency: u64, kib: u64) {
+async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
     // Every request body is built before the cluster starts (hashing and base64 cost the
     // client, not the cluster): enough for 800 publishes/s.
     let count = (seconds * 800) as usize;
@@ -116,7 +117,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64) {
             })
             .collect(),
     );
-    let cluster = Cluster::start(Seed::from_env(), 3).await;
+    let cluster = Cluster::start(Seed::from_env(), nodes as usize).await;
     let repo = cluster.setup(1, "bench", "publish").await;
     let clients = cluster.clients(&cluster.ids());
     let next = Arc::new(AtomicUsize::new(0));
@@ -154,7 +155,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64) {
         "{}",
         json!({
             "bench": "publish",
-            "nodes": 3,
+            "nodes": nodes,
             "seconds": wall,
             "concurrency": concurrency,
             "kib": kib,
@@ -172,7 +173,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64) {
 async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("failover") => failover(arg(2, 20)).await,
-        Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100)).await,
+        Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100), arg(5, 3)).await,
         _ => {
             eprintln!(
                 "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB]"

@@ -29,6 +29,8 @@ use crate::store::blob::{BlobError, BlobStore};
 
 /// Size of the chunks streamed between nodes.
 const WIRE_CHUNK: usize = 256 * 1024;
+/// Blobs larger than this are pushed only after asking whether the peer has them.
+const ASK_FIRST_ABOVE: u64 = 1 << 20;
 /// Concurrent background pulls.
 const PULL_CONCURRENCY: usize = 4;
 /// Interval of the anti-entropy scan.
@@ -115,20 +117,24 @@ impl BlobReplicator {
             .peers()
             .cluster_bulk(addr)
             .map_err(|e| e.to_string())?;
-        let has = client
-            .has_blob(pb::BlobRef {
-                sha256: sha256.to_owned(),
-            })
-            .await
-            .map_err(|e| e.message().to_owned())?;
-        if has.into_inner().present {
-            return Ok(());
-        }
         let (info, body) = self
             .blobs
             .open(sha256)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
+        // A large blob is offered first, in case the peer has it; a small one is cheaper
+        // to send than to ask about (a peer that has it answers without reading it).
+        if info.size > ASK_FIRST_ABOVE {
+            let has = client
+                .has_blob(pb::BlobRef {
+                    sha256: sha256.to_owned(),
+                })
+                .await
+                .map_err(|e| e.message().to_owned())?;
+            if has.into_inner().present {
+                return Ok(());
+            }
+        }
         // The body is not `Sync`, which a client stream must be: a feeder task moves its
         // chunks through a channel. A read error ends the stream early, which fails the
         // receiver's digest check.

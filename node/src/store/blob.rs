@@ -2,33 +2,39 @@
 //!
 //! ```text
 //!  upload body ──▶ BlobStore::put ──(hash md5/sha1/sha256/sha512 while streaming)──▶
-//!     chunks under a fresh data id ──▶ commit: meta under sha256 (synced) ──▶ BlobInfo
+//!     chunks appended to segment files ──▶ commit: segments synced, then meta under
+//!     sha256 (synced) ──▶ BlobInfo
 //!  download ◀── BlobStore::open(sha256) ◀── meta ── chunks read one at a time
 //! ```
 //!
-//! The SHA-256 is known only at the end of an upload, so chunks are written under a random
-//! data id and the meta record (`sha256 → data id, size, hashes`) is written last, with a
-//! WAL sync that also makes every chunk before it durable. If the blob already existed,
-//! the new chunks are discarded. Nothing holds a whole artifact in memory: one chunk at a
-//! time, in and out. Reference counting and garbage collection of unreferenced blobs
-//! belong to the state machine, not here.
+//! The SHA-256 is known only at the end of an upload, so chunks are written first, where
+//! the backend puts them, and the meta record (`sha256 → where the chunks are, size,
+//! hashes`) is written last, once the chunks are durable (see [`super::segments`]). If
+//! the blob already existed, the new chunks are left unreferenced. Nothing holds a whole
+//! artifact in memory: one chunk at a time, in and out. Reference counting and garbage
+//! collection of unreferenced blobs belong to the state machine, not here.
+//!
+//! Blobs stored before segment files existed keep their chunks in the `blobs` column
+//! family under a data id; they are read from there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use granary_format::Body;
 use granary_format::hashing::MultiHasher;
 use granary_format::model::BlobInfo;
 #[cfg(test)]
 use granary_format::model::Hashes;
 use http_body_util::BodyExt;
-use rocksdb::WriteOptions;
+use rocksdb::{WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::chunk_cache::ChunkCache;
+use super::chunk_cache::{ChunkCache, ChunkKey};
+use super::segments::{CommitRequest, Extent, MetaSink, Segments};
 use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
 
 /// Size of one stored chunk.
@@ -37,12 +43,52 @@ pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
 /// What is recorded for a blob.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct BlobMeta {
-    /// Where its chunks live.
-    pub(crate) data_id: [u8; 16],
-    /// Number of chunks.
+    /// Where its chunks are, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) extents: Vec<Extent>,
+    /// The older layout: chunks in the `blobs` column family under this data id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) data_id: Option<[u8; 16]>,
+    /// Number of chunks of the older layout.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) chunks: u32,
     /// Size and digests.
     pub(crate) info: BlobInfo,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl BlobMeta {
+    fn parts(&self) -> usize {
+        match self.data_id {
+            Some(_) => self.chunks as usize,
+            None => self.extents.len(),
+        }
+    }
+
+    /// The cache key of part `i`: chunks of the older layout by data id and index,
+    /// extents by segment and offset (behind eight zero bytes, where a random data id
+    /// will not be).
+    fn cache_key(&self, i: usize) -> ChunkKey {
+        let mut k = [0u8; 20];
+        match self.data_id {
+            Some(id) => {
+                k[..16].copy_from_slice(&id);
+                k[16..].copy_from_slice(&(i as u32).to_be_bytes());
+            }
+            None => k = extent_cache_key(&self.extents[i]),
+        }
+        k
+    }
+}
+
+fn extent_cache_key(e: &Extent) -> ChunkKey {
+    let mut k = [0u8; 20];
+    k[8..12].copy_from_slice(&e.segment.to_be_bytes());
+    k[12..].copy_from_slice(&e.offset.to_be_bytes());
+    k
 }
 
 /// Errors writing or reading a blob.
@@ -59,20 +105,24 @@ pub(crate) enum BlobError {
     Store(#[from] StoreError),
 }
 
-/// The storage a [`BlobStore`] runs on: RocksDB in the node, memory in tests (where it can
-/// also fail on purpose).
+/// The storage a [`BlobStore`] runs on: segment files and RocksDB in the node, memory in
+/// tests (where it can also fail on purpose).
 pub(crate) trait BlobBackend: Send + Sync + 'static {
-    /// Writes one chunk of an upload in progress.
-    fn put_chunk(&self, data_id: &[u8; 16], index: u32, data: &[u8]) -> Result<(), StoreError>;
-    /// Records a finished blob, durably. Returns false (and records nothing) if a blob with
-    /// this digest exists already.
-    fn commit(&self, sha256: &[u8; 32], meta: &BlobMeta) -> Result<bool, StoreError>;
-    /// Drops the chunks of an abandoned or duplicate upload.
-    fn discard(&self, data_id: &[u8; 16], chunks: u32) -> Result<(), StoreError>;
+    /// Writes one chunk of an upload in progress; durable once a commit naming it returns.
+    fn put_chunk(&self, data: &[u8]) -> Result<Extent, StoreError>;
+    /// Makes the chunks `meta` names durable, then records the blob, durably. Resolves to
+    /// false (and records nothing) if a blob with this digest exists already.
+    fn commit(
+        &self,
+        sha256: [u8; 32],
+        meta: BlobMeta,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
+    /// Gives up the chunks of an abandoned or duplicate upload, where the backend can.
+    fn discard(&self, extents: &[Extent]);
     /// The record of a blob.
     fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError>;
-    /// One chunk.
-    fn chunk(&self, data_id: &[u8; 16], index: u32) -> Result<Option<Bytes>, StoreError>;
+    /// Part `i` of a blob.
+    fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError>;
 }
 
 fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
@@ -82,50 +132,108 @@ fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
     k
 }
 
-/// Blobs in the node's RocksDB.
+/// Blobs in segment files, their records in the node's RocksDB.
 pub(crate) struct RocksBlobBackend {
     store: Store,
-    /// Serializes commits so two uploads of the same bytes cannot both record meta.
-    commit_lock: Mutex<()>,
+    segments: Arc<Segments>,
+    committer: Mutex<Option<std::sync::mpsc::Sender<CommitRequest>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The committer's view of `blob_meta`.
+struct RocksMetaSink(Store);
+
+impl MetaSink for RocksMetaSink {
+    fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
+        let cf = self.0.cf(CF_BLOB_META);
+        Ok(self.0.db().get_pinned_cf(cf, key)?.is_some())
+    }
+
+    fn write_synced(&self, pairs: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError> {
+        let cf = self.0.cf(CF_BLOB_META);
+        let mut batch = WriteBatch::default();
+        for (k, v) in pairs {
+            batch.put_cf(cf, k, v);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.0.db().write_opt(batch, &opts)?)
+    }
 }
 
 impl RocksBlobBackend {
-    pub(crate) fn new(store: Store) -> Self {
-        RocksBlobBackend {
+    /// Opens the segment files under `dir` and starts the committer.
+    pub(crate) fn open(store: Store, dir: &std::path::Path) -> Result<Self, StoreError> {
+        let segments = Arc::new(Segments::open(dir, super::segments::SEGMENT_BYTES)?);
+        let (tx, thread) =
+            super::segments::spawn_committer(segments.clone(), RocksMetaSink(store.clone()))?;
+        Ok(RocksBlobBackend {
             store,
-            commit_lock: Mutex::new(()),
+            segments,
+            committer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl Drop for RocksBlobBackend {
+    fn drop(&mut self) {
+        // The committer holds the database open: let it finish before the node's files
+        // are reopened (a restart in the same process).
+        drop(
+            self.committer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
         }
     }
 }
 
 impl BlobBackend for RocksBlobBackend {
-    fn put_chunk(&self, data_id: &[u8; 16], index: u32, data: &[u8]) -> Result<(), StoreError> {
-        let cf = self.store.cf(CF_BLOBS);
-        Ok(self
-            .store
-            .db()
-            .put_cf(cf, chunk_key(data_id, index), data)?)
+    fn put_chunk(&self, data: &[u8]) -> Result<Extent, StoreError> {
+        self.segments.append(data)
     }
 
-    fn commit(&self, sha256: &[u8; 32], meta: &BlobMeta) -> Result<bool, StoreError> {
-        let cf = self.store.cf(CF_BLOB_META);
-        let _guard = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.store.db().get_pinned_cf(cf, sha256)?.is_some() {
-            return Ok(false);
-        }
-        let value = serde_json::to_vec(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut opts = WriteOptions::default();
-        // One WAL sync makes the chunks written before it durable too.
-        opts.set_sync(true);
-        self.store.db().put_cf_opt(cf, sha256, value, &opts)?;
-        Ok(true)
+    fn commit(
+        &self,
+        sha256: [u8; 32],
+        meta: BlobMeta,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = serde_json::to_vec(&meta)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .and_then(|value| {
+                let request = CommitRequest {
+                    segments: meta
+                        .extents
+                        .iter()
+                        .map(|e| e.segment)
+                        .collect::<HashSet<_>>(),
+                    key: sha256,
+                    value,
+                    reply,
+                };
+                self.committer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .ok_or_else(|| StoreError::Io("the blob store is closed".into()))?
+                    .send(request)
+                    .map_err(|_| StoreError::Io("the blob committer stopped".into()))
+            });
+        Box::pin(async move {
+            sent?;
+            answer
+                .await
+                .map_err(|_| StoreError::Io("the blob committer stopped".into()))?
+        })
     }
 
-    fn discard(&self, data_id: &[u8; 16], chunks: u32) -> Result<(), StoreError> {
-        let cf = self.store.cf(CF_BLOBS);
-        let from = chunk_key(data_id, 0);
-        let to = chunk_key(data_id, chunks);
-        Ok(self.store.db().delete_range_cf(cf, from, to)?)
+    fn discard(&self, _extents: &[Extent]) {
+        // Segments are append-only: the bytes stay, unreferenced.
     }
 
     fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
@@ -138,13 +246,19 @@ impl BlobBackend for RocksBlobBackend {
         }
     }
 
-    fn chunk(&self, data_id: &[u8; 16], index: u32) -> Result<Option<Bytes>, StoreError> {
-        let cf = self.store.cf(CF_BLOBS);
-        Ok(self
-            .store
-            .db()
-            .get_pinned_cf(cf, chunk_key(data_id, index))?
-            .map(|v| Bytes::copy_from_slice(&v)))
+    fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError> {
+        if let Some(id) = &meta.data_id {
+            let cf = self.store.cf(CF_BLOBS);
+            return Ok(self
+                .store
+                .db()
+                .get_pinned_cf(cf, chunk_key(id, i as u32))?
+                .map(|v| Bytes::copy_from_slice(&v)));
+        }
+        match meta.extents.get(i) {
+            Some(e) => self.segments.read(e).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -152,7 +266,8 @@ impl BlobBackend for RocksBlobBackend {
 #[derive(Default)]
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct MemBlobBackend {
-    chunks: Mutex<HashMap<[u8; 20], Bytes>>,
+    chunks: Mutex<HashMap<u64, Bytes>>,
+    next: std::sync::atomic::AtomicU64,
     metas: Mutex<HashMap<[u8; 32], BlobMeta>>,
     /// When set, every write fails with an I/O error.
     pub(crate) fail_writes: std::sync::atomic::AtomicBool,
@@ -169,29 +284,39 @@ impl MemBlobBackend {
 }
 
 impl BlobBackend for MemBlobBackend {
-    fn put_chunk(&self, data_id: &[u8; 16], index: u32, data: &[u8]) -> Result<(), StoreError> {
+    fn put_chunk(&self, data: &[u8]) -> Result<Extent, StoreError> {
         self.check()?;
+        let offset = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
-        chunks.insert(chunk_key(data_id, index), Bytes::copy_from_slice(data));
-        Ok(())
+        chunks.insert(offset, Bytes::copy_from_slice(data));
+        Ok(Extent {
+            segment: 0,
+            offset,
+            len: data.len() as u32,
+        })
     }
 
-    fn commit(&self, sha256: &[u8; 32], meta: &BlobMeta) -> Result<bool, StoreError> {
-        self.check()?;
-        let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
-        if metas.contains_key(sha256) {
-            return Ok(false);
-        }
-        metas.insert(*sha256, meta.clone());
-        Ok(true)
+    fn commit(
+        &self,
+        sha256: [u8; 32],
+        meta: BlobMeta,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let result = self.check().map(|()| {
+            let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+            if metas.contains_key(&sha256) {
+                return false;
+            }
+            metas.insert(sha256, meta);
+            true
+        });
+        Box::pin(async move { result })
     }
 
-    fn discard(&self, data_id: &[u8; 16], chunks: u32) -> Result<(), StoreError> {
+    fn discard(&self, extents: &[Extent]) {
         let mut map = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
-        for i in 0..chunks {
-            map.remove(&chunk_key(data_id, i));
+        for e in extents {
+            map.remove(&e.offset);
         }
-        Ok(())
     }
 
     fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
@@ -203,12 +328,15 @@ impl BlobBackend for MemBlobBackend {
             .cloned())
     }
 
-    fn chunk(&self, data_id: &[u8; 16], index: u32) -> Result<Option<Bytes>, StoreError> {
+    fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError> {
+        let Some(e) = meta.extents.get(i) else {
+            return Ok(None);
+        };
         Ok(self
             .chunks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&chunk_key(data_id, index))
+            .get(&e.offset)
             .cloned())
     }
 }
@@ -311,13 +439,12 @@ impl BlobStore {
         limit: u64,
         expected: Option<&BlobInfo>,
     ) -> Result<BlobInfo, BlobError> {
-        let data_id: [u8; 16] = rand::random();
         let mut hasher = match expected {
             None => Hashing::All(Box::new(MultiHasher::new())),
             Some(_) => Hashing::Sha256(Sha256::new(), 0),
         };
         let mut buf = BytesMut::with_capacity(CHUNK_SIZE);
-        let mut index: u32 = 0;
+        let mut extents = Vec::new();
         let result: Result<(), BlobError> = async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
@@ -338,22 +465,18 @@ impl BlobStore {
                     let take = (CHUNK_SIZE - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == CHUNK_SIZE {
-                        self.backend.put_chunk(&data_id, index, &buf)?;
-                        index += 1;
-                        buf.clear();
+                        extents.push(self.write_chunk(buf.split().freeze())?);
                     }
                 }
             }
             if !buf.is_empty() {
-                self.backend.put_chunk(&data_id, index, &buf)?;
-                index += 1;
+                extents.push(self.write_chunk(buf.split().freeze())?);
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            // Best effort: an orphan chunk left by a failed discard is only wasted space.
-            let _ = self.backend.discard(&data_id, index + 1);
+            self.backend.discard(&extents);
             return Err(e);
         }
         let info = match (hasher, expected) {
@@ -364,7 +487,7 @@ impl BlobStore {
             (Hashing::Sha256(h, len), Some(expected)) => {
                 let sha256 = hex::encode(h.finalize());
                 if sha256 != expected.hashes.sha256 || len != expected.size {
-                    let _ = self.backend.discard(&data_id, index);
+                    self.backend.discard(&extents);
                     return Err(BlobError::Upload(format!(
                         "replica of {} arrived as {sha256} ({len} bytes)",
                         expected.hashes.sha256
@@ -377,14 +500,23 @@ impl BlobStore {
         let sha = parse_sha256(&info.hashes.sha256)
             .ok_or_else(|| StoreError::Corrupt("hasher produced a bad digest".into()))?;
         let meta = BlobMeta {
-            data_id,
-            chunks: index,
+            extents: extents.clone(),
+            data_id: None,
+            chunks: 0,
             info: info.clone(),
         };
-        if !self.backend.commit(&sha, &meta)? {
-            self.backend.discard(&data_id, index)?;
+        if !self.backend.commit(sha, meta).await? {
+            self.backend.discard(&extents);
         }
         Ok(info)
+    }
+
+    /// Writes one chunk and keeps it in the cache: a new blob is read again at once, to
+    /// push it to peers and often to serve the install that follows a publish.
+    fn write_chunk(&self, chunk: Bytes) -> Result<Extent, StoreError> {
+        let at = self.backend.put_chunk(&chunk)?;
+        self.cache.insert(extent_cache_key(&at), chunk);
+        Ok(at)
     }
 
     /// Whether the blob is stored here.
@@ -406,18 +538,18 @@ impl BlobStore {
         let info = meta.info.clone();
         let backend = self.backend.clone();
         let cache = self.cache.clone();
-        let stream = futures::stream::unfold(0u32, move |i| {
+        let stream = futures::stream::unfold(0usize, move |i| {
             let backend = backend.clone();
             let cache = cache.clone();
             let meta = meta.clone();
             async move {
-                if i >= meta.chunks {
+                if i >= meta.parts() {
                     return None;
                 }
-                let key = chunk_key(&meta.data_id, i);
+                let key = meta.cache_key(i);
                 let chunk = match cache.get(&key) {
                     Some(c) => Ok(Some(c)),
-                    None => backend.chunk(&meta.data_id, i).inspect(|c| {
+                    None => backend.part(&meta, i).inspect(|c| {
                         if let Some(c) = c {
                             cache.insert(key, c.clone());
                         }
@@ -534,11 +666,56 @@ mod tests {
     async fn rocks_roundtrip_and_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        roundtrip(BlobStore::new(
-            Arc::new(RocksBlobBackend::new(store)),
-            1 << 20,
-        ))
-        .await;
+        let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+        roundtrip(BlobStore::new(Arc::new(backend), 1 << 20)).await;
+    }
+
+    #[tokio::test]
+    async fn blobs_of_the_older_layout_stay_readable_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample(CHUNK_SIZE + 777);
+        let info = BlobInfo {
+            size: data.len() as u64,
+            hashes: hashes_of(&data),
+        };
+        let sha = parse_sha256(&info.hashes.sha256).unwrap();
+        let new_data = sample(3 * CHUNK_SIZE + 5);
+        {
+            // A blob written as earlier versions wrote them: chunks in `blobs` under a
+            // data id, a meta naming them.
+            let store = Store::open(dir.path()).unwrap();
+            let id = [7u8; 16];
+            let cf = store.cf(CF_BLOBS);
+            for (i, c) in data.chunks(CHUNK_SIZE).enumerate() {
+                store.db().put_cf(cf, chunk_key(&id, i as u32), c).unwrap();
+            }
+            let old = serde_json::json!({"data_id": id, "chunks": 2, "info": info});
+            let cf = store.cf(CF_BLOB_META);
+            store
+                .db()
+                .put_cf(cf, sha, serde_json::to_vec(&old).unwrap())
+                .unwrap();
+            let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+            let blobs = BlobStore::new(Arc::new(backend), 0);
+            assert_eq!(
+                &blobs.read_all(&info.hashes.sha256).await.unwrap()[..],
+                &data[..]
+            );
+            blobs
+                .put(body::full(new_data.clone()), u64::MAX)
+                .await
+                .unwrap();
+        }
+        // Reopened (the committer thread is gone with the old backend): both readable.
+        let store = Store::open(dir.path()).unwrap();
+        let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+        let blobs = BlobStore::new(Arc::new(backend), 0);
+        assert_eq!(
+            &blobs.read_all(&info.hashes.sha256).await.unwrap()[..],
+            &data[..]
+        );
+        let new_sha = hashes_of(&new_data).sha256;
+        assert_eq!(&blobs.read_all(&new_sha).await.unwrap()[..], &new_data[..]);
     }
 
     #[tokio::test]

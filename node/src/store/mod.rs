@@ -4,15 +4,19 @@
 //!   raft_log   index (u64 BE)            → openraft Entry (JSON)
 //!   raft_meta  "vote" | "committed" | "purged" | "snapshot"
 //!   state      the replicated state machine (see `state::keys`)
-//!   blobs      data id (16 B) ‖ chunk# (u32 BE) → chunk bytes      (blob files on)
-//!   blob_meta  sha256 (32 B)                → BlobMeta (JSON)
+//!   blobs      data id (16 B) ‖ chunk# (u32 BE) → chunk bytes      (older blobs only)
+//!   blob_meta  sha256 (32 B)                → BlobMeta (JSON): where its chunks are
 //! ```
+//!
+//! Blob bytes live beside the database, in append-only segment files under `blobs/`
+//! (see [`segments`]).
 //!
 //! This module owns opening the database and checking its column families; the Raft log,
 //! the state machine and the blob store each own their column families' contents.
 
 pub(crate) mod blob;
 mod chunk_cache;
+pub(crate) mod segments;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -189,11 +189,22 @@ impl InprocCluster {
 /// Publishes one version through `via`; `Ok` once acknowledged, `Err` with what the node
 /// said otherwise.
 async fn publish(c: &Client, token: &str, name: &str, tgz: &[u8]) -> Result<(), String> {
+    publish_in(c, token, "inproc", name, tgz).await
+}
+
+/// [`publish`] to the repository `repo` of `domain`.
+async fn publish_in(
+    c: &Client,
+    token: &str,
+    domain: &str,
+    name: &str,
+    tgz: &[u8],
+) -> Result<(), String> {
     let body = npm_publish_body(name, "1.0.0", tgz, json!({}));
     let r = c
         .raw(
             "PUT",
-            &format!("/npm/inproc/repo/{}", npm_path(name)),
+            &format!("/npm/{domain}/repo/{}", npm_path(name)),
             &[
                 ("authorization", format!("Bearer {token}")),
                 ("content-type", "application/json".into()),
@@ -330,5 +341,32 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
     );
     cluster.faults.heal();
     all_readable(&cluster, &cluster.ids(), &token, &acked).await;
+    cluster.stop().await;
+}
+
+/// A domain, repository and token made through the leader are usable at once through a
+/// follower that has not applied them yet. Every peer call is delayed, so a follower
+/// learns that an entry committed only with the leader's next message, after the client
+/// already has its answer. A write does not wait for a read index before it starts, so
+/// one that finds its token's key or its repository missing catches up with the leader
+/// and looks again: never a 401 or 404 for something acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
+    let mut cluster = InprocCluster::start(3).await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let followers: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    cluster
+        .faults
+        .delay(Duration::from_millis(20), Duration::from_millis(50));
+    for round in 0..8 {
+        let domain = format!("lag{round}");
+        let token = cluster.client(leader).setup(&domain, "repo").await;
+        let via = followers[cluster.rng.random_range(0..followers.len())];
+        let tgz = fake_tgz(cluster.rng.random(), 4096);
+        publish_in(&cluster.client(via), &token, &domain, "fresh", &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish through node {via} right after setup: {e}"));
+    }
+    cluster.faults.heal();
     cluster.stop().await;
 }

@@ -38,7 +38,8 @@ pub enum ConfigError {
 pub struct Config {
     /// This node's Raft id, unique in the cluster. Default: `1`.
     pub node_id: u64,
-    /// Directory holding the node's RocksDB (Raft log, state, blobs). Default: `./granary-data`.
+    /// Directory of the node's data: `db/` (RocksDB: Raft log, state, blob records) and
+    /// `blobs/` (segment files). Default: `./granary-data`.
     pub data_dir: PathBuf,
     /// Address of the HTTP front (package endpoints, CodeArtifact API, health).
     /// Default: `127.0.0.1:8080`.

@@ -39,6 +39,8 @@ use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
 
 /// Size of one stored chunk.
 pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
+/// Chunks of an upload kept in the cache as they are written (the first 4 MiB).
+const CACHED_CHUNKS_PER_UPLOAD: usize = 16;
 
 /// What is recorded for a blob.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -465,12 +467,12 @@ impl BlobStore {
                     let take = (CHUNK_SIZE - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == CHUNK_SIZE {
-                        extents.push(self.write_chunk(buf.split().freeze())?);
+                        extents.push(self.write_chunk(buf.split().freeze(), extents.len())?);
                     }
                 }
             }
             if !buf.is_empty() {
-                extents.push(self.write_chunk(buf.split().freeze())?);
+                extents.push(self.write_chunk(buf.split().freeze(), extents.len())?);
             }
             Ok(())
         }
@@ -511,11 +513,15 @@ impl BlobStore {
         Ok(info)
     }
 
-    /// Writes one chunk and keeps it in the cache: a new blob is read again at once, to
-    /// push it to peers and often to serve the install that follows a publish.
-    fn write_chunk(&self, chunk: Bytes) -> Result<Extent, StoreError> {
+    /// Writes chunk `index` of an upload. The first few chunks of each upload are kept
+    /// in the cache: a new package is read again at once, to push it to peers and often
+    /// to serve the install that follows its publish; a large upload does not push
+    /// every popular download out of the cache.
+    fn write_chunk(&self, chunk: Bytes, index: usize) -> Result<Extent, StoreError> {
         let at = self.backend.put_chunk(&chunk)?;
-        self.cache.insert(extent_cache_key(&at), chunk);
+        if index < CACHED_CHUNKS_PER_UPLOAD {
+            self.cache.insert(extent_cache_key(&at), chunk);
+        }
         Ok(at)
     }
 

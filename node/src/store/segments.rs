@@ -59,9 +59,10 @@ fn io(what: impl std::fmt::Display, e: std::io::Error) -> StoreError {
     StoreError::Io(format!("{what}: {e}"))
 }
 
+/// The segment appended to: none until the first append after opening.
 struct Active {
     id: u32,
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     len: u64,
 }
 
@@ -85,8 +86,8 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Segments {
-    /// Opens the segments under `dir` (created if missing) and starts a new one to append
-    /// to: the tail of an existing segment may be a torn write, and is never appended to.
+    /// Opens the segments under `dir` (created if missing). The first append starts a new
+    /// segment: the tail of an existing one may be a torn write, and is never appended to.
     pub(crate) fn open(dir: &Path, max_len: u64) -> Result<Segments, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
         let mut last = 0u32;
@@ -101,16 +102,15 @@ impl Segments {
                 last = last.max(id);
             }
         }
-        let id = last
-            .checked_add(1)
-            .ok_or_else(|| StoreError::Io("segment numbers exhausted".into()))?;
-        let file = Arc::new(Self::create(dir, id)?);
-        let files = HashMap::from([(id, file.clone())]);
         Ok(Segments {
             dir: dir.to_owned(),
             max_len: max_len.max(1),
-            active: Mutex::new(Active { id, file, len: 0 }),
-            files: RwLock::new(files),
+            active: Mutex::new(Active {
+                id: last,
+                file: None,
+                len: 0,
+            }),
+            files: RwLock::new(HashMap::new()),
             poisoned: Default::default(),
         })
     }
@@ -135,7 +135,7 @@ impl Segments {
         let (id, file, offset) = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             let full = active.len > 0 && active.len + u64::from(len) > self.max_len;
-            if full || self.is_poisoned(active.id) {
+            if active.file.is_none() || full || self.is_poisoned(active.id) {
                 let id = active
                     .id
                     .checked_add(1)
@@ -145,11 +145,19 @@ impl Segments {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id, file.clone());
-                *active = Active { id, file, len: 0 };
+                *active = Active {
+                    id,
+                    file: Some(file),
+                    len: 0,
+                };
             }
             let offset = active.len;
             active.len += u64::from(len);
-            (active.id, active.file.clone(), offset)
+            let file = active
+                .file
+                .clone()
+                .unwrap_or_else(|| unreachable!("a segment was just started"));
+            (active.id, file, offset)
         };
         file.write_all_at(data, offset)
             .map_err(|e| io(segment_name(id), e))?;
@@ -325,6 +333,10 @@ mod tests {
     #[test]
     fn appends_roll_over_and_read_back_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path(), 100).unwrap();
+        drop(segs);
+        // Opening writes nothing: no empty segment per start.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let segs = Segments::open(dir.path(), 100).unwrap();
         let a = segs.append(&[1u8; 60]).unwrap();
         let b = segs.append(&[2u8; 60]).unwrap();

@@ -185,9 +185,10 @@ async fn serve_format<F: Format>(
         );
     }
     let mut authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
-    if matches!(authenticated, Err(TokenAuthError::Invalid)) {
-        // Perhaps signed a moment ago through another node with a key this node has not
-        // applied yet: catch up with the leader and check once more.
+    if matches!(authenticated, Err(TokenAuthError::UnknownKey)) {
+        // Perhaps signed with a key this node has not applied yet (it joined moments ago
+        // and is still catching up): catch up with the leader and check once more.
+        // Malformed and forged tokens are refused without costing the leader anything.
         if node.cluster.linearize().await.is_ok() {
             authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
         }

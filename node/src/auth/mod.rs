@@ -84,9 +84,13 @@ pub(crate) enum TokenAuthError {
     /// No credentials at all.
     #[error("authentication required: get a token with `aws codeartifact get-authorization-token`")]
     Missing,
-    /// The token is malformed, forged, or signed by an unknown key.
+    /// The token is malformed or forged.
     #[error("the authorization token is not valid")]
     Invalid,
+    /// The token names a signing key this node does not hold: revoked, made up, or made
+    /// a moment ago through another node and not applied here yet.
+    #[error("the authorization token is not valid")]
+    UnknownKey,
     /// The token expired.
     #[error("the authorization token has expired; get a new one")]
     Expired,
@@ -150,6 +154,7 @@ pub(crate) fn authenticate_token(
             let lookup = |kid: &str| state.token_secret(kid).ok().flatten();
             let claims = Arc::new(token::verify(&presented, lookup, now).map_err(|e| match e {
                 token::TokenError::Expired => TokenAuthError::Expired,
+                token::TokenError::UnknownKey => TokenAuthError::UnknownKey,
                 _ => TokenAuthError::Invalid,
             })?);
             if let (Some(c), Some(e)) = (state.cache(), epoch) {
@@ -227,6 +232,11 @@ mod tests {
         assert!(matches!(
             authenticate_token(&state, &bearer(&foreign), "d", now),
             Err(TokenAuthError::Invalid)
+        ));
+        let unknown = token::issue(&claims("d", now + 60), "k2", &key);
+        assert!(matches!(
+            authenticate_token(&state, &bearer(&unknown), "d", now),
+            Err(TokenAuthError::UnknownKey)
         ));
         assert!(matches!(
             authenticate_token(&state, &HeaderMap::new(), "d", now),

@@ -344,12 +344,12 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
     cluster.stop().await;
 }
 
-/// A domain, repository and token made through the leader are usable at once through a
-/// follower that has not applied them yet. Every peer call is delayed, so a follower
-/// learns that an entry committed only with the leader's next message, after the client
-/// already has its answer. A write does not wait for a read index before it starts, so
-/// one that finds its token's key or its repository missing catches up with the leader
-/// and looks again: never a 401 or 404 for something acknowledged.
+/// A repository made through the leader takes publishes at once through a follower that
+/// has not applied it yet. Every peer call is delayed, so a follower learns that an entry
+/// committed only with the leader's next message, after the client already has its
+/// answer. A write does not wait for a read index before it starts, so one that finds its
+/// repository missing catches up with the leader and looks again: never a 404 for a
+/// repository whose creation was acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
     let mut cluster = InprocCluster::start(3).await;
@@ -359,9 +359,9 @@ async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
         .faults
         .delay(Duration::from_millis(20), Duration::from_millis(50));
     for round in 0..8 {
+        let via = followers[cluster.rng.random_range(0..followers.len())];
         let domain = format!("lag{round}");
         let token = cluster.client(leader).setup(&domain, "repo").await;
-        let via = followers[cluster.rng.random_range(0..followers.len())];
         let tgz = fake_tgz(cluster.rng.random(), 4096);
         publish_in(&cluster.client(via), &token, &domain, "fresh", &tgz)
             .await

@@ -556,6 +556,20 @@ pub fn integrity(tgz: &[u8]) -> String {
     format!("sha512-{}", b64.encode(sha2::Sha512::digest(tgz)))
 }
 
+/// `len` deterministic bytes from `seed` that do not compress (xorshift64), for
+/// packages that defeat compression and deduplication.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = vec![0u8; len];
+    for chunk in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    out
+}
+
 /// A gzip-framed pseudo tarball made of `body` (the server stores bytes, it does not
 /// unpack them).
 pub fn fake_tgz(body: &[u8]) -> Vec<u8> {

@@ -763,6 +763,29 @@ fn now_iso() -> String {
         .expect("a UTC time formats with a fixed description")
 }
 
+/// A cluster of `nodes` whose `public:npmjs` is `standin`, every node with the same
+/// [`node_config`].
+pub async fn cluster_with(
+    standin: &StandIn,
+    nodes: usize,
+    metadata_ttl_secs: u64,
+    unavailable_backoff_ms: u64,
+) -> crate::cluster::Cluster {
+    crate::cluster::Cluster::start_with(
+        crate::seed::Seed::from_env(),
+        crate::cluster::Options {
+            nodes,
+            config_toml: Some(node_config(
+                &standin.url(),
+                metadata_ttl_secs,
+                unavailable_backoff_ms,
+            )),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// A node config (TOML) whose `public:npmjs` is the stand-in at `url`: public documents
 /// fresh for `metadata_ttl_secs`, a failed upstream left alone for `unavailable_backoff_ms`.
 pub fn node_config(url: &str, metadata_ttl_secs: u64, unavailable_backoff_ms: u64) -> String {
@@ -776,6 +799,7 @@ pub fn node_config(url: &str, metadata_ttl_secs: u64, unavailable_backoff_ms: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::noise;
 
     use std::io::Read;
     use std::time::Instant;
@@ -823,18 +847,6 @@ mod tests {
 
     fn sha1_hex(bytes: &[u8]) -> String {
         hex::encode(Sha1::digest(bytes))
-    }
-
-    /// Deterministic pseudo-random bytes (xorshift), for blobs that do not compress.
-    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
     }
 
     #[tokio::test]

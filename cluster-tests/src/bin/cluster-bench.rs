@@ -18,23 +18,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use granary_cluster_tests::bench::{arg, percentile};
-use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, npm_publish_body};
+use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, noise, npm_publish_body};
 use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
 use serde_json::json;
 
 /// A publish request body for a fresh package version with incompressible content.
 fn publish_body(name: &str, version: &str, kib: usize, salt: u64) -> Vec<u8> {
-    let mut data = vec![0u8; kib * 1024];
-    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in data.chunks_mut(8) {
-        // xorshift64: fast, and enough to defeat compression and deduplication.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+    let data = noise(kib * 1024, salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     npm_publish_body(name, version, &fake_tgz(&data))
         .to_string()
         .into_bytes()

@@ -24,10 +24,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use granary_cluster_tests::bench::{arg, percentile};
-use granary_cluster_tests::client::{NodeClient, Repo};
-use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
-use granary_cluster_tests::seed::Seed;
-use granary_cluster_tests::standin::{Counts, NpmVersion, StandIn, dependency_tree, node_config};
+use granary_cluster_tests::client::{NodeClient, Repo, noise};
+use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
+use granary_cluster_tests::standin::{Counts, NpmVersion, StandIn, cluster_with, dependency_tree};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -54,31 +53,9 @@ fn counts_json(c: Counts) -> Value {
     json!({ "packuments": c.packuments, "tarballs": c.tarballs, "other": c.other })
 }
 
-/// Deterministic bytes that do not compress (xorshift64).
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = vec![0u8; n];
-    for chunk in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    out
-}
-
 /// A cluster of `nodes` whose `public:npmjs` is the stand-in (every node the same config).
 async fn cluster_for(standin: &StandIn, nodes: usize) -> Cluster {
-    let config = node_config(&standin.url(), 300, 5000);
-    Cluster::start_with(
-        Seed::from_env(),
-        Options {
-            nodes,
-            config_toml: Some(config),
-            ..Options::default()
-        },
-    )
-    .await
+    cluster_with(standin, nodes, 300, 5000).await
 }
 
 async fn api_ok(client: &NodeClient, path: &str, body: Value) {
@@ -331,7 +308,8 @@ async fn get_tarball(http: &reqwest::Client, url: &str, token: &str) -> Result<G
 
 async fn coalesce(nodes: usize, requests: usize, mib: usize) {
     let mut standin = StandIn::start().await;
-    let big = NpmVersion::new("big", "1.0.0").file("blob.bin", noise(mib << 20));
+    let big =
+        NpmVersion::new("big", "1.0.0").file("blob.bin", noise(mib << 20, 0x9E37_79B9_7F4A_7C15));
     standin.add(big.clone());
     let tarball = standin.tarball_bytes("big", "1.0.0");
     let want = hex::encode(Sha256::digest(&tarball));

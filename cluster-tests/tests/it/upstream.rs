@@ -6,30 +6,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::future::join_all;
-use granary_cluster_tests::client::{NodeClient, Repo, npm_publish_body};
-use granary_cluster_tests::cluster::{Cluster, Options};
+use granary_cluster_tests::client::{NodeClient, Repo, noise, npm_publish_body};
+use granary_cluster_tests::cluster::Cluster;
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
-use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, dependency_tree, node_config};
+use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, cluster_with, dependency_tree};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::common::{npm, require, write};
-
-/// A cluster whose `public:npmjs` is the stand-in; `ttl` is the metadata TTL in seconds,
-/// `backoff_ms` how long a failed upstream is not asked again.
-async fn cluster_with(standin: &StandIn, nodes: usize, ttl: u64, backoff_ms: u64) -> Cluster {
-    let config = node_config(&standin.url(), ttl, backoff_ms);
-    Cluster::start_with(
-        Seed::from_env(),
-        Options {
-            nodes,
-            config_toml: Some(config),
-            ..Options::default()
-        },
-    )
-    .await
-}
 
 /// [`cluster_with`], a failed upstream asked again at once.
 async fn cluster_for(standin: &StandIn, nodes: usize, ttl: u64) -> Cluster {
@@ -112,7 +97,8 @@ async fn a_thousand_concurrent_misses_on_three_nodes_cost_one_upstream_request()
 
 async fn coalesced_misses(nodes: usize) {
     let mut standin = StandIn::start().await;
-    let big = NpmVersion::new("big", "1.0.0").file("blob.bin", pseudo_random(10 << 20));
+    let big =
+        NpmVersion::new("big", "1.0.0").file("blob.bin", noise(10 << 20, 0x9E37_79B9_7F4A_7C15));
     standin.add(big.clone());
     let want = sha256_hex(&standin.tarball_bytes("big", "1.0.0"));
     let cluster = cluster_for(&standin, nodes, 300).await;
@@ -205,19 +191,6 @@ async fn coalesced_misses(nodes: usize) {
         );
     }
     standin.stop().await;
-}
-
-/// Deterministic bytes that do not compress.
-fn pseudo_random(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A fresh project that depends on `deps` (name → range), installed with npm.

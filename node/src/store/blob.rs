@@ -74,15 +74,10 @@ impl BlobMeta {
     /// extents by segment and offset (behind eight zero bytes, where a random data id
     /// will not be).
     fn cache_key(&self, i: usize) -> ChunkKey {
-        let mut k = [0u8; 20];
-        match self.data_id {
-            Some(id) => {
-                k[..16].copy_from_slice(&id);
-                k[16..].copy_from_slice(&(i as u32).to_be_bytes());
-            }
-            None => k = extent_cache_key(&self.extents[i]),
+        match &self.data_id {
+            Some(id) => chunk_key(id, i as u32),
+            None => extent_cache_key(&self.extents[i]),
         }
-        k
     }
 }
 
@@ -138,8 +133,9 @@ fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
 pub(crate) struct RocksBlobBackend {
     store: Store,
     segments: Arc<Segments>,
-    committer: Mutex<Option<std::sync::mpsc::Sender<CommitRequest>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `None` only while dropping.
+    committer: Option<std::sync::mpsc::Sender<CommitRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The committer's view of `blob_meta`.
@@ -172,8 +168,8 @@ impl RocksBlobBackend {
         Ok(RocksBlobBackend {
             store,
             segments,
-            committer: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            committer: Some(tx),
+            thread: Some(thread),
         })
     }
 }
@@ -182,13 +178,8 @@ impl Drop for RocksBlobBackend {
     fn drop(&mut self) {
         // The committer holds the database open: let it finish before the node's files
         // are reopened (a restart in the same process).
-        drop(
-            self.committer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        drop(self.committer.take());
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
@@ -204,6 +195,7 @@ impl BlobBackend for RocksBlobBackend {
         sha256: [u8; 32],
         meta: BlobMeta,
     ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        const STOPPED: &str = "the blob committer stopped";
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = serde_json::to_vec(&meta)
             .map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -219,18 +211,14 @@ impl BlobBackend for RocksBlobBackend {
                     reply,
                 };
                 self.committer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
                     .as_ref()
-                    .ok_or_else(|| StoreError::Io("the blob store is closed".into()))?
+                    .ok_or_else(|| StoreError::Io(STOPPED.into()))?
                     .send(request)
-                    .map_err(|_| StoreError::Io("the blob committer stopped".into()))
+                    .map_err(|_| StoreError::Io(STOPPED.into()))
             });
         Box::pin(async move {
             sent?;
-            answer
-                .await
-                .map_err(|_| StoreError::Io("the blob committer stopped".into()))?
+            answer.await.map_err(|_| StoreError::Io(STOPPED.into()))?
         })
     }
 

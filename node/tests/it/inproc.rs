@@ -64,56 +64,89 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
+/// Starts one member on free ports and waits until it is ready; the node's own error if
+/// it stops first.
+async fn start_member(
+    id: u64,
+    join: &[String],
+    faults: &Arc<Faults>,
+) -> Result<Member, granary_node::Error> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let config = Config {
+        node_id: id,
+        data_dir: dir.path().join("data"),
+        http_addr: http.parse().expect("addr"),
+        grpc_addr: grpc.parse().expect("addr"),
+        join: join.to_vec(),
+        ..Config::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let embedded = Embedded {
+        faults: Some(faults.clone()),
+        admin_key: Some((ACCESS_KEY.to_owned(), SECRET_KEY.to_owned())),
+    };
+    let mut task = tokio::spawn(granary_node::run_embedded(
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+        embedded,
+    ));
+    let ready = format!("http://{http}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if task.is_finished() {
+            return match (&mut task).await.expect("node task") {
+                Err(e) => Err(e),
+                Ok(()) => panic!("node {id} stopped before it was ready"),
+            };
+        }
+        if let Ok(r) = reqwest::get(&ready).await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for node {id} ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Member {
+        http,
+        grpc,
+        stop: Some(stop),
+        task: Some(task),
+        _dir: dir,
+    })
+}
+
 impl InprocCluster {
     async fn start(n: u64) -> InprocCluster {
         let seed = seed();
         let faults = Arc::new(Faults::new(seed));
         let mut members: Vec<Member> = Vec::new();
         for id in 1..=n {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let http = format!("127.0.0.1:{}", free_port());
-            let grpc = format!("127.0.0.1:{}", free_port());
-            let config = Config {
-                node_id: id,
-                data_dir: dir.path().join("data"),
-                http_addr: http.parse().expect("addr"),
-                grpc_addr: grpc.parse().expect("addr"),
-                join: members
-                    .first()
-                    .map(|m| vec![m.grpc.clone()])
-                    .unwrap_or_default(),
-                ..Config::default()
-            };
-            let (stop, stopped) = oneshot::channel::<()>();
-            let embedded = Embedded {
-                faults: Some(faults.clone()),
-                admin_key: Some((ACCESS_KEY.to_owned(), SECRET_KEY.to_owned())),
-            };
-            let task = tokio::spawn(granary_node::run_embedded(
-                config,
-                async move {
-                    let _ = stopped.await;
-                },
-                embedded,
-            ));
-            let member = Member {
-                http,
-                grpc,
-                stop: Some(stop),
-                task: Some(task),
-                _dir: dir,
-            };
-            let client = Client {
-                base: format!("http://{}", member.http),
-            };
-            until(&format!("node {id} ready"), Duration::from_secs(30), || {
-                let client = client.clone();
-                async move {
-                    let r = reqwest::get(format!("{}/readyz", client.base)).await.ok()?;
-                    (r.status() == 200).then_some(())
+            let join: Vec<String> = members
+                .first()
+                .map(|m| m.grpc.clone())
+                .into_iter()
+                .collect();
+            // A port found free can be taken by another test before the node binds it:
+            // then start again on other ports.
+            let mut attempt = 0;
+            let member = loop {
+                attempt += 1;
+                match start_member(id, &join, &faults).await {
+                    Ok(m) => break m,
+                    Err(e @ granary_node::Error::Bind { .. }) if attempt < 3 => {
+                        eprintln!("node {id}: {e}; trying other ports");
+                    }
+                    Err(e) => panic!("node {id} did not start: {e}"),
                 }
-            })
-            .await;
+            };
             members.push(member);
         }
         let cluster = InprocCluster {

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
-use crate::cluster::peers::{CheckSecret, Secret};
+use crate::cluster::peers::{CONNECTION_WINDOW, CheckSecret, MAX_FRAME, STREAM_WINDOW, Secret};
 use crate::cluster::service::ClusterService;
 use crate::raft::network::RaftService;
 
@@ -62,7 +62,10 @@ pub(crate) async fn serve(
     let service = pb::cluster_server::ClusterServer::new(cluster_service)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
     if let Some(tls) = tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,

@@ -26,6 +26,16 @@ pub(crate) const SECRET_ENV: &str = "GRANARY_CLUSTER_SECRET";
 /// Time to establish a connection to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// HTTP/2 flow control and framing between peers, set on both ends. The defaults (a
+/// 64 KiB window, 16 KiB frames) made every blob push above 64 KiB wait a round trip for
+/// a window update halfway, and cut each 256 KiB chunk into sixteen frames. A peer
+/// buffers at most one connection window per connection.
+pub(crate) const STREAM_WINDOW: u32 = 4 << 20;
+/// See [`STREAM_WINDOW`].
+pub(crate) const CONNECTION_WINDOW: u32 = 16 << 20;
+/// See [`STREAM_WINDOW`].
+pub(crate) const MAX_FRAME: u32 = 1 << 20;
+
 /// The cluster secret, shared by every member (empty when unset: a one-node deployment).
 #[derive(Clone)]
 pub(crate) struct Secret(Arc<str>);
@@ -220,6 +230,9 @@ impl Peers {
                     .map_err(|e| tonic::Status::invalid_argument(format!("{addr}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .local_address(self.local_ip);

@@ -202,14 +202,7 @@ impl LogStore {
 fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = crate::store::next_group(&rx, MAX_GROUP) {
         let cf = store.cf(CF_RAFT_LOG);
         let mut batch = WriteBatch::default();
         let mut callbacks = Vec::new();

@@ -100,3 +100,17 @@ impl Store {
             .unwrap_or_else(|| unreachable!("column family {name} is checked at open"))
     }
 }
+
+/// For a group-commit thread: waits for one job, then takes every job already waiting, up
+/// to `max` in all. `None` once every sender is gone.
+pub(crate) fn next_group<T>(rx: &std::sync::mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let first = rx.recv().ok()?;
+    let mut group = vec![first];
+    while group.len() < max {
+        match rx.try_recv() {
+            Ok(j) => group.push(j),
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}

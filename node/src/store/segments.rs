@@ -255,14 +255,7 @@ pub(crate) fn spawn_committer(
     let handle = std::thread::Builder::new()
         .name("blob-commit".into())
         .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut group = vec![first];
-                while group.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(r) => group.push(r),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(group) = super::next_group(&rx, MAX_GROUP) {
                 commit_group(&segments, &sink, group);
             }
         })

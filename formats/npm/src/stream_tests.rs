@@ -560,3 +560,35 @@ async fn limits_and_syntax_errors_of_a_body() {
         .unwrap_err();
     assert_eq!(err.status(), 413);
 }
+
+#[test]
+fn plain_runs_end_at_the_first_quote_backslash_or_control_byte() {
+    let naive = |s: &[u8]| {
+        s.iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .unwrap_or(s.len())
+    };
+    let base: Vec<u8> = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo+/0123456789abcdef"
+        .iter()
+        .cycle()
+        .take(200)
+        .copied()
+        .collect();
+    // Every stop byte at every position, including both sides of each block boundary,
+    // and high bytes (UTF-8), which are plain.
+    for stop in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+        for at in 0..base.len() {
+            let mut s = base.clone();
+            s[at] = stop;
+            if at > 0 {
+                s[at - 1] = 0xe9;
+            }
+            assert_eq!(plain_run(&s), at, "stop {stop:#x} at {at}");
+            assert_eq!(plain_run(&s), naive(&s));
+            assert_eq!(plain_run(&s[..at]), at);
+        }
+    }
+    assert_eq!(plain_run(&base), base.len());
+    assert_eq!(plain_run(b""), 0);
+    assert_eq!(plain_run(b" !"), 2);
+}

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use crate::state::StateView;
-use crate::store::blob::{BlobError, BlobStore};
+use crate::store::blob::{BlobError, BlobStore, ReplicaCheck};
 
 /// Size of the chunks streamed between nodes.
 const WIRE_CHUNK: usize = 256 * 1024;
@@ -138,8 +138,9 @@ impl BlobReplicator {
         // The body is not `Sync`, which a client stream must be: a feeder task moves its
         // chunks through a channel. A read error ends the stream early, which fails the
         // receiver's digest check.
+        let crc32c = self.blobs.crc32c(sha256).map_err(|e| e.to_string())?;
         let (mut tx, rx) = futures::channel::mpsc::channel::<pb::BlobChunk>(2);
-        let first = head_chunk(&info);
+        let first = head_chunk(&info, crc32c);
         tokio::spawn(async move {
             use futures::SinkExt;
             if tx.send(first).await.is_err() {
@@ -168,9 +169,14 @@ impl BlobReplicator {
         }
     }
 
-    /// Stores a blob arriving from a peer, checking that its content has the SHA-256 and
-    /// size the sender named (its other digests are taken from the sender).
-    pub(crate) async fn receive(&self, expected: &BlobInfo, body: Body) -> Result<(), String> {
+    /// Stores a blob arriving from a peer, checking its size and `check` (its digests are
+    /// taken from the sender).
+    pub(crate) async fn receive(
+        &self,
+        expected: &BlobInfo,
+        check: ReplicaCheck,
+        body: Body,
+    ) -> Result<(), String> {
         if self
             .blobs
             .has(&expected.hashes.sha256)
@@ -180,7 +186,7 @@ impl BlobReplicator {
             return Ok(());
         }
         self.blobs
-            .put_replica(body, self.limit, expected)
+            .put_replica(body, self.limit, expected, check)
             .await
             .map_err(|e| match e {
                 BlobError::TooLarge { limit } => format!("blob larger than {limit} bytes"),
@@ -194,9 +200,17 @@ impl BlobReplicator {
         self.blobs.has(sha256).map_err(|e| e.to_string())
     }
 
-    /// A blob this node holds, for a peer: its size and digests, and its bytes.
-    pub(crate) fn send(&self, sha256: &str) -> Result<Option<(BlobInfo, Body)>, String> {
-        self.blobs.open(sha256).map_err(|e| e.to_string())
+    /// A blob this node holds, for a peer: its size and digests, its CRC32C if recorded,
+    /// and its bytes.
+    pub(crate) fn send(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<(BlobInfo, Option<u32>, Body)>, String> {
+        let Some((info, body)) = self.blobs.open(sha256).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let crc32c = self.blobs.crc32c(sha256).map_err(|e| e.to_string())?;
+        Ok(Some((info, crc32c, body)))
     }
 
     /// Fetches a blob this node lacks from the first peer that has it. Returns whether it
@@ -237,12 +251,13 @@ impl BlobReplicator {
             .map_err(|s| s.message().to_owned())?
             .ok_or("empty blob stream")?;
         let info = info_of(&head)?;
+        let check = check_of(&head);
         if info.hashes.sha256 != sha256 {
             return Err(format!("asked for {sha256}, got {}", info.hashes.sha256));
         }
         let first = futures::stream::iter((!head.data.is_empty()).then_some(Ok(head.data)));
         let body = chunks_body(first.chain(stream.map(|r| r.map(|c| c.data))));
-        self.receive(&info, body).await.map(|_| true)
+        self.receive(&info, check, body).await.map(|_| true)
     }
 
     /// Pulls, in the background, the blobs that applied versions refer to and this node
@@ -318,9 +333,10 @@ impl BlobReplicator {
     }
 }
 
-/// The first message of a blob stream: the blob's size and digests, no data.
-pub(crate) fn head_chunk(info: &BlobInfo) -> pb::BlobChunk {
+/// The first message of a blob stream: the blob's size, digests and CRC32C, no data.
+pub(crate) fn head_chunk(info: &BlobInfo, crc32c: Option<u32>) -> pb::BlobChunk {
     pb::BlobChunk {
+        crc32c,
         sha256: info.hashes.sha256.clone(),
         data: Bytes::new(),
         size: info.size,
@@ -350,6 +366,14 @@ pub(crate) fn info_of(head: &pb::BlobChunk) -> Result<BlobInfo, String> {
     })
 }
 
+/// How the copy a stream carries is checked: by the CRC32C its sender recorded, or by its
+/// SHA-256 when the sender has none (a blob stored before CRCs were recorded, or a sender
+/// that predates them).
+pub(crate) fn check_of(head: &pb::BlobChunk) -> ReplicaCheck {
+    head.crc32c
+        .map_or(ReplicaCheck::Sha256, ReplicaCheck::Crc32c)
+}
+
 /// A body over a stream of byte chunks from a peer.
 pub(crate) fn chunks_body<S>(stream: S) -> Body
 where
@@ -365,9 +389,10 @@ where
 /// A stream of wire chunks over a blob: its head, then its bytes.
 pub(crate) fn body_chunks(
     info: &BlobInfo,
+    crc32c: Option<u32>,
     body: Body,
 ) -> impl futures::Stream<Item = Result<pb::BlobChunk, tonic::Status>> + Send + 'static {
-    let head = futures::stream::iter([Ok(head_chunk(info))]);
+    let head = futures::stream::iter([Ok(head_chunk(info, crc32c))]);
     head.chain(body.into_data_stream().flat_map(|r| {
         let items: Vec<Result<pb::BlobChunk, tonic::Status>> = match r {
             Ok(mut b) => {

@@ -7,7 +7,7 @@ use granary_protocol::pb;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::blobs::{BlobReplicator, body_chunks, chunks_body, info_of};
+use super::blobs::{BlobReplicator, body_chunks, check_of, chunks_body, info_of};
 use super::{Cluster, MembershipChange, MembershipError, from_pb, member_from_pb};
 use crate::state::command::Command;
 
@@ -98,10 +98,11 @@ impl pb::cluster_server::Cluster for ClusterService {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty blob stream"))?;
         let info = info_of(&first).map_err(Status::invalid_argument)?;
+        let check = check_of(&first);
         let head = futures::stream::iter((!first.data.is_empty()).then_some(Ok(first.data)));
         let body = chunks_body(head.chain(stream.map(|r| r.map(|c| c.data))));
         self.blobs
-            .receive(&info, body)
+            .receive(&info, check, body)
             .await
             .map_err(Status::data_loss)?;
         Ok(Response::new(pb::PushBlobReply { stored: true }))
@@ -115,7 +116,9 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ChunkStream>, Status> {
         let sha = request.into_inner().sha256;
         match self.blobs.send(&sha).map_err(Status::internal)? {
-            Some((info, body)) => Ok(Response::new(Box::pin(body_chunks(&info, body)))),
+            Some((info, crc32c, body)) => {
+                Ok(Response::new(Box::pin(body_chunks(&info, crc32c, body))))
+            }
             None => Err(Status::not_found(format!("blob {sha} is not stored here"))),
         }
     }

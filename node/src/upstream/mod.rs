@@ -490,7 +490,12 @@ impl Upstreams {
         // digests are known, so the store recomputes only the SHA-256 that names them.
         let info = granary_format::model::BlobInfo { size: len, hashes };
         node.blobs
-            .put_replica(flight.body(), node.config.max_body_bytes, &info)
+            .put_replica(
+                flight.body(),
+                node.config.max_body_bytes,
+                &info,
+                crate::store::blob::ReplicaCheck::Sha256,
+            )
             .await
             .map_err(|e| Failure::Failed(format!("storing {url} failed: {e}")))
     }

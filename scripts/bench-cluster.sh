@@ -6,8 +6,10 @@
 # (1) failover: SIGKILL the leader, time until the next publish is acknowledged by a
 #     survivor; the old leader restarts and the cluster converges before the next trial.
 # (2) publish: npm publishes of unique, incompressible packages spread over the three nodes
-#     at a fixed concurrency: acknowledged publishes per second, p50 and p99 latency; then
-#     the same load on one node alone, the reference (no replication, no Raft round trips).
+#     at a fixed concurrency: acknowledged publishes per second, p50 and p99 latency, and
+#     the CPU time of the nodes (and of the load generator) per acknowledged publish over
+#     the middle half of the run; then the same load on one node alone, the reference (no
+#     replication, no Raft round trips).
 # Results (one JSON line per run, and the logs) go to bench-out/cluster-<timestamp>/.
 # See docs/BENCHMARKS.md.
 #

@@ -233,6 +233,11 @@ impl NodeProcess {
         self.cgroup.as_ref()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         self.exit_status().is_none() && self.child.is_some()

@@ -14,10 +14,10 @@
 //! (`GRANARY_BIN`, or next to this executable) and print one JSON line of results last.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use granary_cluster_tests::bench::{arg, percentile};
+use granary_cluster_tests::bench::{arg, cpu_ms, percentile};
 use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, noise, npm_publish_body};
 use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
@@ -112,12 +112,24 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
     let repo = cluster.setup(1, "bench", "publish").await;
     let clients = cluster.clients(&cluster.ids());
     let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
+    let cpu = tokio::spawn(cpu_per_publish(
+        cluster
+            .ids()
+            .iter()
+            .filter_map(|&id| cluster.node(id).pid())
+            .collect(),
+        acked.clone(),
+        started,
+        Duration::from_secs(seconds),
+    ));
     let mut workers = Vec::new();
     for w in 0..concurrency as usize {
         let client = clients[w % clients.len()].clone();
-        let (repo, bodies, next) = (repo.clone(), bodies.clone(), next.clone());
+        let (repo, bodies, next, acked) =
+            (repo.clone(), bodies.clone(), next.clone(), acked.clone());
         workers.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0u64);
             while Instant::now() < deadline {
@@ -127,7 +139,10 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
                 };
                 let t = Instant::now();
                 match put(&client, &repo, &format!("pkg-{}", i % 512), body).await {
-                    Some(201) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Some(201) => {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
                     _ => errors += 1,
                 }
             }
@@ -142,6 +157,10 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
     }
     let wall = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
+    let (node_cpu, bench_cpu) = cpu
+        .await
+        .expect("cpu sampler")
+        .unwrap_or((f64::NAN, f64::NAN));
     println!(
         "{}",
         json!({
@@ -156,8 +175,32 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
             "p50_ms": percentile(&lat, 0.5),
             "p99_ms": percentile(&lat, 0.99),
             "max_ms": lat.last(),
+            "node_cpu_ms_per_publish": node_cpu,
+            "bench_cpu_ms_per_publish": bench_cpu,
         })
     );
+}
+
+/// CPU time (user + system) per acknowledged publish over the middle half of a run: of the
+/// nodes together, and of this load generator. The first quarter is left out (connections,
+/// caches and Raft batching settle), and the last (workers stop at different times).
+/// `None` if a node exited meanwhile or nothing was acknowledged.
+async fn cpu_per_publish(
+    pids: Vec<u32>,
+    acked: Arc<AtomicU64>,
+    started: Instant,
+    run: Duration,
+) -> Option<(f64, f64)> {
+    let sample = || -> Option<(f64, f64, u64)> {
+        let nodes = pids.iter().map(|&p| cpu_ms(p)).sum::<Option<f64>>()?;
+        Some((nodes, cpu_ms(0)?, acked.load(Ordering::Relaxed)))
+    };
+    tokio::time::sleep_until((started + run / 4).into()).await;
+    let (n0, b0, a0) = sample()?;
+    tokio::time::sleep_until((started + run * 3 / 4).into()).await;
+    let (n1, b1, a1) = sample()?;
+    let publishes = a1.checked_sub(a0).filter(|&n| n > 0)? as f64;
+    Some(((n1 - n0) / publishes, (b1 - b0) / publishes))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -803,6 +803,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bit_rotted_on_the_senders_disk_is_caught_by_the_crc_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample(CHUNK_SIZE + 999);
+        let (info, crc) = {
+            let store = Store::open(dir.path()).unwrap();
+            let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+            let blobs = BlobStore::new(Arc::new(backend), 1 << 20);
+            let info = blobs.put(body::full(data.clone()), u64::MAX).await.unwrap();
+            let crc = blobs.crc32c(&info.hashes.sha256).unwrap().unwrap();
+            (info, crc)
+        };
+        // One bit of the segment changes on disk while the node is down.
+        let segments: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        let mut bytes = std::fs::read(&segments[0]).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x01;
+        std::fs::write(&segments[0], bytes).unwrap();
+
+        // Reopened (nothing cached), the node reads the changed bytes back as they are and
+        // sends them with the CRC recorded at upload: the receiving member refuses them.
+        let store = Store::open(dir.path()).unwrap();
+        let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+        let sender = BlobStore::new(Arc::new(backend), 1 << 20);
+        let (sent_info, body) = sender.open(&info.hashes.sha256).unwrap().unwrap();
+        assert_eq!(sent_info, info);
+        assert_eq!(sender.crc32c(&info.hashes.sha256).unwrap(), Some(crc));
+        let receiver = BlobStore::new(Arc::new(MemBlobBackend::default()), 1 << 20);
+        let err = receiver
+            .put_replica(body, u64::MAX, &info, ReplicaCheck::Crc32c(crc))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("CRC32C"), "{err}");
+        assert!(!receiver.has(&info.hashes.sha256).unwrap());
+    }
+
+    #[tokio::test]
     async fn rocks_roundtrip_and_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

@@ -3,6 +3,9 @@
 //! (Raft, forwarded writes, read index, blobs, upstream fetches) asks [`Faults::verdict`]
 //! first; production nodes have no `Faults` and pay one branch per call.
 //!
+//! A test can also make members answer one gRPC method as members of an earlier version
+//! that lack it would (UNIMPLEMENTED), to try the fallbacks of a rolling upgrade.
+//!
 //! ```text
 //!   test ──isolate / partition / drop_rate / delay / heal──▶ Faults (seeded RNG)
 //!   node A ─peer call to B─▶ verdict(A, B): Pass | Cut (fails like a dead link) | Delay
@@ -13,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -34,12 +38,15 @@ struct Rules {
     cut: HashSet<(String, String)>,
     drop_rate: f64,
     delay: Option<(Duration, Duration)>,
+    /// gRPC method paths answered UNIMPLEMENTED.
+    missing: HashSet<String>,
     rng: StdRng,
 }
 
 /// The faults of one in-process cluster.
 pub struct Faults {
     rules: Mutex<Rules>,
+    unimplemented_answers: AtomicU64,
 }
 
 impl Faults {
@@ -51,8 +58,10 @@ impl Faults {
                 cut: HashSet::new(),
                 drop_rate: 0.0,
                 delay: None,
+                missing: HashSet::new(),
                 rng: StdRng::seed_from_u64(seed),
             }),
+            unimplemented_answers: AtomicU64::new(0),
         }
     }
 
@@ -86,6 +95,26 @@ impl Faults {
         self.rules().delay = Some((min, max.max(min)));
     }
 
+    /// Answers every call of a gRPC method (its path, as `/granary.v1.Cluster/PushBlob`)
+    /// UNIMPLEMENTED, as a member that predates the method would.
+    pub fn unimplemented(&self, method: &str) {
+        self.rules().missing.insert(method.to_owned());
+    }
+
+    /// How many calls were answered UNIMPLEMENTED so far.
+    pub fn unimplemented_answers(&self) -> u64 {
+        self.unimplemented_answers.load(Ordering::Relaxed)
+    }
+
+    /// Whether a call of the method at `path` is answered UNIMPLEMENTED (and counts it).
+    pub(crate) fn lacks(&self, path: &str) -> bool {
+        let lacks = self.rules().missing.contains(path);
+        if lacks {
+            self.unimplemented_answers.fetch_add(1, Ordering::Relaxed);
+        }
+        lacks
+    }
+
     /// Removes every fault.
     pub fn heal(&self) {
         let mut r = self.rules();
@@ -93,6 +122,7 @@ impl Faults {
         r.cut.clear();
         r.drop_rate = 0.0;
         r.delay = None;
+        r.missing.clear();
     }
 
     /// What happens to a call from `from` to `to`.

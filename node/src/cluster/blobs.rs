@@ -24,8 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
+use super::peers::PeerChannel;
 use crate::state::StateView;
 use crate::store::blob::{BlobError, BlobStore, ReplicaCheck};
+use granary_protocol::pb::cluster_client::ClusterClient;
 
 /// Size of the chunks streamed between nodes.
 const WIRE_CHUNK: usize = 256 * 1024;
@@ -117,56 +119,45 @@ impl BlobReplicator {
             .peers()
             .cluster_bulk(addr)
             .map_err(|e| e.to_string())?;
-        let (info, body) = self
-            .blobs
-            .open(sha256)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
-        // A large blob is offered first, in case the peer has it; a small one is cheaper
-        // to send than to ask about (a peer that has it answers without reading it).
-        if info.size > ASK_FIRST_ABOVE {
-            let has = client
-                .has_blob(pb::BlobRef {
-                    sha256: sha256.to_owned(),
-                })
-                .await
-                .map_err(|e| e.message().to_owned())?;
-            if has.into_inner().present {
-                return Ok(());
-            }
-        }
-        // The body is not `Sync`, which a client stream must be: a feeder task moves its
-        // chunks through a channel. A read error ends the stream early, which fails the
-        // receiver's digest check.
+        let (info, body) = self.open(sha256)?;
         let crc32c = self.blobs.crc32c(sha256).map_err(|e| e.to_string())?;
-        let (mut tx, rx) = futures::channel::mpsc::channel::<pb::BlobChunk>(2);
-        let first = head_chunk(&info, crc32c);
-        tokio::spawn(async move {
-            use futures::SinkExt;
-            if tx.send(first).await.is_err() {
-                return;
-            }
-            let mut data = body.into_data_stream();
-            while let Some(Ok(b)) = data.next().await {
-                let chunk = pb::BlobChunk {
-                    data: b,
-                    ..Default::default()
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
+        if info.size <= ASK_FIRST_ABOVE {
+            // A small blob is cheaper to send than to ask about (a peer that has it answers
+            // without reading it), and goes as one message.
+            let data = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            let blob = pb::BlobChunk {
+                data,
+                ..head_chunk(&info, crc32c)
+            };
+            return match client.push_small_blob(blob).await {
+                Ok(reply) => stored(reply.into_inner()),
+                // A member from before the call: stream it instead.
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    let (_, body) = self.open(sha256)?;
+                    push_stream(&mut client, &info, crc32c, body).await
                 }
-            }
-        });
-        let stream = rx;
-        let reply = client
-            .push_blob(stream)
+                Err(s) => Err(s.message().to_owned()),
+            };
+        }
+        // A large blob is offered first, in case the peer has it.
+        let has = client
+            .has_blob(pb::BlobRef {
+                sha256: sha256.to_owned(),
+            })
             .await
             .map_err(|e| e.message().to_owned())?;
-        if reply.into_inner().stored {
-            Ok(())
-        } else {
-            Err("peer did not store the blob".into())
+        if has.into_inner().present {
+            return Ok(());
         }
+        push_stream(&mut client, &info, crc32c, body).await
+    }
+
+    /// A blob stored here, with its size and digests.
+    fn open(&self, sha256: &str) -> Result<(BlobInfo, Body), String> {
+        self.blobs
+            .open(sha256)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("blob {sha256} is not stored here"))
     }
 
     /// Stores a blob arriving from a peer, checking its size and `check` (its digests are
@@ -330,6 +321,49 @@ impl BlobReplicator {
         for d in missing {
             self.pull_later(d, limit.clone(), cancel.clone());
         }
+    }
+}
+
+/// Streams a blob to a peer, a chunk per message after the head.
+async fn push_stream(
+    client: &mut ClusterClient<PeerChannel>,
+    info: &BlobInfo,
+    crc32c: Option<u32>,
+    body: Body,
+) -> Result<(), String> {
+    // The body is not `Sync`, which a client stream must be: a feeder task moves its
+    // chunks through a channel. A read error ends the stream early, which fails the
+    // receiver's check.
+    let (mut tx, rx) = futures::channel::mpsc::channel::<pb::BlobChunk>(2);
+    let first = head_chunk(info, crc32c);
+    tokio::spawn(async move {
+        use futures::SinkExt;
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        let mut data = body.into_data_stream();
+        while let Some(Ok(b)) = data.next().await {
+            let chunk = pb::BlobChunk {
+                data: b,
+                ..Default::default()
+            };
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let reply = client
+        .push_blob(rx)
+        .await
+        .map_err(|e| e.message().to_owned())?;
+    stored(reply.into_inner())
+}
+
+fn stored(reply: pb::PushBlobReply) -> Result<(), String> {
+    if reply.stored {
+        Ok(())
+    } else {
+        Err("peer did not store the blob".into())
     }
 }
 

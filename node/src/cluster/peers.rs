@@ -129,6 +129,13 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for FaultyChannel 
             .faults
             .as_ref()
             .map_or(Verdict::Pass, |(f, from, to)| f.verdict(from, to));
+        if let Some((f, _, _)) = &self.faults
+            && f.lacks(req.uri().path())
+        {
+            let status =
+                tonic::Status::unimplemented("method not known to this member (test fault)");
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
         Box::pin(async move {
             match verdict {
                 Verdict::Pass => {}

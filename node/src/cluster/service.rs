@@ -108,6 +108,20 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::PushBlobReply { stored: true }))
     }
 
+    async fn push_small_blob(
+        &self,
+        request: Request<pb::BlobChunk>,
+    ) -> Result<Response<pb::PushBlobReply>, Status> {
+        let blob = request.into_inner();
+        let info = info_of(&blob).map_err(Status::invalid_argument)?;
+        let check = check_of(&blob);
+        self.blobs
+            .receive(&info, check, granary_format::body::full(blob.data))
+            .await
+            .map_err(Status::data_loss)?;
+        Ok(Response::new(pb::PushBlobReply { stored: true }))
+    }
+
     type PullBlobStream = ChunkStream;
 
     async fn pull_blob(

@@ -377,6 +377,34 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
     cluster.stop().await;
 }
 
+/// Members that predate the one-message push of small blobs answer it UNIMPLEMENTED, as
+/// they would during a rolling upgrade: the sender streams the blob instead, so every
+/// publish is acknowledged and readable from every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push() {
+    let mut cluster = InprocCluster::start(3).await;
+    let token = cluster.client(1).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .unimplemented("/granary.v1.Cluster/PushSmallBlob");
+    let mut acked = Vec::new();
+    for i in 0..6u64 {
+        let name = format!("older-peer-{i}");
+        let tgz = fake_tgz(cluster.rng.random(), 8192);
+        publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish {name} through an older peer: {e}"));
+        acked.push((name, tgz));
+    }
+    assert!(
+        cluster.faults.unimplemented_answers() >= 6,
+        "the one-message push was tried first: {} answers",
+        cluster.faults.unimplemented_answers()
+    );
+    all_readable(&cluster, &cluster.ids(), &token, &acked).await;
+    cluster.stop().await;
+}
+
 /// A repository made through the leader takes publishes at once through a follower that
 /// has not applied it yet. Every peer call is delayed, so a follower learns that an entry
 /// committed only with the leader's next message, after the client already has its

@@ -750,7 +750,18 @@ impl Base64 {
             whole -= 4;
         }
         let before = out.len();
-        let valid = match BASE64.decode_vec(input.get(..whole).unwrap_or_default(), out) {
+        let run = input.get(..whole).unwrap_or_default();
+        // A vector decoder takes the run first (about five times faster here); a run it
+        // refuses is decoded again below, where the `base64` crate finds what is wrong.
+        let fast = base64_simd::STANDARD.decode_append(run, out).is_ok();
+        if !fast {
+            out.truncate(before);
+        }
+        let valid = match if fast {
+            Ok(())
+        } else {
+            BASE64.decode_vec(run, out)
+        } {
             Ok(()) => whole,
             Err(DecodeError::InvalidByte(at, _)) => {
                 // Everything before the quantum holding the odd byte is plain symbols.

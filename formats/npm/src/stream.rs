@@ -753,15 +753,13 @@ impl Base64 {
         let run = input.get(..whole).unwrap_or_default();
         // A vector decoder takes the run first (about five times faster here); a run it
         // refuses is decoded again below, where the `base64` crate finds what is wrong.
-        let fast = base64_simd::STANDARD.decode_append(run, out).is_ok();
-        if !fast {
-            out.truncate(before);
-        }
-        let valid = match if fast {
+        let decoded = if base64_simd::STANDARD.decode_append(run, out).is_ok() {
             Ok(())
         } else {
+            out.truncate(before);
             BASE64.decode_vec(run, out)
-        } {
+        };
+        let valid = match decoded {
             Ok(()) => whole,
             Err(DecodeError::InvalidByte(at, _)) => {
                 // Everything before the quantum holding the odd byte is plain symbols.

@@ -119,22 +119,22 @@ impl BlobReplicator {
             .peers()
             .cluster_bulk(addr)
             .map_err(|e| e.to_string())?;
-        let (info, body) = self.open(sha256)?;
-        let crc32c = self.blobs.crc32c(sha256).map_err(|e| e.to_string())?;
+        let (info, crc32c, body) = self
+            .send(sha256)?
+            .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
         if info.size <= ASK_FIRST_ABOVE {
             // A small blob is cheaper to send than to ask about (a peer that has it answers
             // without reading it), and goes as one message.
             let data = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
             let blob = pb::BlobChunk {
-                data,
+                data: data.clone(),
                 ..head_chunk(&info, crc32c)
             };
             return match client.push_small_blob(blob).await {
                 Ok(reply) => stored(reply.into_inner()),
                 // A member from before the call: stream it instead.
                 Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    let (_, body) = self.open(sha256)?;
-                    push_stream(&mut client, &info, crc32c, body).await
+                    push_stream(&mut client, &info, crc32c, granary_format::body::full(data)).await
                 }
                 Err(s) => Err(s.message().to_owned()),
             };
@@ -150,14 +150,6 @@ impl BlobReplicator {
             return Ok(());
         }
         push_stream(&mut client, &info, crc32c, body).await
-    }
-
-    /// A blob stored here, with its size and digests.
-    fn open(&self, sha256: &str) -> Result<(BlobInfo, Body), String> {
-        self.blobs
-            .open(sha256)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("blob {sha256} is not stored here"))
     }
 
     /// Stores a blob arriving from a peer, checking its size and `check` (its digests are
@@ -197,11 +189,7 @@ impl BlobReplicator {
         &self,
         sha256: &str,
     ) -> Result<Option<(BlobInfo, Option<u32>, Body)>, String> {
-        let Some((info, body)) = self.blobs.open(sha256).map_err(|e| e.to_string())? else {
-            return Ok(None);
-        };
-        let crc32c = self.blobs.crc32c(sha256).map_err(|e| e.to_string())?;
-        Ok(Some((info, crc32c, body)))
+        self.blobs.open_copy(sha256).map_err(|e| e.to_string())
     }
 
     /// Fetches a blob this node lacks from the first peer that has it. Returns whether it

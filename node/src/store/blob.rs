@@ -574,6 +574,7 @@ impl BlobStore {
     }
 
     /// The CRC32C recorded for a blob stored here, if one was.
+    #[cfg(test)]
     pub(crate) fn crc32c(&self, sha256: &str) -> Result<Option<u32>, StoreError> {
         match parse_sha256(sha256) {
             Some(sha) => Ok(self.meta(&sha)?.and_then(|m| m.crc32c)),
@@ -591,13 +592,22 @@ impl BlobStore {
 
     /// Opens a blob for streaming: its digests and a body yielding one chunk at a time.
     pub(crate) fn open(&self, sha256: &str) -> Result<Option<(BlobInfo, Body)>, StoreError> {
+        Ok(self.open_copy(sha256)?.map(|(info, _, body)| (info, body)))
+    }
+
+    /// Opens a blob to copy to a peer: as [`BlobStore::open`], with the CRC32C recorded
+    /// for it (if one was), which the copy is checked by.
+    pub(crate) fn open_copy(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<(BlobInfo, Option<u32>, Body)>, StoreError> {
         let Some(sha) = parse_sha256(sha256) else {
             return Ok(None);
         };
         let Some(meta) = self.meta(&sha)? else {
             return Ok(None);
         };
-        let info = meta.info.clone();
+        let (info, crc32c) = (meta.info.clone(), meta.crc32c);
         let backend = self.backend.clone();
         let cache = self.cache.clone();
         let stream = futures::stream::unfold(0usize, move |i| {
@@ -628,7 +638,7 @@ impl BlobStore {
             }
         });
         let body = http_body_util::StreamBody::new(stream.boxed());
-        Ok(Some((info, BodyExt::boxed_unsync(body))))
+        Ok(Some((info, crc32c, BodyExt::boxed_unsync(body))))
     }
 
     /// Reads a whole blob (tests and small documents only).

@@ -54,7 +54,11 @@ pub(crate) async fn serve(
     // Replies are small frames written as soon as they are ready: without TCP_NODELAY,
     // Nagle's algorithm holds one back until the peer's delayed ACK (40 ms on Linux).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let check = CheckSecret(secret);
+    let check = CheckSecret(secret.clone());
+    let peer_http = crate::cluster::peer_http::PeerHttp {
+        blobs: cluster_service.blobs.clone(),
+        secret,
+    };
     let cluster = cluster_service.cluster.clone();
     let raft = pb::raft_server::RaftServer::new(RaftService::new(cluster.raft().clone()))
         .max_decoding_message_size(1 << 30)
@@ -63,6 +67,9 @@ pub(crate) async fn serve(
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()
+        // Blob pushes come over HTTP/1.1 (`cluster::peer_http`) where peer traffic is
+        // plain TCP; with TLS they stay on gRPC.
+        .accept_http1(tls.is_none())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME);
@@ -84,6 +91,7 @@ pub(crate) async fn serve(
             service,
             check.clone(),
         ))
+        .add_service(peer_http)
         .add_service(pb::node_server::NodeServer::with_interceptor(
             StatusService { cluster, me },
             check,

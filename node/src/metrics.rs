@@ -15,8 +15,15 @@ pub(crate) struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
+/// Small blobs pushed to peers, by the transport that took them (`http1`, `grpc`).
+pub(crate) const PUSHES: &str = "granary_peer_blob_pushes_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        PUSHES,
+        "Small blobs pushed to peers, by the transport that took them (http1, or grpc for members from before the HTTP/1.1 route or with peer TLS).",
+    ),
     (
         "granary_upstream_requests_total",
         "Requests sent to upstream registries (external connections), by kind and outcome.",

@@ -206,9 +206,13 @@ pub async fn run_embedded(
         )?),
         (config.blob_cache_mib << 20) as usize,
     );
-    let replicator = BlobReplicator::new(blobs.clone(), cluster.clone(), config.max_body_bytes);
-
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let replicator = BlobReplicator::new(
+        blobs.clone(),
+        cluster.clone(),
+        config.max_body_bytes,
+        metrics.clone(),
+    );
     let fetcher = Arc::new(
         crate::upstream::fetch::Fetcher::new(
             &config.upstream,

@@ -24,7 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::peers::PeerChannel;
+use super::peers::{Http1Push, PeerChannel};
+use crate::metrics::{Metrics, PUSHES};
 use crate::state::StateView;
 use crate::store::blob::{BlobError, BlobStore, ReplicaCheck};
 use granary_protocol::pb::cluster_client::ClusterClient;
@@ -57,15 +58,26 @@ pub(crate) struct BlobReplicator {
     blobs: BlobStore,
     cluster: Cluster,
     limit: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl BlobReplicator {
-    pub(crate) fn new(blobs: BlobStore, cluster: Cluster, limit: u64) -> Self {
+    pub(crate) fn new(
+        blobs: BlobStore,
+        cluster: Cluster,
+        limit: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         BlobReplicator {
             blobs,
             cluster,
             limit,
+            metrics,
         }
+    }
+
+    fn count_push(&self, transport: &str) {
+        self.metrics.add(PUSHES, &[("transport", transport)], 1);
     }
 
     /// Returns once a majority of voters (this node included, if it votes) hold the blob;
@@ -124,13 +136,25 @@ impl BlobReplicator {
             .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
         if info.size <= ASK_FIRST_ABOVE {
             // A small blob is cheaper to send than to ask about (a peer that has it answers
-            // without reading it), and goes as one message.
+            // without reading it), and goes as one message: over HTTP/1.1 where the peer
+            // takes it (see `peer_http`), else through gRPC.
             let data = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            let head = head_chunk(&info, crc32c);
+            let peers = self.cluster.peers();
+            let http1 = peers.push_http1(addr, &head, data.clone()).await;
+            match &http1 {
+                Http1Push::Stored => {
+                    self.count_push("http1");
+                    return Ok(());
+                }
+                Http1Push::Refused(m) => return Err(m.clone()),
+                Http1Push::NotTried | Http1Push::Failed(_) => {}
+            }
             let blob = pb::BlobChunk {
                 data: data.clone(),
-                ..head_chunk(&info, crc32c)
+                ..head
             };
-            return match client.push_small_blob(blob).await {
+            let pushed = match client.push_small_blob(blob).await {
                 Ok(reply) => stored(reply.into_inner()),
                 // A member from before the call: stream it instead.
                 Err(s) if s.code() == tonic::Code::Unimplemented => {
@@ -138,6 +162,14 @@ impl BlobReplicator {
                 }
                 Err(s) => Err(s.message().to_owned()),
             };
+            if pushed.is_ok() {
+                self.count_push("grpc");
+                if let Http1Push::Failed(why) = http1 {
+                    tracing::info!(peer = addr, reason = %why, "peer took a blob push only through gRPC; using gRPC for its pushes for a while");
+                    peers.grpc_only(addr);
+                }
+            }
+            return pushed;
         }
         // A large blob is offered first, in case the peer has it.
         let has = client

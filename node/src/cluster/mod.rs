@@ -12,6 +12,7 @@
 //! ```
 
 pub(crate) mod blobs;
+pub(crate) mod peer_http;
 pub(crate) mod peers;
 pub(crate) mod service;
 

@@ -6,9 +6,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use granary_protocol::pb;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
@@ -53,11 +55,16 @@ impl Secret {
 
     /// Whether a request carries it (constant time in the secret's length).
     fn admits<T>(&self, req: &tonic::Request<T>) -> bool {
-        let presented = req
-            .metadata()
-            .get(SECRET_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
+        self.admits_bytes(
+            req.metadata()
+                .get(SECRET_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Whether `presented` is the secret (constant time in the secret's length).
+    pub(crate) fn admits_bytes(&self, presented: &[u8]) -> bool {
         let expected = self.0.as_bytes();
         if presented.len() != expected.len() {
             return false;
@@ -188,8 +195,52 @@ pub(crate) struct Peers {
     /// peers and firewalls see one address per node.
     local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<(String, Lane), Channel>>>,
+    /// Keep-alive HTTP/1.1 connections for blob pushes (see `peer_http`); none when peer
+    /// traffic is TLS.
+    http1: Option<Http1Client>,
+    /// Peers whose HTTP/1.1 push failed where gRPC then worked (members from before it),
+    /// by address: pushes to them take gRPC until then.
+    grpc_only_until: Arc<Mutex<HashMap<String, Instant>>>,
     /// Test faults, and this node's gRPC address (the `from` of its calls).
     faults: Option<(Arc<Faults>, Arc<str>)>,
+}
+
+type Http1Client =
+    hyper_util::client::legacy::Client<HttpConnector, http_body_util::Full<bytes::Bytes>>;
+
+/// How long an HTTP/1.1 push of a small blob may take. Unlike gRPC's connections, which
+/// HTTP/2 pings find dead, an HTTP/1.1 request to a peer that stopped answering would
+/// otherwise wait for good.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a peer that took a push only through gRPC gets gRPC before HTTP/1.1 is tried
+/// again (it may have been upgraded meanwhile).
+const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
+
+/// An error and its sources, as one line (hyper's client names only the stage that failed).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// How an HTTP/1.1 push ended.
+#[derive(Debug)]
+pub(crate) enum Http1Push {
+    /// The peer holds the blob.
+    Stored,
+    /// Not tried: peer traffic is TLS, or the peer took its last push only through gRPC.
+    NotTried,
+    /// Failed before the peer answered (a member from before the route does not speak
+    /// HTTP/1.1 on the peer port, or the peer is unreachable): push through gRPC.
+    Failed(String),
+    /// The peer answered and refused the blob.
+    Refused(String),
 }
 
 /// Which connection to a peer a call takes. Bulk transfers (blobs, upstream files) get a
@@ -209,13 +260,94 @@ impl Peers {
         tls: Option<ClientTlsConfig>,
         local_ip: Option<std::net::IpAddr>,
     ) -> Peers {
+        let local_ip = local_ip.filter(|ip| !ip.is_unspecified());
+        let http1 = tls.is_none().then(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            connector.set_local_address(local_ip);
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector)
+        });
         Peers {
             secret,
             tls,
-            local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
+            local_ip,
             channels: Default::default(),
+            http1,
+            grpc_only_until: Default::default(),
             faults: None,
         }
+    }
+
+    /// Pushes a small blob to the peer at `addr` over HTTP/1.1 (see `peer_http`).
+    pub(crate) async fn push_http1(
+        &self,
+        addr: &str,
+        head: &pb::BlobChunk,
+        data: bytes::Bytes,
+    ) -> Http1Push {
+        let Some(client) = &self.http1 else {
+            return Http1Push::NotTried;
+        };
+        if self
+            .grpc_only_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Http1Push::NotTried;
+        }
+        if let Some((f, me)) = &self.faults {
+            if f.lacks(super::peer_http::PUSH_PATH) {
+                return Http1Push::Failed("route not known to this member (test fault)".into());
+            }
+            match f.verdict(me, addr) {
+                Verdict::Pass => {}
+                Verdict::Cut => return Http1Push::Failed("peer link cut (test fault)".into()),
+                Verdict::Delay(d) => tokio::time::sleep(d).await,
+            }
+        }
+        let headers = match super::peer_http::head_headers(head) {
+            Ok(h) => h,
+            Err(e) => return Http1Push::Refused(e),
+        };
+        let mut req = http::Request::put(format!("http://{addr}{}", super::peer_http::PUSH_PATH))
+            .body(http_body_util::Full::new(data))
+            .unwrap_or_else(|_| unreachable!("a peer address makes a valid URI"));
+        req.headers_mut().extend(headers);
+        if self.secret.is_set() {
+            match http::HeaderValue::from_str(&self.secret.0) {
+                Ok(v) => {
+                    req.headers_mut().insert(SECRET_HEADER, v);
+                }
+                Err(_) => return Http1Push::Refused("cluster secret is not a header value".into()),
+            }
+        }
+        let answered = tokio::time::timeout(PUSH_TIMEOUT, async {
+            let resp = client.request(req).await.map_err(|e| chain(&e))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| chain(&e))?;
+            Ok::<_, String>((status, body.to_bytes()))
+        })
+        .await;
+        match answered {
+            Ok(Ok((status, _))) if status.is_success() => Http1Push::Stored,
+            Ok(Ok((status, body))) => {
+                Http1Push::Refused(format!("{status}: {}", String::from_utf8_lossy(&body)))
+            }
+            Ok(Err(e)) => Http1Push::Failed(format!("HTTP/1.1 push: {e}")),
+            Err(_) => Http1Push::Failed(format!("HTTP/1.1 push: no answer in {PUSH_TIMEOUT:?}")),
+        }
+    }
+
+    /// Records that `addr` took a push only through gRPC: it predates the HTTP/1.1 route.
+    pub(crate) fn grpc_only(&self, addr: &str) {
+        self.grpc_only_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_owned(), Instant::now() + GRPC_ONLY_FOR);
     }
 
     /// Routes every call through `faults`; `me` is this node's gRPC address.

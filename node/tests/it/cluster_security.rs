@@ -1,7 +1,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::harness::{ACCESS_KEY, SECRET_KEY, Server, require};
+use crate::harness::{ACCESS_KEY, SECRET_KEY, Server, fake_tgz, npm_publish_body, require};
 
 /// A CA and one certificate for 127.0.0.1 signed by it (serverAuth + clientAuth), made with
 /// the openssl CLI; returns the TOML of a `[peer_tls]` section using them.
@@ -121,6 +121,48 @@ async fn peers_need_the_cluster_secret_and_the_ca() {
     assert_eq!(voters, [1, 2], "{status}");
     assert!(status["leaderId"].as_u64().is_some(), "{status}");
 
+    // A publish through one member is readable through the other: with peer TLS, blobs
+    // are pushed through gRPC (the HTTP/1.1 push is for plain TCP only).
+    let token = first.client().setup("tls", "repo").await;
+    let tgz = fake_tgz(7, 4096);
+    let body = npm_publish_body("over-tls", "1.0.0", &tgz, serde_json::json!({}));
+    let auth = [("authorization", format!("Bearer {token}"))];
+    let put = second
+        .client()
+        .raw(
+            "PUT",
+            "/npm/tls/repo/over-tls",
+            &[auth[0].clone(), ("content-type", "application/json".into())],
+            body.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(put.status, 201, "{}", put.text());
+    let got = first
+        .client()
+        .raw(
+            "GET",
+            "/npm/tls/repo/over-tls/-/over-tls-1.0.0.tgz",
+            &auth,
+            vec![],
+        )
+        .await;
+    assert_eq!(got.status, 200);
+    assert!(
+        got.body == tgz,
+        "the tarball read through the other member is the one published"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", second.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("granary_peer_blob_pushes_total{transport=\"grpc\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("transport=\"http1\""), "{metrics}");
+
     // The operator CLI shows the same, as JSON.
     let out = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args([
@@ -200,4 +242,106 @@ async fn peers_need_the_cluster_secret_and_the_ca() {
         2,
         "no node joined without TLS or with the wrong secret: {status}"
     );
+}
+
+/// Blob pushes over HTTP/1.1 on the peer port take the same checks as gRPC calls: the
+/// cluster secret, well-formed digests, and bytes that match what the sender named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_push_route_checks_the_secret_and_the_bytes() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Server::spawn_env(
+        &tmp.path().join("n1"),
+        &[],
+        true,
+        &[("GRANARY_CLUSTER_SECRET", "right-secret")],
+    )
+    .expect("node starts");
+    let url = format!("http://{}/granary.v1.PeerHttp/PushBlob", node.grpc_addr());
+    let bytes = b"a package's bytes".to_vec();
+    let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    let http = reqwest::Client::new();
+    let push = |secret: Option<&str>, crc: Option<u32>, body: Vec<u8>| {
+        let mut req = http
+            .put(&url)
+            .header("x-granary-blob-sha256", &sha256)
+            .header("x-granary-blob-size", bytes.len().to_string())
+            .header("x-granary-blob-md5", "0".repeat(32))
+            .header("x-granary-blob-sha1", "0".repeat(40))
+            .header("x-granary-blob-sha512", "0".repeat(128))
+            .body(body);
+        if let Some(s) = secret {
+            req = req.header("x-granary-cluster-secret", s);
+        }
+        if let Some(c) = crc {
+            req = req.header("x-granary-blob-crc32c", c.to_string());
+        }
+        req.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    assert_eq!(status(push(None, None, bytes.clone()).await.unwrap()), 401);
+    assert_eq!(
+        status(
+            push(Some("wrong-secret"), None, bytes.clone())
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    // The sender's CRC32C does not match the bytes: refused, with the reason.
+    let wrong_crc = crc32c::crc32c(&bytes) ^ 1;
+    let refused = push(Some("right-secret"), Some(wrong_crc), bytes.clone())
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 422);
+    assert!(!refused.text().await.unwrap().is_empty());
+    // Bytes that are not what the SHA-256 names (no CRC: checked by SHA-256).
+    let mut other = bytes.clone();
+    other[0] ^= 1;
+    assert_eq!(
+        status(push(Some("right-secret"), None, other).await.unwrap()),
+        422
+    );
+    // A malformed head, another method, another path.
+    let bad = http
+        .put(&url)
+        .header("x-granary-cluster-secret", "right-secret")
+        .header("x-granary-blob-sha256", &sha256)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().await.unwrap().contains("x-granary-blob-size"));
+    let get = http
+        .get(&url)
+        .header("x-granary-cluster-secret", "right-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status().as_u16(), 405);
+    let elsewhere = http
+        .put(format!(
+            "http://{}/granary.v1.PeerHttp/Other",
+            node.grpc_addr()
+        ))
+        .header("x-granary-cluster-secret", "right-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status().as_u16(), 404);
+    // The right bytes with the right CRC are taken, and again: a peer that has a blob
+    // answers without reading it.
+    let right_crc = crc32c::crc32c(&bytes);
+    for _ in 0..2 {
+        assert_eq!(
+            status(
+                push(Some("right-secret"), Some(right_crc), bytes.clone())
+                    .await
+                    .unwrap()
+            ),
+            204
+        );
+    }
 }

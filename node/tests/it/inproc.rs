@@ -377,13 +377,17 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
     cluster.stop().await;
 }
 
-/// Members that predate the one-message push of small blobs answer it UNIMPLEMENTED, as
-/// they would during a rolling upgrade: the sender streams the blob instead, so every
-/// publish is acknowledged and readable from every node.
+/// Members that predate both the HTTP/1.1 push and the one-message gRPC push of small
+/// blobs refuse the first and answer the second UNIMPLEMENTED, as they would during a
+/// rolling upgrade: the sender streams the blob instead, so every publish is acknowledged
+/// and readable from every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push() {
     let mut cluster = InprocCluster::start(3).await;
     let token = cluster.client(1).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .unimplemented("/granary.v1.PeerHttp/PushBlob");
     cluster
         .faults
         .unimplemented("/granary.v1.Cluster/PushSmallBlob");
@@ -400,6 +404,79 @@ async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push()
         cluster.faults.unimplemented_answers() >= 6,
         "the one-message push was tried first: {} answers",
         cluster.faults.unimplemented_answers()
+    );
+    all_readable(&cluster, &cluster.ids(), &token, &acked).await;
+    cluster.stop().await;
+}
+
+/// Small blobs pushed by each member, by transport, from its `/metrics`.
+async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {
+    let mut total = 0;
+    for id in cluster.ids() {
+        let text = reqwest::get(format!("{}/metrics", cluster.client(id).base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let line = format!("granary_peer_blob_pushes_total{{transport=\"{transport}\"}} ");
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |n| n.parse::<u64>().expect("a count"));
+    }
+    total
+}
+
+/// Small blobs go to peers over HTTP/1.1. Members that predate that route do not speak
+/// HTTP/1.1 on the peer port; their pushes fail before reaching them and go through gRPC
+/// instead, and later pushes to them take gRPC at once. Every publish is acknowledged and
+/// readable from every node either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_blobs_go_over_http1_and_through_grpc_to_members_that_predate_it() {
+    let mut cluster = InprocCluster::start(3).await;
+    let token = cluster.client(1).setup("inproc", "repo").await;
+    let mut acked = Vec::new();
+    for i in 0..3u64 {
+        let name = format!("http1-{i}");
+        let tgz = fake_tgz(cluster.rng.random(), 8192);
+        publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish {name}: {e}"));
+        acked.push((name, tgz));
+    }
+    // Each publish goes to both other members; one copy may still be on its way.
+    until(
+        "the pushes of three publishes",
+        Duration::from_secs(10),
+        || async { (pushes(&cluster, "http1").await >= 6).then_some(()) },
+    )
+    .await;
+    assert_eq!(pushes(&cluster, "grpc").await, 0, "no push took gRPC");
+
+    cluster
+        .faults
+        .unimplemented("/granary.v1.PeerHttp/PushBlob");
+    for i in 0..6u64 {
+        let name = format!("older-{i}");
+        let tgz = fake_tgz(cluster.rng.random(), 8192);
+        publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish {name} to older peers: {e}"));
+        acked.push((name, tgz));
+    }
+    until(
+        "the pushes of six publishes through gRPC",
+        Duration::from_secs(10),
+        || async { (pushes(&cluster, "grpc").await >= 12).then_some(()) },
+    )
+    .await;
+    // Each member tried HTTP/1.1 once per peer, then remembered: at most six refusals for
+    // twelve pushes.
+    let refusals = cluster.faults.unimplemented_answers();
+    assert!(
+        (1..=6).contains(&refusals),
+        "HTTP/1.1 tried once per peer, then gRPC at once: {refusals} refusals"
     );
     all_readable(&cluster, &cluster.ids(), &token, &acked).await;
     cluster.stop().await;

@@ -19,6 +19,8 @@
 #   CONCURRENCY="8 16 64"  publish runs, one per concurrency (three nodes, then one)
 #   KIB=100                package size
 #   SKIP_BUILD=1           do not run cargo build
+#   GRANARY_BIN=...        the granary binary (default: target/release/granary), e.g. an
+#                          earlier release to compare with in the same session
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRIALS=${TRIALS:-20}
@@ -28,7 +30,7 @@ KIB=${KIB:-100}
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p granary-node --bin granary -p granary-cluster-tests --bin cluster-bench
 fi
-export GRANARY_BIN=$PWD/target/release/granary
+export GRANARY_BIN=${GRANARY_BIN:-$PWD/target/release/granary}
 OUT=bench-out/cluster-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 echo "== failover: $TRIALS trials"

@@ -1,5 +1,6 @@
-//! Connections to the other members: one lazily connected gRPC channel per address, every
-//! call carrying the cluster secret.
+//! Connections to the other members: one lazily connected gRPC channel per address and
+//! lane, and a pool of HTTP/1.1 connections for blob pushes (see `peer_http`); every call
+//! carries the cluster secret.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -31,5 +31,18 @@ pub mod state;
 pub mod store;
 mod upstream;
 
+/// An error with its causes, as one line (`error sending request: … invalid peer
+/// certificate: …`): HTTP clients name only the stage that failed.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cur = c.source();
+    }
+    text
+}
+
 pub use config::Config;
 pub use node::{Embedded, Error, Node, run, run_embedded};

@@ -218,18 +218,6 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// again (it may have been upgraded meanwhile).
 const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
 
-/// An error and its sources, as one line (hyper's client names only the stage that failed).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// How an HTTP/1.1 push ended.
 #[derive(Debug)]
 pub(crate) enum Http1Push {
@@ -327,9 +315,16 @@ impl Peers {
             }
         }
         let answered = tokio::time::timeout(PUSH_TIMEOUT, async {
-            let resp = client.request(req).await.map_err(|e| chain(&e))?;
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
             let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| chain(&e))?;
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
             Ok::<_, String>((status, body.to_bytes()))
         })
         .await;

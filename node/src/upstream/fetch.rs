@@ -271,7 +271,7 @@ impl Fetcher {
         let mut resp = tokio::time::timeout(self.timeout, self.client.get(url).send())
             .await
             .map_err(|_| format!("upstream {url} did not answer in time"))?
-            .map_err(|e| format!("upstream {url} did not answer: {}", chain(&e)))?;
+            .map_err(|e| format!("upstream {url} did not answer: {}", crate::error_chain(&e)))?;
         let status = resp.status().as_u16();
         if status != 200 {
             flight.start(Started::Status(status));
@@ -282,7 +282,10 @@ impl Fetcher {
             match tokio::time::timeout(self.timeout, resp.chunk()).await {
                 Err(_) => return Err(format!("upstream {url} stalled")),
                 Ok(Err(e)) => {
-                    return Err(format!("upstream {url} failed mid-transfer: {}", chain(&e)));
+                    return Err(format!(
+                        "upstream {url} failed mid-transfer: {}",
+                        crate::error_chain(&e)
+                    ));
                 }
                 Ok(Ok(None)) => return Ok(200),
                 Ok(Ok(Some(chunk))) => flight.push(chunk),
@@ -386,18 +389,6 @@ fn origin(url: &str) -> &str {
         Some(i) => &url[..after_scheme + i],
         None => url,
     }
-}
-
-/// An error with its causes (`error sending request: … invalid peer certificate: …`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cur = c.source();
-    }
-    text
 }
 
 enum PeerFailure {

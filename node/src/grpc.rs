@@ -56,7 +56,8 @@ pub(crate) async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let check = CheckSecret(secret.clone());
     let peer_http = crate::cluster::peer_http::PeerHttp {
-        blobs: cluster_service.blobs.clone(),
+        cluster: cluster_service.clone(),
+        raft: RaftService::new(cluster_service.cluster.raft().clone()),
         secret,
     };
     let cluster = cluster_service.cluster.clone();
@@ -67,8 +68,8 @@ pub(crate) async fn serve(
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let mut builder = tonic::transport::Server::builder()
-        // Blob pushes come over HTTP/1.1 (`cluster::peer_http`) where peer traffic is
-        // plain TCP; with TLS they stay on gRPC.
+        // The calls every publish makes come over HTTP/1.1 (`cluster::peer_http`) where
+        // peer traffic is plain TCP; with TLS they stay on gRPC.
         .accept_http1(tls.is_none())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

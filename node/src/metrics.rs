@@ -18,8 +18,15 @@ pub(crate) struct Metrics {
 /// Small blobs pushed to peers, by the transport that took them (`http1`, `grpc`).
 pub(crate) const PUSHES: &str = "granary_peer_blob_pushes_total";
 
+/// Answered peer calls, by call and transport (`http1`, `grpc`).
+pub(crate) const CALLS: &str = "granary_peer_calls_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        CALLS,
+        "Answered calls to peers (propose, read_index, append_entries, vote), by transport (http1, or grpc for members from before the HTTP/1.1 routes or with peer TLS).",
+    ),
     (
         PUSHES,
         "Small blobs pushed to peers, by the transport that took them (http1, or grpc for members from before the HTTP/1.1 route or with peer TLS).",

@@ -157,11 +157,13 @@ pub async fn run_embedded(
         Some(t) => Some(TlsConfigs::load(t).map_err(Error::Bootstrap)?),
         None => None,
     };
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let mut peers = Peers::new(
         secret.clone(),
         tls.as_ref().map(|t| t.client.clone()),
         Some(grpc_addr.ip()),
     );
+    peers = peers.with_metrics(metrics.clone());
     if let Some(f) = faults {
         peers = peers.with_faults(f, &grpc_addr.to_string());
     }
@@ -206,7 +208,6 @@ pub async fn run_embedded(
         )?),
         (config.blob_cache_mib << 20) as usize,
     );
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     let replicator = BlobReplicator::new(
         blobs.clone(),
         cluster.clone(),

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::config::ReadConsistency;
 use crate::raft::{NodeId, NodeInfo, ProposeError, Raft};
 use crate::state::command::{Command, CommandResult};
-use peers::Peers;
+use peers::{Http1Failure, Peers};
 
 /// How long a write may wait for a leader (elections, forwarding) before it fails
 /// retryably.
@@ -215,9 +215,32 @@ impl Cluster {
             .cluster(leader_addr)
             .map_err(|e| Forward::Retry(e.to_string()))?;
         let left = deadline.saturating_duration_since(Instant::now());
-        let call = client.propose(pb::ProposeRequest {
+        let req = pb::ProposeRequest {
             command: payload.to_vec(),
-        });
+        };
+        // A proposal must not be sent twice on a guess: over HTTP/1.1 only to a leader
+        // known to answer it (`peer_http`); one that fails there is retried like any
+        // failed forward, and the retry takes gRPC.
+        let call = async {
+            match self
+                .peers
+                .call_http1(leader_addr, "Propose", &req, true)
+                .await
+            {
+                Ok(answer) => {
+                    self.peers.count("propose", "http1");
+                    answer
+                }
+                Err(Http1Failure::Failed(why)) => Err(tonic::Status::unavailable(why)),
+                Err(Http1Failure::NotTried) => {
+                    let answer = client.propose(req).await.map(|r| r.into_inner());
+                    if answer.is_ok() {
+                        self.peers.count("propose", "grpc");
+                    }
+                    answer
+                }
+            }
+        };
         let reply = match tokio::time::timeout(left, call).await {
             Err(_) => return Err(Forward::Retry("timed out".into())),
             Ok(Err(status)) => {
@@ -228,7 +251,7 @@ impl Cluster {
                     _ => Forward::Retry(status.message().to_owned()),
                 });
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => r,
         };
         let result: CommandResult = serde_json::from_slice(&reply.result)
             .map_err(|e| Forward::Refused(ProposeError::Fatal(e.to_string())))?;
@@ -335,10 +358,15 @@ impl Cluster {
                         && let Ok(mut c) = self.peers.cluster(&node.grpc_addr)
                     {
                         let left = deadline.saturating_duration_since(Instant::now());
-                        if let Ok(Ok(r)) =
-                            tokio::time::timeout(left, c.read_index(pb::ReadIndexRequest {})).await
-                        {
-                            return Ok(r.into_inner().read_index);
+                        let ask = self.peers.call_either(
+                            &node.grpc_addr,
+                            "ReadIndex",
+                            "read_index",
+                            pb::ReadIndexRequest {},
+                            |r| async move { c.read_index(r).await.map(|r| r.into_inner()) },
+                        );
+                        if let Ok(Ok(r)) = tokio::time::timeout(left, ask).await {
+                            return Ok(r.read_index);
                         }
                     }
                 }

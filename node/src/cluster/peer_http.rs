@@ -1,27 +1,37 @@
-//! Blob pushes between members over HTTP/1.1, on the peer port beside gRPC.
+//! Peer calls over HTTP/1.1, on the peer port beside gRPC.
 //!
 //! ```text
-//!   sender ── PUT /granary.v1.PeerHttp/PushBlob ──▶ peer port (tonic, HTTP/1.1 accepted)
+//!   sender ── PUT  /granary.v1.PeerHttp/PushBlob ──▶ peer port (tonic, HTTP/1.1 accepted)
 //!             x-granary-cluster-secret, x-granary-blob-{sha256,size,md5,sha1,sha512,crc32c}
 //!             body: the blob's bytes
 //!          ◀── 204 stored (or it was there already) · 4xx/5xx with the reason as text
+//!
+//!          ── POST /granary.v1.PeerHttp/{Propose,ReadIndex,AppendEntries,Vote} ──▶
+//!             body: the gRPC call's request message (protobuf)
+//!          ◀── 200 + the reply message · 500 + x-granary-status: <gRPC code>, message
 //! ```
 //!
-//! A push is the one peer call that carries a package's bytes, and one is made to every
-//! other member for every upload. Through gRPC it cost 2.5 times the CPU of the same
-//! bytes over HTTP/1.1 (`scripts/bench-transport.sh`: 218 µs against 89 µs per 100 KiB
-//! between two processes, most of it HTTP/2's hand-offs between a call's task and the
-//! connection's), and on a machine that CPU is what limits the publish rate.
+//! Through gRPC a peer call cost 2.5–3.5 times the CPU of the same call over HTTP/1.1
+//! (`scripts/bench-transport.sh`: 218 µs against 89 µs for a 100 KiB blob, 116 against
+//! 37 µs for 1 KiB, between two processes; most of it HTTP/2's hand-offs between a call's
+//! task and the connection's), and on a busy node that CPU is what limits the publish
+//! rate. So the calls every publish makes (two blob pushes, the forwarded proposal, read
+//! index rounds, Raft's AppendEntries) go over HTTP/1.1; the rest (membership, pulls,
+//! snapshots, upstream fetches) stay on gRPC.
 //!
-//! - **The same checks as gRPC**: the cluster secret (constant-time), the sender's digests
-//!   and CRC32C, the store's size limit; the receiver stores through
-//!   [`BlobReplicator::receive`], as the gRPC push does.
-//! - **Only where peer traffic is plain TCP.** With `peer_tls` configured, pushes stay on
-//!   gRPC, whose TLS and client certificates the members already check.
-//! - **Members from before this route** do not accept HTTP/1.1 on the peer port, so the
-//!   request fails as a transport error. A push is idempotent (blobs are named by their
-//!   SHA-256), so the sender pushes again through gRPC; if that succeeds, it remembers for
-//!   a while that this peer wants gRPC.
+//! - **The same handlers and checks as gRPC**: the cluster secret (constant-time) on every
+//!   request; a push is stored through `BlobReplicator::receive` with the sender's
+//!   digests and CRC32C checked; the unary calls are answered by the gRPC services' own
+//!   methods, so they behave identically.
+//! - **Only where peer traffic is plain TCP.** With `peer_tls` configured, every call stays
+//!   on gRPC, whose TLS and client certificates the members already check.
+//! - **Members from before these routes** do not accept HTTP/1.1 on the peer port, so a
+//!   request fails before reaching them. A push, a read index round, AppendEntries and a
+//!   vote may be sent twice, so they are sent again through gRPC at once, and the sender
+//!   then uses gRPC for that peer for a while. A forwarded proposal must not be sent twice
+//!   on a guess, so it goes over HTTP/1.1 only to a peer that answered HTTP/1.1 last time;
+//!   when it fails, the write is retried as any failed forward is (the command is
+//!   recognised if it was applied), and the retry takes gRPC.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,11 +44,22 @@ use granary_protocol::pb;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use super::blobs::{BlobReplicator, check_of, info_of};
+use super::blobs::{check_of, info_of};
 use super::peers::{SECRET_HEADER, Secret};
+use super::service::ClusterService;
+use crate::raft::network::RaftService;
+use granary_protocol::pb::cluster_server::Cluster as _;
+use granary_protocol::pb::raft_server::Raft as _;
 
-/// The path of a push; the service's name is its first segment, as tonic routes it.
+/// The service's name: the first segment of its paths, as tonic routes them.
+pub(crate) const SERVICE: &str = "granary.v1.PeerHttp";
+/// The path of a push.
 pub(crate) const PUSH_PATH: &str = "/granary.v1.PeerHttp/PushBlob";
+/// Unary calls larger than this take gRPC (which streams nothing either, but has no
+/// second limit to keep in step with).
+pub(crate) const MAX_CALL_BYTES: usize = 16 << 20;
+/// The header naming the gRPC status code of a failed unary call.
+const STATUS_HEADER: &str = "x-granary-status";
 
 const SHA256: &str = "x-granary-blob-sha256";
 const SIZE: &str = "x-granary-blob-size";
@@ -100,15 +121,74 @@ fn head_of(h: &HeaderMap) -> Result<pb::BlobChunk, String> {
     })
 }
 
-/// The HTTP/1.1 side of the peer port: blob pushes.
+/// The HTTP/1.1 side of the peer port.
 #[derive(Clone)]
 pub(crate) struct PeerHttp {
-    pub(crate) blobs: BlobReplicator,
+    pub(crate) cluster: ClusterService,
+    pub(crate) raft: RaftService,
     pub(crate) secret: Secret,
 }
 
 impl tonic::server::NamedService for PeerHttp {
-    const NAME: &'static str = "granary.v1.PeerHttp";
+    const NAME: &'static str = SERVICE;
+}
+
+/// A unary call's answer: its reply message, or its status.
+fn answer<M: prost::Message>(
+    result: Result<tonic::Response<M>, tonic::Status>,
+) -> Response<tonic::body::Body> {
+    match result {
+        Ok(reply) => {
+            let bytes = Bytes::from(reply.into_inner().encode_to_vec());
+            Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes)))
+        }
+        Err(status) => {
+            let mut resp = text(StatusCode::INTERNAL_SERVER_ERROR, status.message());
+            resp.headers_mut()
+                .insert(STATUS_HEADER, HeaderValue::from(status.code() as i32));
+            resp
+        }
+    }
+}
+
+/// The caller's side of [`answer`].
+pub(crate) fn reply_of<M: prost::Message + Default>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<M, tonic::Status> {
+    if status == StatusCode::OK {
+        return M::decode(body)
+            .map_err(|e| tonic::Status::internal(format!("peer reply is not a message: {e}")));
+    }
+    let message = String::from_utf8_lossy(&body).into_owned();
+    let code = headers
+        .get(STATUS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32);
+    Err(match (code, status) {
+        (Some(code), _) => tonic::Status::new(code, message),
+        (None, StatusCode::UNAUTHORIZED) => tonic::Status::unauthenticated(message),
+        (None, _) => tonic::Status::unknown(format!("peer answered {status}: {message}")),
+    })
+}
+
+/// Reads a unary call's request message.
+async fn request_of<M: prost::Message + Default>(
+    req: Request<tonic::body::Body>,
+) -> Result<M, Response<tonic::body::Body>> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_CALL_BYTES)
+        .collect()
+        .await
+        .map_err(|e| text(StatusCode::BAD_REQUEST, format!("request body: {e}")))?
+        .to_bytes();
+    M::decode(body).map_err(|e| {
+        text(
+            StatusCode::BAD_REQUEST,
+            format!("request is not a message: {e}"),
+        )
+    })
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response<tonic::body::Body> {
@@ -136,11 +216,40 @@ impl PeerHttp {
                 "peer call without the cluster secret (GRANARY_CLUSTER_SECRET)",
             );
         }
-        if req.uri().path() != PUSH_PATH {
+        let call = req
+            .uri()
+            .path()
+            .strip_prefix(&format!("/{SERVICE}/"))
+            .unwrap_or_default()
+            .to_owned();
+        let method = if call == "PushBlob" {
+            Method::PUT
+        } else {
+            Method::POST
+        };
+        if !["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"].contains(&&*call) {
             return text(StatusCode::NOT_FOUND, "no such peer call");
         }
-        if req.method() != Method::PUT {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "a push is a PUT");
+        if req.method() != method {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{call} is a {method}"),
+            );
+        }
+        macro_rules! unary {
+            ($service:expr, $method:ident) => {
+                match request_of(req).await {
+                    Ok(m) => answer($service.$method(tonic::Request::new(m)).await),
+                    Err(refused) => refused,
+                }
+            };
+        }
+        match &*call {
+            "Propose" => return unary!(self.cluster, propose),
+            "ReadIndex" => return unary!(self.cluster, read_index),
+            "AppendEntries" => return unary!(self.raft, append_entries),
+            "Vote" => return unary!(self.raft, vote),
+            _ => {}
         }
         let head = match head_of(req.headers()) {
             Ok(h) => h,
@@ -154,7 +263,12 @@ impl PeerHttp {
             .into_body()
             .map_err(|s| Box::new(s) as BodyError)
             .boxed_unsync();
-        match self.blobs.receive(&info, check_of(&head), body).await {
+        match self
+            .cluster
+            .blobs
+            .receive(&info, check_of(&head), body)
+            .await
+        {
             Ok(()) => {
                 let mut resp = Response::new(tonic::body::Body::empty());
                 *resp.status_mut() = StatusCode::NO_CONTENT;

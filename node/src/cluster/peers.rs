@@ -19,6 +19,7 @@ use tonic::transport::{
 
 use crate::config::PeerTls;
 use crate::faults::{Faults, Verdict};
+use crate::metrics::{CALLS, Metrics};
 
 /// The metadata key that carries the cluster secret.
 pub(crate) const SECRET_HEADER: &str = "x-granary-cluster-secret";
@@ -199,9 +200,13 @@ pub(crate) struct Peers {
     /// Keep-alive HTTP/1.1 connections for blob pushes (see `peer_http`); none when peer
     /// traffic is TLS.
     http1: Option<Http1Client>,
-    /// Peers whose HTTP/1.1 push failed where gRPC then worked (members from before it),
-    /// by address: pushes to them take gRPC until then.
+    /// Peers whose HTTP/1.1 request failed where gRPC then worked (members from before
+    /// it), by address: calls to them take gRPC until then.
     grpc_only_until: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Peers that answered their last HTTP/1.1 request, by address.
+    http1_answered: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Where answered peer calls are counted.
+    metrics: Arc<Metrics>,
     /// Test faults, and this node's gRPC address (the `from` of its calls).
     faults: Option<(Arc<Faults>, Arc<str>)>,
 }
@@ -209,14 +214,25 @@ pub(crate) struct Peers {
 type Http1Client =
     hyper_util::client::legacy::Client<HttpConnector, http_body_util::Full<bytes::Bytes>>;
 
-/// How long an HTTP/1.1 push of a small blob may take. Unlike gRPC's connections, which
-/// HTTP/2 pings find dead, an HTTP/1.1 request to a peer that stopped answering would
-/// otherwise wait for good.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an HTTP/1.1 request to a peer may take (callers may bound it further). Unlike
+/// gRPC's connections, which HTTP/2 pings find dead, an HTTP/1.1 request to a peer that
+/// stopped answering would otherwise wait for good.
+const HTTP1_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a peer that took a push only through gRPC gets gRPC before HTTP/1.1 is tried
 /// again (it may have been upgraded meanwhile).
 const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
+
+/// Why a request did not go over HTTP/1.1, or got no answer.
+#[derive(Debug)]
+pub(crate) enum Http1Failure {
+    /// Not tried: peer traffic is TLS, the peer takes gRPC only for now, or (for a call
+    /// that must not be repeated) it has not answered HTTP/1.1 before.
+    NotTried,
+    /// Failed before the peer answered: a member from before the route does not speak
+    /// HTTP/1.1 on the peer port, or the peer is unreachable.
+    Failed(String),
+}
 
 /// How an HTTP/1.1 push ended.
 #[derive(Debug)]
@@ -265,8 +281,114 @@ impl Peers {
             channels: Default::default(),
             http1,
             grpc_only_until: Default::default(),
+            http1_answered: Default::default(),
+            metrics: Default::default(),
             faults: None,
         }
+    }
+
+    /// Counts answered calls in `metrics` (the node's).
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Peers {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Sends one request to the peer at `addr` over HTTP/1.1 (see `peer_http`): its
+    /// status, headers and body, or why it was not sent or not answered.
+    async fn send_http1(
+        &self,
+        addr: &str,
+        method: http::Method,
+        path: &str,
+        headers: http::HeaderMap,
+        body: bytes::Bytes,
+        only_if_known: bool,
+    ) -> Result<(http::StatusCode, http::HeaderMap, bytes::Bytes), Http1Failure> {
+        let Some(client) = &self.http1 else {
+            return Err(Http1Failure::NotTried);
+        };
+        if self
+            .grpc_only_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Err(Http1Failure::NotTried);
+        }
+        if only_if_known && !self.answers_http1(addr) {
+            return Err(Http1Failure::NotTried);
+        }
+        if let Some((f, me)) = &self.faults {
+            if f.lacks(path) {
+                self.forget_http1(addr);
+                return Err(Http1Failure::Failed(
+                    "route not known to this member (test fault)".into(),
+                ));
+            }
+            match f.verdict(me, addr) {
+                Verdict::Pass => {}
+                Verdict::Cut => {
+                    return Err(Http1Failure::Failed("peer link cut (test fault)".into()));
+                }
+                Verdict::Delay(d) => tokio::time::sleep(d).await,
+            }
+        }
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| Http1Failure::Failed(format!("peer request to {addr}: {e}")))?;
+        req.headers_mut().extend(headers);
+        if self.secret.is_set() {
+            let v = http::HeaderValue::from_str(&self.secret.0)
+                .map_err(|_| Http1Failure::Failed("cluster secret is not a header value".into()))?;
+            req.headers_mut().insert(SECRET_HEADER, v);
+        }
+        let answered = tokio::time::timeout(HTTP1_TIMEOUT, async {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(|e| crate::error_chain(&e))?;
+            Ok::<_, String>((parts.status, parts.headers, body.to_bytes()))
+        })
+        .await;
+        match answered {
+            Ok(Ok(answer)) => {
+                self.http1_answered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(addr.to_owned());
+                Ok(answer)
+            }
+            Ok(Err(e)) => {
+                self.forget_http1(addr);
+                Err(Http1Failure::Failed(format!("HTTP/1.1 {path}: {e}")))
+            }
+            Err(_) => {
+                self.forget_http1(addr);
+                Err(Http1Failure::Failed(format!(
+                    "HTTP/1.1 {path}: no answer in {HTTP1_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    /// Whether the peer at `addr` answered its last HTTP/1.1 request.
+    fn answers_http1(&self, addr: &str) -> bool {
+        self.http1_answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(addr)
+    }
+
+    fn forget_http1(&self, addr: &str) {
+        self.http1_answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
     }
 
     /// Pushes a small blob to the peer at `addr` over HTTP/1.1 (see `peer_http`).
@@ -276,69 +398,101 @@ impl Peers {
         head: &pb::BlobChunk,
         data: bytes::Bytes,
     ) -> Http1Push {
-        let Some(client) = &self.http1 else {
-            return Http1Push::NotTried;
-        };
-        if self
-            .grpc_only_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
-            .is_some_and(|until| Instant::now() < *until)
-        {
-            return Http1Push::NotTried;
-        }
-        if let Some((f, me)) = &self.faults {
-            if f.lacks(super::peer_http::PUSH_PATH) {
-                return Http1Push::Failed("route not known to this member (test fault)".into());
-            }
-            match f.verdict(me, addr) {
-                Verdict::Pass => {}
-                Verdict::Cut => return Http1Push::Failed("peer link cut (test fault)".into()),
-                Verdict::Delay(d) => tokio::time::sleep(d).await,
-            }
-        }
         let headers = match super::peer_http::head_headers(head) {
             Ok(h) => h,
             Err(e) => return Http1Push::Refused(e),
         };
-        let mut req = http::Request::put(format!("http://{addr}{}", super::peer_http::PUSH_PATH))
-            .body(http_body_util::Full::new(data))
-            .unwrap_or_else(|_| unreachable!("a peer address makes a valid URI"));
-        req.headers_mut().extend(headers);
-        if self.secret.is_set() {
-            match http::HeaderValue::from_str(&self.secret.0) {
-                Ok(v) => {
-                    req.headers_mut().insert(SECRET_HEADER, v);
-                }
-                Err(_) => return Http1Push::Refused("cluster secret is not a header value".into()),
-            }
-        }
-        let answered = tokio::time::timeout(PUSH_TIMEOUT, async {
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|e| crate::error_chain(&e))?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| crate::error_chain(&e))?;
-            Ok::<_, String>((status, body.to_bytes()))
-        })
-        .await;
-        match answered {
-            Ok(Ok((status, _))) if status.is_success() => Http1Push::Stored,
-            Ok(Ok((status, body))) => {
+        let path = super::peer_http::PUSH_PATH;
+        match self
+            .send_http1(addr, http::Method::PUT, path, headers, data, false)
+            .await
+        {
+            Ok((status, _, _)) if status.is_success() => Http1Push::Stored,
+            Ok((status, _, body)) => {
                 Http1Push::Refused(format!("{status}: {}", String::from_utf8_lossy(&body)))
             }
-            Ok(Err(e)) => Http1Push::Failed(format!("HTTP/1.1 push: {e}")),
-            Err(_) => Http1Push::Failed(format!("HTTP/1.1 push: no answer in {PUSH_TIMEOUT:?}")),
+            Err(Http1Failure::NotTried) => Http1Push::NotTried,
+            Err(Http1Failure::Failed(why)) => Http1Push::Failed(why),
         }
     }
 
-    /// Records that `addr` took a push only through gRPC: it predates the HTTP/1.1 route.
+    /// Makes the unary peer call `call` (a `peer_http` route, such as `Propose`) over
+    /// HTTP/1.1. With `only_if_known`, only to a peer that answered HTTP/1.1 before: a
+    /// call that must not be sent twice cannot fall back to gRPC after a failure whose
+    /// outcome is unknown, so it goes over HTTP/1.1 only where that is known to work.
+    pub(crate) async fn call_http1<Req, Resp>(
+        &self,
+        addr: &str,
+        call: &str,
+        req: &Req,
+        only_if_known: bool,
+    ) -> Result<Result<Resp, tonic::Status>, Http1Failure>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let body = req.encode_to_vec();
+        if body.len() > super::peer_http::MAX_CALL_BYTES {
+            return Err(Http1Failure::NotTried);
+        }
+        let path = format!("/{}/{call}", super::peer_http::SERVICE);
+        let (status, headers, body) = self
+            .send_http1(
+                addr,
+                http::Method::POST,
+                &path,
+                http::HeaderMap::new(),
+                body.into(),
+                only_if_known,
+            )
+            .await?;
+        Ok(super::peer_http::reply_of(status, &headers, body))
+    }
+
+    /// Makes a unary call that may safely be sent twice (a read index round, AppendEntries,
+    /// a vote): over HTTP/1.1 where the peer takes it, else through `grpc`. `label` names
+    /// it in `granary_peer_calls_total`.
+    pub(crate) async fn call_either<Req, Resp, F, Fut>(
+        &self,
+        addr: &str,
+        call: &str,
+        label: &'static str,
+        req: Req,
+        grpc: F,
+    ) -> Result<Resp, tonic::Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+        F: FnOnce(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, tonic::Status>>,
+    {
+        let failed = match self.call_http1(addr, call, &req, false).await {
+            Ok(answer) => {
+                self.count(label, "http1");
+                return answer;
+            }
+            Err(Http1Failure::NotTried) => None,
+            Err(Http1Failure::Failed(why)) => Some(why),
+        };
+        let answer = grpc(req).await;
+        if answer.is_ok() {
+            self.count(label, "grpc");
+            if let Some(why) = failed {
+                tracing::info!(peer = addr, reason = %why, "peer answered only through gRPC; using gRPC for it for a while");
+                self.grpc_only(addr);
+            }
+        }
+        answer
+    }
+
+    /// Counts one answered peer call in `granary_peer_calls_total`.
+    pub(crate) fn count(&self, call: &'static str, transport: &'static str) {
+        self.metrics
+            .add(CALLS, &[("call", call), ("transport", transport)], 1);
+    }
+
+    /// Records that `addr` took a call only through gRPC after HTTP/1.1 failed: it
+    /// predates the HTTP/1.1 routes.
     pub(crate) fn grpc_only(&self, addr: &str) {
         self.grpc_only_until
             .lock()

@@ -12,6 +12,7 @@ use super::{Cluster, MembershipChange, MembershipError, from_pb, member_from_pb}
 use crate::state::command::Command;
 
 /// Serves forwarding, read index, membership and blob transfer to peers.
+#[derive(Clone)]
 pub(crate) struct ClusterService {
     pub(crate) cluster: Cluster,
     pub(crate) blobs: BlobReplicator,

@@ -1,4 +1,5 @@
-//! Raft traffic between nodes over gRPC (`granary_protocol::pb::raft_*`).
+//! Raft traffic between nodes over gRPC (`granary_protocol::pb::raft_*`), with AppendEntries
+//! and votes over HTTP/1.1 where the peer takes it (`cluster::peer_http`).
 //!
 //! openraft's requests and responses travel as JSON payloads inside the protobuf
 //! messages; the receiving side ([`RaftService`]) hands them to its local Raft.
@@ -85,20 +86,41 @@ impl PeerClient {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client()?;
-        let request = tonic::Request::new(pb::RaftRequest {
+        let request = pb::RaftRequest {
             payload,
             snapshot_data,
-        });
+        };
+        let peers = &self.peers;
+        let addr = &self.addr;
+        // AppendEntries and votes may be sent twice (Raft expects lost and repeated
+        // messages), so they go over HTTP/1.1 where the peer takes it (`peer_http`).
         let call = async {
             match kind {
-                Kind::Append => client.append_entries(request).await,
-                Kind::Vote => client.vote(request).await,
-                Kind::Snapshot => client.install_snapshot(request).await,
+                Kind::Append => peers
+                    .call_either(
+                        addr,
+                        "AppendEntries",
+                        "append_entries",
+                        request,
+                        |r| async move { client.append_entries(r).await.map(|r| r.into_inner()) },
+                    )
+                    .await,
+                Kind::Vote => {
+                    peers
+                        .call_either(addr, "Vote", "vote", request, |r| async move {
+                            client.vote(r).await.map(|r| r.into_inner())
+                        })
+                        .await
+                }
+                Kind::Snapshot => client
+                    .install_snapshot(request)
+                    .await
+                    .map(|r| r.into_inner()),
             }
         };
         // A peer behind a dropped link must not hold Raft's replication stream forever.
         let reply = match tokio::time::timeout(option.hard_ttl(), call).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => r,
             Ok(Err(status)) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
             Err(_) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
@@ -154,6 +176,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// The receiving side: hands peer requests to the local Raft.
+#[derive(Clone)]
 pub(crate) struct RaftService {
     raft: Raft,
 }

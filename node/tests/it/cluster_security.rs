@@ -244,10 +244,11 @@ async fn peers_need_the_cluster_secret_and_the_ca() {
     );
 }
 
-/// Blob pushes over HTTP/1.1 on the peer port take the same checks as gRPC calls: the
-/// cluster secret, well-formed digests, and bytes that match what the sender named.
+/// Peer calls over HTTP/1.1 on the peer port take the same checks as gRPC calls: the
+/// cluster secret, well-formed digests and messages, and bytes that match what the sender
+/// named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_http1_push_route_checks_the_secret_and_the_bytes() {
+async fn the_http1_peer_routes_check_the_secret_and_the_bytes() {
     use sha2::Digest;
     let tmp = tempfile::tempdir().unwrap();
     let node = Server::spawn_env(
@@ -331,6 +332,64 @@ async fn the_http1_push_route_checks_the_secret_and_the_bytes() {
         .await
         .unwrap();
     assert_eq!(elsewhere.status().as_u16(), 404);
+    // The unary calls: the secret first, then a well-formed message, then the gRPC
+    // service's own answer, its status code in a header when it fails.
+    let call = |name: &str, secret: Option<&str>, body: Vec<u8>| {
+        let mut req = http
+            .post(format!(
+                "http://{}/granary.v1.PeerHttp/{name}",
+                node.grpc_addr()
+            ))
+            .body(body);
+        if let Some(s) = secret {
+            req = req.header("x-granary-cluster-secret", s);
+        }
+        req.send()
+    };
+    assert_eq!(status(call("Propose", None, vec![]).await.unwrap()), 401);
+    assert_eq!(
+        status(
+            call("Propose", Some("right-secret"), vec![0xff, 0xff])
+                .await
+                .unwrap()
+        ),
+        400
+    );
+    // An empty body is an empty ReadIndexRequest; this lone node leads, so it answers.
+    assert_eq!(
+        status(
+            call("ReadIndex", Some("right-secret"), vec![])
+                .await
+                .unwrap()
+        ),
+        200
+    );
+    // A RaftRequest (field 1, bytes) whose payload is not an AppendEntries request:
+    // refused by the Raft service as INVALID_ARGUMENT (3).
+    let bad = call(
+        "AppendEntries",
+        Some("right-secret"),
+        vec![0x0a, 0x02, b'{', b'}'],
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status().as_u16(), 500);
+    assert_eq!(bad.headers()["x-granary-status"], "3");
+    assert!(bad.text().await.unwrap().contains("bad raft payload"));
+    assert_eq!(
+        status(
+            http.put(format!(
+                "http://{}/granary.v1.PeerHttp/Propose",
+                node.grpc_addr()
+            ))
+            .header("x-granary-cluster-secret", "right-secret")
+            .send()
+            .await
+            .unwrap()
+        ),
+        405
+    );
+
     // The right bytes with the right CRC are taken, and again: a peer that has a blob
     // answers without reading it.
     let right_crc = crc32c::crc32c(&bytes);

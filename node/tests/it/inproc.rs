@@ -385,9 +385,11 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
 async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push() {
     let mut cluster = InprocCluster::start(3).await;
     let token = cluster.client(1).setup("inproc", "repo").await;
-    cluster
-        .faults
-        .unimplemented("/granary.v1.PeerHttp/PushBlob");
+    for route in ["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"] {
+        cluster
+            .faults
+            .unimplemented(&format!("/granary.v1.PeerHttp/{route}"));
+    }
     cluster
         .faults
         .unimplemented("/granary.v1.Cluster/PushSmallBlob");
@@ -409,8 +411,9 @@ async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push()
     cluster.stop().await;
 }
 
-/// Small blobs pushed by each member, by transport, from its `/metrics`.
-async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {
+/// A counter summed over every member's `/metrics`: `name{labels}`.
+async fn counter(cluster: &InprocCluster, name: &str, labels: &str) -> u64 {
+    let line = format!("{name}{{{labels}}} ");
     let mut total = 0;
     for id in cluster.ids() {
         let text = reqwest::get(format!("{}/metrics", cluster.client(id).base))
@@ -419,7 +422,6 @@ async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {
             .text()
             .await
             .expect("metrics text");
-        let line = format!("granary_peer_blob_pushes_total{{transport=\"{transport}\"}} ");
         total += text
             .lines()
             .find_map(|l| l.strip_prefix(&line))
@@ -428,23 +430,37 @@ async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {
     total
 }
 
-/// Small blobs go to peers over HTTP/1.1. Members that predate that route do not speak
-/// HTTP/1.1 on the peer port; their pushes fail before reaching them and go through gRPC
-/// instead, and later pushes to them take gRPC at once. Every publish is acknowledged and
+async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {
+    let labels = format!("transport=\"{transport}\"");
+    counter(cluster, "granary_peer_blob_pushes_total", &labels).await
+}
+
+async fn calls(cluster: &InprocCluster, call: &str, transport: &str) -> u64 {
+    let labels = format!("call=\"{call}\",transport=\"{transport}\"");
+    counter(cluster, "granary_peer_calls_total", &labels).await
+}
+
+/// The peer calls a publish makes (blob pushes, forwarded proposals, read index rounds,
+/// AppendEntries) go over HTTP/1.1. Members that predate those routes do not speak
+/// HTTP/1.1 on the peer port: calls to them fail before reaching them and go through gRPC
+/// instead, and later calls to them take gRPC at once. Every publish is acknowledged and
 /// readable from every node either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn small_blobs_go_over_http1_and_through_grpc_to_members_that_predate_it() {
+async fn peer_calls_go_over_http1_and_through_grpc_to_members_that_predate_it() {
     let mut cluster = InprocCluster::start(3).await;
     let token = cluster.client(1).setup("inproc", "repo").await;
     let mut acked = Vec::new();
-    for i in 0..3u64 {
-        let name = format!("http1-{i}");
-        let tgz = fake_tgz(cluster.rng.random(), 8192);
-        publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
-            .await
-            .unwrap_or_else(|e| panic!("publish {name}: {e}"));
-        acked.push((name, tgz));
-    }
+    let mut publish_round = async |cluster: &mut InprocCluster, prefix: &str| {
+        for i in 0..3u64 {
+            let name = format!("{prefix}-{i}");
+            let tgz = fake_tgz(cluster.rng.random(), 8192);
+            publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
+                .await
+                .unwrap_or_else(|e| panic!("publish {name}: {e}"));
+            acked.push((name, tgz));
+        }
+    };
+    publish_round(&mut cluster, "http1").await;
     // Each publish goes to both other members; one copy may still be on its way.
     until(
         "the pushes of three publishes",
@@ -452,31 +468,42 @@ async fn small_blobs_go_over_http1_and_through_grpc_to_members_that_predate_it()
         || async { (pushes(&cluster, "http1").await >= 6).then_some(()) },
     )
     .await;
-    assert_eq!(pushes(&cluster, "grpc").await, 0, "no push took gRPC");
-
-    cluster
-        .faults
-        .unimplemented("/granary.v1.PeerHttp/PushBlob");
-    for i in 0..6u64 {
-        let name = format!("older-{i}");
-        let tgz = fake_tgz(cluster.rng.random(), 8192);
-        publish(&cluster.client(i % 3 + 1), &token, &name, &tgz)
-            .await
-            .unwrap_or_else(|e| panic!("publish {name} to older peers: {e}"));
-        acked.push((name, tgz));
+    for call in ["propose", "read_index", "append_entries"] {
+        assert!(
+            calls(&cluster, call, "http1").await > 0,
+            "{call} over HTTP/1.1"
+        );
     }
-    until(
-        "the pushes of six publishes through gRPC",
-        Duration::from_secs(10),
-        || async { (pushes(&cluster, "grpc").await >= 12).then_some(()) },
-    )
+    assert_eq!(pushes(&cluster, "grpc").await, 0, "no push took gRPC");
+    for call in ["propose", "read_index", "append_entries", "vote"] {
+        assert_eq!(
+            calls(&cluster, call, "grpc").await,
+            0,
+            "no {call} took gRPC"
+        );
+    }
+
+    for route in ["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"] {
+        cluster
+            .faults
+            .unimplemented(&format!("/granary.v1.PeerHttp/{route}"));
+    }
+    publish_round(&mut cluster, "older").await;
+    until("pushes through gRPC", Duration::from_secs(10), || async {
+        (pushes(&cluster, "grpc").await >= 6).then_some(())
+    })
     .await;
-    // Each member tried HTTP/1.1 once per peer, then remembered: at most six refusals for
-    // twelve pushes.
+    assert!(calls(&cluster, "append_entries", "grpc").await > 0);
+    assert!(calls(&cluster, "propose", "grpc").await > 0);
+    // Each member remembered which peers take only gRPC: more publishes try HTTP/1.1 no
+    // more.
     let refusals = cluster.faults.unimplemented_answers();
-    assert!(
-        (1..=6).contains(&refusals),
-        "HTTP/1.1 tried once per peer, then gRPC at once: {refusals} refusals"
+    assert!(refusals > 0, "HTTP/1.1 was tried first");
+    publish_round(&mut cluster, "older-again").await;
+    assert_eq!(
+        cluster.faults.unimplemented_answers(),
+        refusals,
+        "no HTTP/1.1 attempt once a peer answered only through gRPC"
     );
     all_readable(&cluster, &cluster.ids(), &token, &acked).await;
     cluster.stop().await;

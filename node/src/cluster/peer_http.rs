@@ -222,20 +222,6 @@ impl PeerHttp {
             .strip_prefix(&format!("/{SERVICE}/"))
             .unwrap_or_default()
             .to_owned();
-        let method = if call == "PushBlob" {
-            Method::PUT
-        } else {
-            Method::POST
-        };
-        if !["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"].contains(&&*call) {
-            return text(StatusCode::NOT_FOUND, "no such peer call");
-        }
-        if req.method() != method {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{call} is a {method}"),
-            );
-        }
         macro_rules! unary {
             ($service:expr, $method:ident) => {
                 match request_of(req).await {
@@ -244,13 +230,23 @@ impl PeerHttp {
                 }
             };
         }
-        match &*call {
-            "Propose" => return unary!(self.cluster, propose),
-            "ReadIndex" => return unary!(self.cluster, read_index),
-            "AppendEntries" => return unary!(self.raft, append_entries),
-            "Vote" => return unary!(self.raft, vote),
-            _ => {}
+        match (req.method().clone(), &*call) {
+            (Method::PUT, "PushBlob") => self.push(req).await,
+            (Method::POST, "Propose") => unary!(self.cluster, propose),
+            (Method::POST, "ReadIndex") => unary!(self.cluster, read_index),
+            (Method::POST, "AppendEntries") => unary!(self.raft, append_entries),
+            (Method::POST, "Vote") => unary!(self.raft, vote),
+            (_, "PushBlob") => text(StatusCode::METHOD_NOT_ALLOWED, "PushBlob is a PUT"),
+            (_, "Propose" | "ReadIndex" | "AppendEntries" | "Vote") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, format!("{call} is a POST"))
+            }
+            _ => text(StatusCode::NOT_FOUND, "no such peer call"),
         }
+    }
+
+    /// Stores a blob a peer pushes: its bytes are the body, its size and digests in
+    /// headers.
+    async fn push(&self, req: Request<tonic::body::Body>) -> Response<tonic::body::Body> {
         let head = match head_of(req.headers()) {
             Ok(h) => h,
             Err(m) => return text(StatusCode::BAD_REQUEST, m),

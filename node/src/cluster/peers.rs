@@ -219,6 +219,12 @@ type Http1Client =
 /// stopped answering would otherwise wait for good.
 const HTTP1_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an idle HTTP/1.1 connection to a peer is kept for reuse. The peer closes one
+/// that brings no request for 30 s (hyper's header read timeout, which tonic's server
+/// sets); a request sent on it just as it closes would fail and go through gRPC, so the
+/// pool lets go of it well before.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+
 /// How long a peer that took a push only through gRPC gets gRPC before HTTP/1.1 is tried
 /// again (it may have been upgraded meanwhile).
 const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
@@ -272,6 +278,8 @@ impl Peers {
             connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
             connector.set_local_address(local_ip);
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
                 .build(connector)
         });
         Peers {

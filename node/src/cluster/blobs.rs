@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::peers::{Http1Push, PeerChannel};
+use super::peers::PeerChannel;
 use crate::metrics::{Metrics, PUSHES};
 use crate::state::StateView;
 use crate::store::blob::{BlobError, BlobStore, ReplicaCheck};
@@ -76,10 +76,6 @@ impl BlobReplicator {
         }
     }
 
-    fn count_push(&self, transport: &str) {
-        self.metrics.add(PUSHES, &[("transport", transport)], 1);
-    }
-
     /// Returns once a majority of voters (this node included, if it votes) hold the blob;
     /// pushes to the remaining members continue in the background.
     pub(crate) async fn replicate(&self, sha256: &str) -> Result<(), ReplicateError> {
@@ -126,11 +122,7 @@ impl BlobReplicator {
 
     /// Sends a blob to one peer unless it already has it.
     async fn push(&self, addr: &str, sha256: &str) -> Result<(), String> {
-        let mut client = self
-            .cluster
-            .peers()
-            .cluster_bulk(addr)
-            .map_err(|e| e.to_string())?;
+        let peers = self.cluster.peers();
         let (info, crc32c, body) = self
             .send(sha256)?
             .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
@@ -140,38 +132,32 @@ impl BlobReplicator {
             // takes it (see `peer_http`), else through gRPC.
             let data = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
             let head = head_chunk(&info, crc32c);
-            let peers = self.cluster.peers();
             let http1 = peers.push_http1(addr, &head, data.clone()).await;
-            match &http1 {
-                Http1Push::Stored => {
-                    self.count_push("http1");
-                    return Ok(());
-                }
-                Http1Push::Refused(m) => return Err(m.clone()),
-                Http1Push::NotTried | Http1Push::Failed(_) => {}
-            }
-            let blob = pb::BlobChunk {
-                data: data.clone(),
-                ..head
-            };
-            let pushed = match client.push_small_blob(blob).await {
-                Ok(reply) => stored(reply.into_inner()),
-                // A member from before the call: stream it instead.
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    push_stream(&mut client, &info, crc32c, granary_format::body::full(data)).await
-                }
-                Err(s) => Err(s.message().to_owned()),
-            };
+            let (pushed, transport) = peers
+                .or_grpc(addr, http1, || async {
+                    let mut client = peers.cluster_bulk(addr).map_err(|e| e.to_string())?;
+                    let blob = pb::BlobChunk {
+                        data: data.clone(),
+                        ..head
+                    };
+                    match client.push_small_blob(blob).await {
+                        Ok(reply) => stored(reply.into_inner()),
+                        // A member from before the call: stream it instead.
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            let body = granary_format::body::full(data);
+                            push_stream(&mut client, &info, crc32c, body).await
+                        }
+                        Err(s) => Err(s.message().to_owned()),
+                    }
+                })
+                .await;
             if pushed.is_ok() {
-                self.count_push("grpc");
-                if let Http1Push::Failed(why) = http1 {
-                    tracing::info!(peer = addr, reason = %why, "peer took a blob push only through gRPC; using gRPC for its pushes for a while");
-                    peers.grpc_only(addr);
-                }
+                self.metrics.add(PUSHES, &[("transport", transport)], 1);
             }
             return pushed;
         }
         // A large blob is offered first, in case the peer has it.
+        let mut client = peers.cluster_bulk(addr).map_err(|e| e.to_string())?;
         let has = client
             .has_blob(pb::BlobRef {
                 sha256: sha256.to_owned(),

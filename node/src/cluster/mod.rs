@@ -228,14 +228,14 @@ impl Cluster {
                 .await
             {
                 Ok(answer) => {
-                    self.peers.count("propose", "http1");
+                    self.peers.count("propose", peers::HTTP1);
                     answer
                 }
                 Err(Http1Failure::Failed(why)) => Err(tonic::Status::unavailable(why)),
                 Err(Http1Failure::NotTried) => {
                     let answer = client.propose(req).await.map(|r| r.into_inner());
                     if answer.is_ok() {
-                        self.peers.count("propose", "grpc");
+                        self.peers.count("propose", peers::GRPC);
                     }
                     answer
                 }

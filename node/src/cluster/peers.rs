@@ -197,7 +197,7 @@ pub(crate) struct Peers {
     /// peers and firewalls see one address per node.
     local_ip: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<(String, Lane), Channel>>>,
-    /// Keep-alive HTTP/1.1 connections for blob pushes (see `peer_http`); none when peer
+    /// Keep-alive HTTP/1.1 connections for the calls `peer_http` serves; none when peer
     /// traffic is TLS.
     http1: Option<Http1Client>,
     /// Peers whose HTTP/1.1 request failed where gRPC then worked (members from before
@@ -225,9 +225,15 @@ const HTTP1_TIMEOUT: Duration = Duration::from_secs(30);
 /// pool lets go of it well before.
 const POOL_IDLE: Duration = Duration::from_secs(20);
 
-/// How long a peer that took a push only through gRPC gets gRPC before HTTP/1.1 is tried
+/// How long a peer that answered only through gRPC gets gRPC before HTTP/1.1 is tried
 /// again (it may have been upgraded meanwhile).
 const GRPC_ONLY_FOR: Duration = Duration::from_secs(60);
+
+/// The transports, as `granary_peer_calls_total` and `granary_peer_blob_pushes_total`
+/// name them.
+pub(crate) const HTTP1: &str = "http1";
+/// See [`HTTP1`].
+pub(crate) const GRPC: &str = "grpc";
 
 /// Why a request did not go over HTTP/1.1, or got no answer.
 #[derive(Debug)]
@@ -238,20 +244,6 @@ pub(crate) enum Http1Failure {
     /// Failed before the peer answered: a member from before the route does not speak
     /// HTTP/1.1 on the peer port, or the peer is unreachable.
     Failed(String),
-}
-
-/// How an HTTP/1.1 push ended.
-#[derive(Debug)]
-pub(crate) enum Http1Push {
-    /// The peer holds the blob.
-    Stored,
-    /// Not tried: peer traffic is TLS, or the peer took its last push only through gRPC.
-    NotTried,
-    /// Failed before the peer answered (a member from before the route does not speak
-    /// HTTP/1.1 on the peer port, or the peer is unreachable): push through gRPC.
-    Failed(String),
-    /// The peer answered and refused the blob.
-    Refused(String),
 }
 
 /// Which connection to a peer a call takes. Bulk transfers (blobs, upstream files) get a
@@ -399,29 +391,27 @@ impl Peers {
             .remove(addr);
     }
 
-    /// Pushes a small blob to the peer at `addr` over HTTP/1.1 (see `peer_http`).
+    /// Pushes a small blob to the peer at `addr` over HTTP/1.1 (see `peer_http`): stored,
+    /// or refused with the peer's reason.
     pub(crate) async fn push_http1(
         &self,
         addr: &str,
         head: &pb::BlobChunk,
         data: bytes::Bytes,
-    ) -> Http1Push {
+    ) -> Result<Result<(), String>, Http1Failure> {
         let headers = match super::peer_http::head_headers(head) {
             Ok(h) => h,
-            Err(e) => return Http1Push::Refused(e),
+            Err(e) => return Ok(Err(e)),
         };
         let path = super::peer_http::PUSH_PATH;
-        match self
+        let (status, _, body) = self
             .send_http1(addr, http::Method::PUT, path, headers, data, false)
-            .await
-        {
-            Ok((status, _, _)) if status.is_success() => Http1Push::Stored,
-            Ok((status, _, body)) => {
-                Http1Push::Refused(format!("{status}: {}", String::from_utf8_lossy(&body)))
-            }
-            Err(Http1Failure::NotTried) => Http1Push::NotTried,
-            Err(Http1Failure::Failed(why)) => Http1Push::Failed(why),
-        }
+            .await?;
+        Ok(if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+        })
     }
 
     /// Makes the unary peer call `call` (a `peer_http` route, such as `Propose`) over
@@ -474,38 +464,50 @@ impl Peers {
         F: FnOnce(Req) -> Fut,
         Fut: Future<Output = Result<Resp, tonic::Status>>,
     {
-        let failed = match self.call_http1(addr, call, &req, false).await {
-            Ok(answer) => {
-                self.count(label, "http1");
-                return answer;
-            }
+        let http1 = self.call_http1(addr, call, &req, false).await;
+        let (answer, transport) = self.or_grpc(addr, http1, || grpc(req)).await;
+        // Over HTTP/1.1 any answer counts; through gRPC an error may be the transport's.
+        if transport == HTTP1 || answer.is_ok() {
+            self.count(label, transport);
+        }
+        answer
+    }
+
+    /// Ends a request that may safely be sent twice: the answer `http1` got, or else
+    /// `grpc`'s. A peer that answers through gRPC after HTTP/1.1 failed predates the
+    /// HTTP/1.1 routes, and gets gRPC for a while. Returns the answer and the transport
+    /// that gave it (`"http1"` or `"grpc"`).
+    pub(crate) async fn or_grpc<T, E, Fut>(
+        &self,
+        addr: &str,
+        http1: Result<Result<T, E>, Http1Failure>,
+        grpc: impl FnOnce() -> Fut,
+    ) -> (Result<T, E>, &'static str)
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let failed = match http1 {
+            Ok(answer) => return (answer, HTTP1),
             Err(Http1Failure::NotTried) => None,
             Err(Http1Failure::Failed(why)) => Some(why),
         };
-        let answer = grpc(req).await;
-        if answer.is_ok() {
-            self.count(label, "grpc");
-            if let Some(why) = failed {
-                tracing::info!(peer = addr, reason = %why, "peer answered only through gRPC; using gRPC for it for a while");
-                self.grpc_only(addr);
-            }
+        let answer = grpc().await;
+        if answer.is_ok()
+            && let Some(why) = failed
+        {
+            tracing::info!(peer = addr, reason = %why, "peer answered only through gRPC; using gRPC for it for a while");
+            self.grpc_only_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr.to_owned(), Instant::now() + GRPC_ONLY_FOR);
         }
-        answer
+        (answer, GRPC)
     }
 
     /// Counts one answered peer call in `granary_peer_calls_total`.
     pub(crate) fn count(&self, call: &'static str, transport: &'static str) {
         self.metrics
             .add(CALLS, &[("call", call), ("transport", transport)], 1);
-    }
-
-    /// Records that `addr` took a call only through gRPC after HTTP/1.1 failed: it
-    /// predates the HTTP/1.1 routes.
-    pub(crate) fn grpc_only(&self, addr: &str) {
-        self.grpc_only_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr.to_owned(), Instant::now() + GRPC_ONLY_FOR);
     }
 
     /// Routes every call through `faults`; `me` is this node's gRPC address.

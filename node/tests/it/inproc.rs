@@ -377,6 +377,15 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
     cluster.stop().await;
 }
 
+/// Makes every member refuse the HTTP/1.1 peer routes, as members from before them do.
+fn lack_http1_routes(cluster: &InprocCluster) {
+    for route in ["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"] {
+        cluster
+            .faults
+            .unimplemented(&format!("/granary.v1.PeerHttp/{route}"));
+    }
+}
+
 /// Members that predate both the HTTP/1.1 push and the one-message gRPC push of small
 /// blobs refuse the first and answer the second UNIMPLEMENTED, as they would during a
 /// rolling upgrade: the sender streams the blob instead, so every publish is acknowledged
@@ -385,11 +394,7 @@ async fn publishes_survive_dropped_and_delayed_peer_calls() {
 async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push() {
     let mut cluster = InprocCluster::start(3).await;
     let token = cluster.client(1).setup("inproc", "repo").await;
-    for route in ["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"] {
-        cluster
-            .faults
-            .unimplemented(&format!("/granary.v1.PeerHttp/{route}"));
-    }
+    lack_http1_routes(&cluster);
     cluster
         .faults
         .unimplemented("/granary.v1.Cluster/PushSmallBlob");
@@ -483,11 +488,7 @@ async fn peer_calls_go_over_http1_and_through_grpc_to_members_that_predate_it() 
         );
     }
 
-    for route in ["PushBlob", "Propose", "ReadIndex", "AppendEntries", "Vote"] {
-        cluster
-            .faults
-            .unimplemented(&format!("/granary.v1.PeerHttp/{route}"));
-    }
+    lack_http1_routes(&cluster);
     publish_round(&mut cluster, "older").await;
     until("pushes through gRPC", Duration::from_secs(10), || async {
         (pushes(&cluster, "grpc").await >= 6).then_some(())

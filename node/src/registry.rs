@@ -18,6 +18,7 @@ use granary_format::{
     AssetBody, Body, Caller, Registry, RegistryError, RepositoryRef, UpstreamFormat,
 };
 
+use crate::cluster::blobs::StoreFailure;
 use crate::node::Node;
 use crate::raft::ProposeError;
 use crate::state::command::{ApplyError, Command, CommandResult, PackageTarget};
@@ -210,24 +211,27 @@ impl Registry for NodeRegistry {
     }
 
     async fn store_blob(&self, body: Body) -> Result<BlobInfo, RegistryError> {
-        let info = self
+        let blob_error = |e| match e {
+            BlobError::TooLarge { limit } => RegistryError::TooLarge { limit },
+            BlobError::Upload(m) => RegistryError::Invalid(m),
+            BlobError::Store(s) => internal(s),
+        };
+        let written = self
             .node
             .blobs
-            .put(body, self.node.config.max_body_bytes)
+            .write_new(body, self.node.config.max_body_bytes)
             .await
-            .map_err(|e| match e {
-                BlobError::TooLarge { limit } => RegistryError::TooLarge { limit },
-                BlobError::Upload(m) => RegistryError::Invalid(m),
-                BlobError::Store(s) => internal(s),
-            })?;
+            .map_err(blob_error)?;
         // The metadata that will refer to these bytes is proposed only once a majority of
         // voters hold them.
         self.node
             .replicator
-            .replicate(&info.hashes.sha256)
+            .commit_and_replicate(written)
             .await
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
-        Ok(info)
+            .map_err(|e| match e {
+                StoreFailure::Local(e) => blob_error(e),
+                StoreFailure::Replicate(e) => RegistryError::Unavailable(e.to_string()),
+            })
     }
 
     async fn open_blob(&self, sha256: &str) -> Result<Option<(u64, Body)>, RegistryError> {

@@ -27,7 +27,7 @@ use super::Cluster;
 use super::peers::PeerChannel;
 use crate::metrics::{Metrics, PUSHES};
 use crate::state::StateView;
-use crate::store::blob::{BlobError, BlobStore, ReplicaCheck};
+use crate::store::blob::{BlobError, BlobStore, ReplicaCheck, Written};
 use granary_protocol::pb::cluster_client::ClusterClient;
 
 /// Size of the chunks streamed between nodes.
@@ -50,6 +50,35 @@ pub(crate) enum ReplicateError {
         /// Voters needed.
         need: usize,
     },
+}
+
+/// Why a new upload could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreFailure {
+    /// Not on this node.
+    #[error(transparent)]
+    Local(#[from] BlobError),
+    /// Not on a majority of voters.
+    #[error(transparent)]
+    Replicate(#[from] ReplicateError),
+}
+
+/// What a push sends.
+#[derive(Clone)]
+enum Copy {
+    /// The blob with this SHA-256 as stored here.
+    Stored(String),
+    /// A blob's size, digests and CRC32C, and its bytes.
+    InHand(Arc<(BlobInfo, u32)>, Bytes),
+}
+
+impl Copy {
+    fn sha256(&self) -> &str {
+        match self {
+            Copy::Stored(sha256) => sha256,
+            Copy::InHand(head, _) => &head.0.hashes.sha256,
+        }
+    }
 }
 
 /// Moves blobs between this node and its peers.
@@ -79,6 +108,31 @@ impl BlobReplicator {
     /// Returns once a majority of voters (this node included, if it votes) hold the blob;
     /// pushes to the remaining members continue in the background.
     pub(crate) async fn replicate(&self, sha256: &str) -> Result<(), ReplicateError> {
+        self.replicate_from(Copy::Stored(sha256.to_owned())).await
+    }
+
+    /// Makes a new upload durable here and on a majority of voters. A blob in one chunk
+    /// goes to the peers from memory while this node's commit runs, so the two syncs
+    /// overlap instead of following each other; a larger one is committed first and then
+    /// pushed from the store, as [`BlobReplicator::replicate`] does.
+    pub(crate) async fn commit_and_replicate(
+        &self,
+        written: Written,
+    ) -> Result<BlobInfo, StoreFailure> {
+        let Some(data) = written.whole() else {
+            let info = written.commit().await?;
+            self.replicate(&info.hashes.sha256).await?;
+            return Ok(info);
+        };
+        let copy = Copy::InHand(Arc::new((written.info().clone(), written.crc32c())), data);
+        // This node's copy counts towards the majority once committed: both must succeed.
+        let (committed, replicated) = tokio::join!(written.commit(), self.replicate_from(copy));
+        let info = committed?;
+        replicated?;
+        Ok(info)
+    }
+
+    async fn replicate_from(&self, copy: Copy) -> Result<(), ReplicateError> {
         let (voters, me_voter) = self.cluster.voters();
         let need = voters / 2 + 1;
         let mut have = usize::from(me_voter);
@@ -90,14 +144,14 @@ impl BlobReplicator {
         for (id, addr, voter) in others {
             let this = self.clone();
             let tx = tx.clone();
-            let sha = sha256.to_owned();
+            let copy = copy.clone();
             // Each push runs to its end even after the majority answered, so every member
             // gets the bytes without waiting for its background pull.
             tokio::spawn(async move {
-                let ok = match this.push(&addr, &sha).await {
+                let ok = match this.push(&addr, &copy).await {
                     Ok(()) => true,
                     Err(e) => {
-                        tracing::debug!(node = id, sha256 = %sha, error = %e, "blob push failed");
+                        tracing::debug!(node = id, sha256 = %copy.sha256(), error = %e, "blob push failed");
                         false
                     }
                 };
@@ -121,43 +175,28 @@ impl BlobReplicator {
     }
 
     /// Sends a blob to one peer unless it already has it.
-    async fn push(&self, addr: &str, sha256: &str) -> Result<(), String> {
-        let peers = self.cluster.peers();
+    async fn push(&self, addr: &str, copy: &Copy) -> Result<(), String> {
+        let sha256 = match copy {
+            Copy::InHand(head, data) => {
+                return self
+                    .push_small(addr, &head.0, Some(head.1), data.clone())
+                    .await;
+            }
+            Copy::Stored(sha256) => sha256,
+        };
         let (info, crc32c, body) = self
             .send(sha256)?
             .ok_or_else(|| format!("blob {sha256} is not stored here"))?;
         if info.size <= ASK_FIRST_ABOVE {
-            // A small blob is cheaper to send than to ask about (a peer that has it answers
-            // without reading it), and goes as one message: over HTTP/1.1 where the peer
-            // takes it (see `peer_http`), else through gRPC.
             let data = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            let head = head_chunk(&info, crc32c);
-            let http1 = peers.push_http1(addr, &head, data.clone()).await;
-            let (pushed, transport) = peers
-                .or_grpc(addr, http1, || async {
-                    let mut client = peers.cluster_bulk(addr).map_err(|e| e.to_string())?;
-                    let blob = pb::BlobChunk {
-                        data: data.clone(),
-                        ..head
-                    };
-                    match client.push_small_blob(blob).await {
-                        Ok(reply) => stored(reply.into_inner()),
-                        // A member from before the call: stream it instead.
-                        Err(s) if s.code() == tonic::Code::Unimplemented => {
-                            let body = granary_format::body::full(data);
-                            push_stream(&mut client, &info, crc32c, body).await
-                        }
-                        Err(s) => Err(s.message().to_owned()),
-                    }
-                })
-                .await;
-            if pushed.is_ok() {
-                self.metrics.add(PUSHES, &[("transport", transport)], 1);
-            }
-            return pushed;
+            return self.push_small(addr, &info, crc32c, data).await;
         }
         // A large blob is offered first, in case the peer has it.
-        let mut client = peers.cluster_bulk(addr).map_err(|e| e.to_string())?;
+        let mut client = self
+            .cluster
+            .peers()
+            .cluster_bulk(addr)
+            .map_err(|e| e.to_string())?;
         let has = client
             .has_blob(pb::BlobRef {
                 sha256: sha256.to_owned(),
@@ -168,6 +207,43 @@ impl BlobReplicator {
             return Ok(());
         }
         push_stream(&mut client, &info, crc32c, body).await
+    }
+
+    /// Sends a small blob, which is cheaper to send than to ask about (a peer that has it
+    /// answers without reading it), as one message: over HTTP/1.1 where the peer takes it
+    /// (see `peer_http`), else through gRPC.
+    async fn push_small(
+        &self,
+        addr: &str,
+        info: &BlobInfo,
+        crc32c: Option<u32>,
+        data: Bytes,
+    ) -> Result<(), String> {
+        let peers = self.cluster.peers();
+        let head = head_chunk(info, crc32c);
+        let http1 = peers.push_http1(addr, &head, data.clone()).await;
+        let (pushed, transport) = peers
+            .or_grpc(addr, http1, || async {
+                let mut client = peers.cluster_bulk(addr).map_err(|e| e.to_string())?;
+                let blob = pb::BlobChunk {
+                    data: data.clone(),
+                    ..head
+                };
+                match client.push_small_blob(blob).await {
+                    Ok(reply) => stored(reply.into_inner()),
+                    // A member from before the call: stream it instead.
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        let body = granary_format::body::full(data);
+                        push_stream(&mut client, info, crc32c, body).await
+                    }
+                    Err(s) => Err(s.message().to_owned()),
+                }
+            })
+            .await;
+        if pushed.is_ok() {
+            self.metrics.add(PUSHES, &[("transport", transport)], 1);
+        }
+        pushed
     }
 
     /// Stores a blob arriving from a peer, checking its size and `check` (its digests are

@@ -394,6 +394,44 @@ pub(crate) struct BlobStore {
     metas: Arc<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<BlobMeta>>>>,
 }
 
+/// A blob whose bytes are written and checked but not yet durable: nothing refers to it
+/// until [`Written::commit`] returns.
+pub(crate) struct Written {
+    info: BlobInfo,
+    crc32c: u32,
+    /// The whole blob, when it fits in one chunk.
+    whole: Option<Bytes>,
+    backend: Arc<dyn BlobBackend>,
+    sha: [u8; 32],
+    meta: BlobMeta,
+}
+
+impl Written {
+    /// Its size and digests.
+    pub(crate) fn info(&self) -> &BlobInfo {
+        &self.info
+    }
+
+    /// The CRC32C of its bytes, by which copies of it are checked.
+    pub(crate) fn crc32c(&self) -> u32 {
+        self.crc32c
+    }
+
+    /// Its bytes, when it fits in one chunk (they are in memory anyway, for the cache).
+    pub(crate) fn whole(&self) -> Option<Bytes> {
+        self.whole.clone()
+    }
+
+    /// Makes the blob durable and records it; a blob stored already keeps its first copy.
+    pub(crate) async fn commit(self) -> Result<BlobInfo, BlobError> {
+        let extents = self.meta.extents.clone();
+        if !self.backend.commit(self.sha, self.meta).await? {
+            self.backend.discard(&extents);
+        }
+        Ok(self.info)
+    }
+}
+
 /// Meta records kept decoded before the map is emptied (a crude bound: ~300 B each).
 const META_CACHE_ENTRIES: usize = 16 * 1024;
 
@@ -436,8 +474,16 @@ impl BlobStore {
     }
 
     /// Streams `body` into the store, hashing as it goes; at most `limit` bytes.
+    #[cfg(test)]
     pub(crate) async fn put(&self, body: Body, limit: u64) -> Result<BlobInfo, BlobError> {
-        self.put_with(body, limit, None).await
+        self.write(body, limit, None).await?.commit().await
+    }
+
+    /// Streams a new upload into the store as [`BlobStore::put`] does, but returns once
+    /// its bytes are written and hashed: [`Written::commit`] makes it durable, and the
+    /// caller may copy the bytes elsewhere meanwhile.
+    pub(crate) async fn write_new(&self, body: Body, limit: u64) -> Result<Written, BlobError> {
+        self.write(body, limit, None).await
     }
 
     /// Stores a copy of a blob whose size and digests are known: its size and `check` are
@@ -449,15 +495,18 @@ impl BlobStore {
         expected: &BlobInfo,
         check: ReplicaCheck,
     ) -> Result<BlobInfo, BlobError> {
-        self.put_with(body, limit, Some((expected, check))).await
+        self.write(body, limit, Some((expected, check)))
+            .await?
+            .commit()
+            .await
     }
 
-    async fn put_with(
+    async fn write(
         &self,
         mut body: Body,
         limit: u64,
         expected: Option<(&BlobInfo, ReplicaCheck)>,
-    ) -> Result<BlobInfo, BlobError> {
+    ) -> Result<Written, BlobError> {
         let mut hasher = Hasher::new(match expected {
             None => Hashing::All(Box::new(MultiHasher::new())),
             Some((_, ReplicaCheck::Sha256)) => Hashing::Sha256(Sha256::new()),
@@ -470,6 +519,8 @@ impl BlobStore {
         });
         let mut buf = BytesMut::with_capacity(capacity);
         let mut extents = Vec::new();
+        // The chunk of a blob that fits in one, as the cache keeps it.
+        let mut whole = None;
         let result: Result<(), BlobError> = async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
@@ -490,13 +541,18 @@ impl BlobStore {
                     let take = (CHUNK_SIZE - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == CHUNK_SIZE {
-                        extents.push(self.write_chunk(buf.split().freeze(), extents.len())?);
+                        let (at, _) = self.write_chunk(buf.split().freeze(), extents.len())?;
+                        extents.push(at);
                         buf.reserve(CHUNK_SIZE);
                     }
                 }
             }
             if !buf.is_empty() {
-                extents.push(self.write_chunk(buf.split().freeze(), extents.len())?);
+                let (at, kept) = self.write_chunk(buf.split().freeze(), extents.len())?;
+                if extents.is_empty() {
+                    whole = kept;
+                }
+                extents.push(at);
             }
             Ok(())
         }
@@ -539,16 +595,20 @@ impl BlobStore {
         let sha = parse_sha256(&info.hashes.sha256)
             .ok_or_else(|| StoreError::Corrupt("hasher produced a bad digest".into()))?;
         let meta = BlobMeta {
-            extents: extents.clone(),
+            extents,
             data_id: None,
             chunks: 0,
             info: info.clone(),
             crc32c: Some(crc32c),
         };
-        if !self.backend.commit(sha, meta).await? {
-            self.backend.discard(&extents);
-        }
-        Ok(info)
+        Ok(Written {
+            info,
+            crc32c,
+            whole,
+            backend: self.backend.clone(),
+            sha,
+            meta,
+        })
     }
 
     /// Writes chunk `index` of an upload. The first few chunks of each upload are kept
@@ -560,7 +620,13 @@ impl BlobStore {
     /// cache gets a copy of its own size, so that it does not hold (and count as less than
     /// it is) the whole buffer, and the buffer's memory goes back to the allocator warm
     /// for the next upload instead of every upload faulting in fresh pages.
-    fn write_chunk(&self, chunk: Bytes, index: usize) -> Result<Extent, StoreError> {
+    ///
+    /// Returns where the chunk lies and, when cached, the bytes the cache keeps.
+    fn write_chunk(
+        &self,
+        chunk: Bytes,
+        index: usize,
+    ) -> Result<(Extent, Option<Bytes>), StoreError> {
         let at = self.backend.put_chunk(&chunk)?;
         if index < CACHED_CHUNKS_PER_UPLOAD {
             let chunk = if chunk.len() < CHUNK_SIZE / 2 {
@@ -568,9 +634,10 @@ impl BlobStore {
             } else {
                 chunk
             };
-            self.cache.insert(extent_cache_key(&at), chunk);
+            self.cache.insert(extent_cache_key(&at), chunk.clone());
+            return Ok((at, Some(chunk)));
         }
-        Ok(at)
+        Ok((at, None))
     }
 
     /// The CRC32C recorded for a blob stored here, if one was.

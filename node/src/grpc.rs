@@ -57,13 +57,19 @@ pub(crate) async fn serve(
     let check = CheckSecret(secret.clone());
     let peer_http = crate::cluster::peer_http::PeerHttp {
         cluster: cluster_service.clone(),
-        raft: RaftService::new(cluster_service.cluster.raft().clone()),
+        raft: RaftService::new(
+            cluster_service.cluster.raft().clone(),
+            cluster_service.cluster.lease().clone(),
+        ),
         secret,
     };
     let cluster = cluster_service.cluster.clone();
-    let raft = pb::raft_server::RaftServer::new(RaftService::new(cluster.raft().clone()))
-        .max_decoding_message_size(1 << 30)
-        .max_encoding_message_size(1 << 30);
+    let raft = pb::raft_server::RaftServer::new(RaftService::new(
+        cluster.raft().clone(),
+        cluster.lease().clone(),
+    ))
+    .max_decoding_message_size(1 << 30)
+    .max_encoding_message_size(1 << 30);
     let service = pb::cluster_server::ClusterServer::new(cluster_service)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

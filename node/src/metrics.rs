@@ -21,8 +21,15 @@ pub(crate) const PUSHES: &str = "granary_peer_blob_pushes_total";
 /// Answered peer calls, by call and transport (`http1`, `grpc`).
 pub(crate) const CALLS: &str = "granary_peer_calls_total";
 
+/// Read index rounds this node confirmed as the leader, by how (`lease`, `heartbeats`).
+pub(crate) const LEADER_READS: &str = "granary_leader_read_index_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        LEADER_READS,
+        "Read index rounds confirmed as the leader: by its lease (recent acks of a quorum, no round trip) or by a round of heartbeats.",
+    ),
     (
         CALLS,
         "Answered calls to peers (propose, read_index, append_entries, vote), by transport (http1, or grpc for members from before the HTTP/1.1 routes or with peer TLS).",

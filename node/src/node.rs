@@ -22,6 +22,7 @@ use crate::cluster::peers::{Peers, Secret, TlsConfigs};
 use crate::config::Config;
 use crate::docs::DocCache;
 use crate::grpc::SelfInfo;
+use crate::raft::lease::Lease;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::GrpcNetwork;
 use crate::raft::state_machine::StateMachine;
@@ -173,6 +174,11 @@ pub async fn run_embedded(
     let (blob_refs_tx, blob_refs_rx) = tokio::sync::mpsc::channel(4096);
     let state_machine =
         StateMachine::new(store.clone(), read_cache.clone()).with_blob_refs(blob_refs_tx);
+    let applied = state_machine.subscribe();
+    let lease = Arc::new(Lease::new(
+        config.raft.election_timeout_min_ms,
+        config.raft.election_timeout_max_ms,
+    ));
     let raft_config = openraft::Config {
         cluster_name: "granary".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -189,7 +195,7 @@ pub async fn run_embedded(
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        GrpcNetwork::new(peers.clone()),
+        GrpcNetwork::new(peers.clone(), lease.clone()),
         LogStore::new(store.clone()),
         state_machine,
     )
@@ -200,7 +206,14 @@ pub async fn run_embedded(
         http_addr: http_addr.to_string(),
         region: config.region.clone(),
     };
-    let cluster = Cluster::new(raft.clone(), peers, config.node_id, config.read_consistency);
+    let cluster = Cluster::new(
+        raft.clone(),
+        peers,
+        config.node_id,
+        config.read_consistency,
+        lease,
+        applied,
+    );
     let blobs = BlobStore::new(
         Arc::new(RocksBlobBackend::open(
             store.clone(),

@@ -160,6 +160,7 @@ mod tests {
     use super::*;
     use crate::cluster::peers::{Peers, Secret};
     use crate::raft::Raft;
+    use crate::raft::lease::Lease;
     use crate::raft::log_store::LogStore;
     use crate::raft::network::GrpcNetwork;
     use crate::raft::state_machine::StateMachine;
@@ -176,12 +177,15 @@ mod tests {
         }
         .validate()
         .unwrap();
+        let lease = Arc::new(Lease::new(150, 300));
+        let state_machine = StateMachine::new(store.clone(), Default::default());
+        let applied = state_machine.subscribe();
         let raft = Raft::new(
             1,
             Arc::new(config),
-            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None)),
-            LogStore::new(store.clone()),
-            StateMachine::new(store, Default::default()),
+            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), lease.clone()),
+            LogStore::new(store),
+            state_machine,
         )
         .await
         .unwrap();
@@ -198,6 +202,8 @@ mod tests {
             Peers::new(Secret::from_env(), None, None),
             1,
             crate::config::ReadConsistency::Linearizable,
+            lease,
+            applied,
         )
     }
 

@@ -28,6 +28,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::ReadConsistency;
+use crate::metrics::LEADER_READS;
+use crate::raft::lease::Lease;
 use crate::raft::{NodeId, NodeInfo, ProposeError, Raft};
 use crate::state::command::{Command, CommandResult};
 use peers::{Http1Failure, Peers};
@@ -126,10 +128,21 @@ pub(crate) struct Cluster {
     reads: Arc<Mutex<ReadBatch>>,
     /// Fired when the leader says this node was removed from the cluster.
     removed: Arc<tokio::sync::Notify>,
+    /// The leader's lease, by which reads skip the heartbeat round (see `raft::lease`).
+    lease: Arc<Lease>,
+    /// The state machine's applied index, as soon as an entry is applied.
+    applied: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Cluster {
-    pub(crate) fn new(raft: Raft, peers: Peers, me: NodeId, consistency: ReadConsistency) -> Self {
+    pub(crate) fn new(
+        raft: Raft,
+        peers: Peers,
+        me: NodeId,
+        consistency: ReadConsistency,
+        lease: Arc<Lease>,
+        applied: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
         Cluster {
             raft,
             peers,
@@ -137,7 +150,14 @@ impl Cluster {
             consistency,
             reads: Default::default(),
             removed: Arc::new(tokio::sync::Notify::new()),
+            lease,
+            applied,
         }
+    }
+
+    /// The leader's lease.
+    pub(crate) fn lease(&self) -> &Arc<Lease> {
+        &self.lease
     }
 
     /// The peer connections.
@@ -381,12 +401,38 @@ impl Cluster {
     }
 
     /// On the leader: confirms leadership with a quorum and returns the index a read must
-    /// wait for.
+    /// wait for. Under a lease (see `raft::lease`) the quorum's recent acks confirm it
+    /// without a round trip.
     pub(crate) async fn leader_read_index(
         &self,
     ) -> Result<u64, RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>> {
+        let count = |by| self.peers.metrics().inc(LEADER_READS, &[("by", by)]);
+        if let Some(index) = self.lease_read_index() {
+            count("lease");
+            return Ok(index);
+        }
         let (read, applied) = self.raft.get_read_log_id().await?;
+        count("heartbeats");
         Ok(read.max(applied).map(|l| l.index).unwrap_or(0))
+    }
+
+    /// The read index under the leader's lease: this node's applied index, if it leads,
+    /// has applied an entry of its own term and a quorum acked it lately.
+    fn lease_read_index(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let vote = m.vote;
+        if m.state != openraft::ServerState::Leader
+            || !vote.is_committed()
+            || vote.leader_id().voted_for() != Some(self.me)
+            || m.last_applied?.leader_id.term != vote.leader_id().term
+            || !self
+                .lease
+                .held(self.me, &vote, m.membership_config.membership())
+        {
+            return None;
+        }
+        Some(*self.applied.borrow())
     }
 
     /// Asks any of `seeds` (gRPC addresses of members) to add this node.

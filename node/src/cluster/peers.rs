@@ -505,6 +505,11 @@ impl Peers {
     }
 
     /// Counts one answered peer call in `granary_peer_calls_total`.
+    /// The node's counters.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub(crate) fn count(&self, call: &'static str, transport: &'static str) {
         self.metrics
             .add(CALLS, &[("call", call), ("transport", transport)], 1);

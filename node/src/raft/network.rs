@@ -4,6 +4,9 @@
 //! openraft's requests and responses travel as JSON payloads inside the protobuf
 //! messages; the receiving side ([`RaftService`]) hands them to its local Raft.
 
+use std::sync::Arc;
+
+use super::lease::Lease;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
 use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
@@ -23,11 +26,13 @@ use serde::de::DeserializeOwned;
 #[derive(Clone)]
 pub(crate) struct GrpcNetwork {
     peers: Peers,
+    lease: Arc<Lease>,
 }
 
 impl GrpcNetwork {
-    pub(crate) fn new(peers: Peers) -> Self {
-        GrpcNetwork { peers }
+    /// Accepted AppendEntries are recorded in `lease`.
+    pub(crate) fn new(peers: Peers, lease: Arc<Lease>) -> Self {
+        GrpcNetwork { peers, lease }
     }
 }
 
@@ -39,6 +44,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             target,
             addr: node.grpc_addr.clone(),
             peers: self.peers.clone(),
+            lease: self.lease.clone(),
             client: None,
         }
     }
@@ -49,6 +55,7 @@ pub(crate) struct PeerClient {
     target: NodeId,
     addr: String,
     peers: Peers,
+    lease: Arc<Lease>,
     client: Option<RaftClient<PeerChannel>>,
 }
 
@@ -151,8 +158,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call_with(Kind::Append, &rpc, Vec::new(), &option)
-            .await
+        let (vote, sent) = (rpc.vote, tokio::time::Instant::now());
+        let answer = self
+            .call_with(Kind::Append, &rpc, Vec::new(), &option)
+            .await;
+        // Any answer but a higher vote means the follower took this leader's vote, and
+        // will not vote for another for a while after `sent`.
+        if let Ok(a) = &answer
+            && !matches!(a, AppendEntriesResponse::HigherVote(_))
+        {
+            self.lease.acked(self.target, &vote, sent);
+        }
+        answer
     }
 
     async fn install_snapshot(
@@ -179,11 +196,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[derive(Clone)]
 pub(crate) struct RaftService {
     raft: Raft,
+    lease: Arc<Lease>,
 }
 
 impl RaftService {
-    pub(crate) fn new(raft: Raft) -> Self {
-        RaftService { raft }
+    pub(crate) fn new(raft: Raft, lease: Arc<Lease>) -> Self {
+        RaftService { raft, lease }
     }
 }
 
@@ -218,6 +236,9 @@ impl pb::raft_server::Raft for RaftService {
         request: tonic::Request<pb::RaftRequest>,
     ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
         let req: VoteRequest<NodeId> = parse(request)?;
+        // Ends this node's lease as a leader, and holds votes back just after a start
+        // (see `lease`).
+        self.lease.before_vote().await;
         reply(self.raft.vote(req).await)
     }
 

@@ -74,8 +74,8 @@ impl StateMachine {
         self
     }
 
-    /// Follows the applied index.
-    #[allow(dead_code)]
+    /// Follows the applied index, updated as soon as entries are applied (before openraft
+    /// learns of them).
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied_tx.subscribe()
     }

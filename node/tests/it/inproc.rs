@@ -292,8 +292,9 @@ async fn all_readable(
 }
 
 /// The leader is cut off from both followers: they elect a new leader and keep taking
-/// publishes; the isolated node serves no metadata (it cannot confirm a read index) and
-/// takes no write; after healing it converges and serves every acknowledged publish.
+/// publishes; the isolated node serves no metadata (its lease has run out and it cannot
+/// confirm a read index) and takes no write; after healing it converges and serves every
+/// acknowledged publish. Before the fault, reads are confirmed by the leader's lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn isolating_the_leader_in_process() {
     let mut cluster = InprocCluster::start(3).await;
@@ -304,8 +305,23 @@ async fn isolating_the_leader_in_process() {
     publish(&cluster.client(old), &token, "before", &tgz)
         .await
         .expect("publish before the fault");
+    // Reads through any node confirm the leader's read index by its lease, without a
+    // heartbeat round, while a quorum acknowledges it.
+    let by_lease = "by=\"lease\"";
+    let before = counter(&cluster, "granary_leader_read_index_total", by_lease).await;
+    for id in cluster.ids() {
+        let (status, body) = tarball(&cluster.client(id), &token, "before").await;
+        assert_eq!((status, body), (200, tgz.clone()), "read through node {id}");
+    }
+    assert!(
+        counter(&cluster, "granary_leader_read_index_total", by_lease).await >= before + 3,
+        "every read was confirmed by the leader's lease"
+    );
     acked.push(("before".to_owned(), tgz));
 
+    // Cut off, the old leader's lease runs out before the others can elect a new leader
+    // (they refuse votes for election_timeout_max after its last AppendEntries): below,
+    // once the new leader has acknowledged writes, the old one answers no read.
     cluster.faults.isolate(cluster.grpc(old));
     let rest: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != old).collect();
     let new = cluster.leader(&rest).await;

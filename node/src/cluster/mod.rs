@@ -190,31 +190,50 @@ impl Cluster {
     /// retried until [`WRITE_DEADLINE`], then fails retryably.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
         let deadline = Instant::now() + WRITE_DEADLINE;
-        let payload = serde_json::to_vec(&cmd).map_err(|e| ProposeError::Fatal(e.to_string()))?;
+        let mut payload = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            // A leader cut off from its quorum never commits: bound the wait. The outcome
-            // is then unknown, which a retry resolves (a repeated publish is recognized).
-            let Ok(written) = tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
-            else {
-                return Err(ProposeError::NoLeader);
-            };
-            match written {
-                Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node)
-                        && id != self.me
-                    {
-                        match self.forward(&node.grpc_addr, &payload, deadline).await {
-                            Ok(r) => return Ok(r),
-                            Err(Forward::Refused(e)) => return Err(e),
-                            Err(Forward::Retry(why)) => {
-                                tracing::debug!(leader = id, %why, "forwarded write not answered; retrying");
+            // A follower that knows the leader forwards at once; otherwise Raft commits
+            // here (this node leads) or says where the leader is.
+            let leader = match self.other_leader() {
+                Some(leader) => Some(leader),
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    // A leader cut off from its quorum never commits: bound the wait. The
+                    // outcome is then unknown, which a retry resolves (a repeated publish
+                    // is recognized).
+                    let Ok(written) =
+                        tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
+                    else {
+                        return Err(ProposeError::NoLeader);
+                    };
+                    match written {
+                        Ok(resp) => return Ok(resp.data),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                            match (f.leader_id, f.leader_node) {
+                                (Some(id), Some(node)) if id != self.me => {
+                                    Some((id, node.grpc_addr))
+                                }
+                                _ => None,
                             }
                         }
+                        Err(e) => return Err(ProposeError::Fatal(e.to_string())),
                     }
                 }
-                Err(e) => return Err(ProposeError::Fatal(e.to_string())),
+            };
+            if let Some((id, addr)) = leader {
+                let payload = match &payload {
+                    Some(p) => p,
+                    None => payload.insert(
+                        serde_json::to_vec(&cmd).map_err(|e| ProposeError::Fatal(e.to_string()))?,
+                    ),
+                };
+                match self.forward(&addr, payload, deadline).await {
+                    Ok(r) => return Ok(r),
+                    Err(Forward::Refused(e)) => return Err(e),
+                    Err(Forward::Retry(why)) => {
+                        tracing::debug!(leader = id, %why, "forwarded write not answered; retrying");
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 return Err(ProposeError::NoLeader);
@@ -222,6 +241,16 @@ impl Cluster {
             let mut metrics = self.raft.metrics();
             let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
         }
+    }
+
+    /// The leader and its peer address, when another member leads as far as this node
+    /// knows.
+    fn other_leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader.filter(|id| *id != self.me)?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some((id, node.grpc_addr.clone()))
     }
 
     async fn forward(

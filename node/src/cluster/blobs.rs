@@ -9,12 +9,13 @@
 //! - **Anti-entropy**: at start and then periodically, every referenced digest is checked
 //!   and missing ones pulled, so a node that was away for days repairs itself.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use granary_format::body::{Body, BodyError};
 use granary_format::model::{BlobInfo, Hashes};
 use granary_protocol::pb;
@@ -88,6 +89,9 @@ pub(crate) struct BlobReplicator {
     cluster: Cluster,
     limit: u64,
     metrics: Arc<Metrics>,
+    /// Fetches from peers in flight, by digest: every request for a blob this node lacks
+    /// waits for one pull instead of starting its own.
+    fetching: Arc<std::sync::Mutex<HashMap<String, Shared<BoxFuture<'static, bool>>>>>,
 }
 
 impl BlobReplicator {
@@ -102,6 +106,7 @@ impl BlobReplicator {
             cluster,
             limit,
             metrics,
+            fetching: Default::default(),
         }
     }
 
@@ -287,8 +292,37 @@ impl BlobReplicator {
     }
 
     /// Fetches a blob this node lacks from the first peer that has it. Returns whether it
-    /// is now stored here.
+    /// is now stored here. Concurrent calls for one blob share one fetch, which runs to its
+    /// end even if they all stop waiting.
     pub(crate) async fn fetch(&self, sha256: &str) -> bool {
+        let flight = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            match fetching.get(sha256) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let this = self.clone();
+                    let sha = sha256.to_owned();
+                    let task = tokio::spawn(async move {
+                        let stored = this.fetch_once(&sha).await;
+                        this.fetching
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&sha);
+                        stored
+                    });
+                    let flight = async move { task.await.unwrap_or(false) }.boxed().shared();
+                    fetching.insert(sha256.to_owned(), flight.clone());
+                    flight
+                }
+            }
+        };
+        flight.await
+    }
+
+    async fn fetch_once(&self, sha256: &str) -> bool {
+        if self.has(sha256).unwrap_or(false) {
+            return true;
+        }
         for (id, addr, _) in self.cluster.other_members() {
             match self.pull_from(&addr, sha256).await {
                 Ok(true) => return true,

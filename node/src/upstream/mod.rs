@@ -601,9 +601,16 @@ pub(crate) async fn open_blob(
     if let Some(found) = open(node)? {
         return Ok(Some(found));
     }
-    // Referenced but not here yet (this node is catching up): fetch it from a peer.
-    if !node.replicator.fetch(sha256).await {
+    if node.cluster.other_members().is_empty() {
         return Ok(None);
+    }
+    // Referenced but not here yet (this node is catching up): fetch it from a peer. One
+    // that no peer could send now is not gone, and the request may be retried.
+    if !node.replicator.fetch(sha256).await {
+        return Err(RegistryError::Unavailable(
+            "the package's bytes are not on this node yet and no peer sent them; retry shortly"
+                .into(),
+        ));
     }
     open(node)
 }

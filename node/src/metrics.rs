@@ -21,6 +21,9 @@ pub(crate) const PUSHES: &str = "granary_peer_blob_pushes_total";
 /// Answered peer calls, by call and transport (`http1`, `grpc`).
 pub(crate) const CALLS: &str = "granary_peer_calls_total";
 
+/// Blobs this node started pulling from a peer (background or on demand), by transport.
+pub(crate) const PULLS: &str = "granary_peer_blob_pulls_total";
+
 /// Read index rounds this node confirmed as the leader, by how (`lease`, `heartbeats`).
 pub(crate) const LEADER_READS: &str = "granary_leader_read_index_total";
 
@@ -33,6 +36,10 @@ const HELP: &[(&str, &str)] = &[
     (
         CALLS,
         "Answered calls to peers (propose, read_index, append_entries, vote), by transport (http1, or grpc for members from before the HTTP/1.1 routes or with peer TLS).",
+    ),
+    (
+        PULLS,
+        "Blob pulls from peers this node started (after apply, by anti-entropy or for a request), by transport; concurrent requests for one missing blob share one pull.",
     ),
     (
         PUSHES,

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use super::peers::PeerChannel;
-use crate::metrics::{Metrics, PUSHES};
+use crate::metrics::{Metrics, PULLS, PUSHES};
 use crate::state::StateView;
 use crate::store::blob::{BlobError, BlobStore, ReplicaCheck, Written};
 use granary_protocol::pb::cluster_client::ClusterClient;
@@ -347,7 +347,10 @@ impl BlobReplicator {
             })
             .await
         {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                self.metrics.add(PULLS, &[("transport", "grpc")], 1);
+                r.into_inner()
+            }
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(false),
             Err(s) => return Err(s.message().to_owned()),
         };

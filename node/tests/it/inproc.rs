@@ -552,3 +552,59 @@ async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
     cluster.faults.heal();
     cluster.stop().await;
 }
+
+/// A node that lacks a blob its metadata names (it was cut off when the package was
+/// published) fetches it from a peer once, however many requests ask for it at the same
+/// moment: its background pull and every request share one pull, and every request gets
+/// the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_for_a_missing_blob_share_one_pull() {
+    let mut cluster = InprocCluster::start(3).await;
+    let token = cluster.client(1).setup("inproc", "repo").await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let lagging = cluster
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("a follower");
+    cluster.faults.isolate(cluster.grpc(lagging));
+    let tgz = fake_tgz(cluster.rng.random(), 2 << 20);
+    publish(&cluster.client(leader), &token, "missing-here", &tgz)
+        .await
+        .expect("publish while a follower is cut off");
+    let pulls_before = counter(
+        &cluster,
+        "granary_peer_blob_pulls_total",
+        "transport=\"grpc\"",
+    )
+    .await;
+
+    // Every peer call takes a while from now on, so the pull is still running when the
+    // requests, released together once the entry is applied there, look for the blob.
+    cluster.faults.heal();
+    cluster
+        .faults
+        .delay(Duration::from_millis(40), Duration::from_millis(40));
+    let c = cluster.client(lagging);
+    let gets = (0..40).map(|_| {
+        let (c, token) = (c.clone(), token.clone());
+        async move { tarball(&c, &token, "missing-here").await }
+    });
+    for (status, body) in futures::future::join_all(gets).await {
+        assert_eq!(status, 200, "a request on the node that lacked the blob");
+        assert!(body == tgz, "the bytes the package was published with");
+    }
+    cluster.faults.heal();
+    assert_eq!(
+        counter(
+            &cluster,
+            "granary_peer_blob_pulls_total",
+            "transport=\"grpc\""
+        )
+        .await
+            - pulls_before,
+        1,
+        "one pull for the background fetch and 40 requests"
+    );
+    cluster.stop().await;
+}

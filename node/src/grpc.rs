@@ -55,21 +55,16 @@ pub(crate) async fn serve(
     // Nagle's algorithm holds one back until the peer's delayed ACK (40 ms on Linux).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let check = CheckSecret(secret.clone());
+    let cluster = cluster_service.cluster.clone();
+    let raft_service = RaftService::new(cluster.raft().clone(), cluster.lease().clone());
     let peer_http = crate::cluster::peer_http::PeerHttp {
         cluster: cluster_service.clone(),
-        raft: RaftService::new(
-            cluster_service.cluster.raft().clone(),
-            cluster_service.cluster.lease().clone(),
-        ),
+        raft: raft_service.clone(),
         secret,
     };
-    let cluster = cluster_service.cluster.clone();
-    let raft = pb::raft_server::RaftServer::new(RaftService::new(
-        cluster.raft().clone(),
-        cluster.lease().clone(),
-    ))
-    .max_decoding_message_size(1 << 30)
-    .max_encoding_message_size(1 << 30);
+    let raft = pb::raft_server::RaftServer::new(raft_service)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30);
     let service = pb::cluster_server::ClusterServer::new(cluster_service)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

@@ -66,18 +66,18 @@ pub(crate) enum StoreFailure {
 
 /// What a push sends.
 #[derive(Clone)]
-enum Copy {
+enum Source {
     /// The blob with this SHA-256 as stored here.
     Stored(String),
     /// A blob's size, digests and CRC32C, and its bytes.
     InHand(Arc<(BlobInfo, u32)>, Bytes),
 }
 
-impl Copy {
+impl Source {
     fn sha256(&self) -> &str {
         match self {
-            Copy::Stored(sha256) => sha256,
-            Copy::InHand(head, _) => &head.0.hashes.sha256,
+            Source::Stored(sha256) => sha256,
+            Source::InHand(head, _) => &head.0.hashes.sha256,
         }
     }
 }
@@ -113,7 +113,7 @@ impl BlobReplicator {
     /// Returns once a majority of voters (this node included, if it votes) hold the blob;
     /// pushes to the remaining members continue in the background.
     pub(crate) async fn replicate(&self, sha256: &str) -> Result<(), ReplicateError> {
-        self.replicate_from(Copy::Stored(sha256.to_owned())).await
+        self.replicate_from(Source::Stored(sha256.to_owned())).await
     }
 
     /// Makes a new upload durable here and on a majority of voters. A blob in one chunk
@@ -129,7 +129,7 @@ impl BlobReplicator {
             self.replicate(&info.hashes.sha256).await?;
             return Ok(info);
         };
-        let copy = Copy::InHand(Arc::new((written.info().clone(), written.crc32c())), data);
+        let copy = Source::InHand(Arc::new((written.info().clone(), written.crc32c())), data);
         // This node's copy counts towards the majority once committed: both must succeed.
         let (committed, replicated) = tokio::join!(written.commit(), self.replicate_from(copy));
         let info = committed?;
@@ -137,7 +137,7 @@ impl BlobReplicator {
         Ok(info)
     }
 
-    async fn replicate_from(&self, copy: Copy) -> Result<(), ReplicateError> {
+    async fn replicate_from(&self, copy: Source) -> Result<(), ReplicateError> {
         let (voters, me_voter) = self.cluster.voters();
         let need = voters / 2 + 1;
         let mut have = usize::from(me_voter);
@@ -180,14 +180,14 @@ impl BlobReplicator {
     }
 
     /// Sends a blob to one peer unless it already has it.
-    async fn push(&self, addr: &str, copy: &Copy) -> Result<(), String> {
+    async fn push(&self, addr: &str, copy: &Source) -> Result<(), String> {
         let sha256 = match copy {
-            Copy::InHand(head, data) => {
+            Source::InHand(head, data) => {
                 return self
                     .push_small(addr, &head.0, Some(head.1), data.clone())
                     .await;
             }
-            Copy::Stored(sha256) => sha256,
+            Source::Stored(sha256) => sha256,
         };
         let (info, crc32c, body) = self
             .send(sha256)?

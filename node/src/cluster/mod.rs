@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use granary_protocol::pb;
 use openraft::ChangeMembers;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -209,12 +209,7 @@ impl Cluster {
                     match written {
                         Ok(resp) => return Ok(resp.data),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                            match (f.leader_id, f.leader_node) {
-                                (Some(id), Some(node)) if id != self.me => {
-                                    Some((id, node.grpc_addr))
-                                }
-                                _ => None,
-                            }
+                            self.elsewhere(f)
                         }
                         Err(e) => return Err(ProposeError::Fatal(e.to_string())),
                     }
@@ -251,6 +246,14 @@ impl Cluster {
         let id = m.current_leader.filter(|id| *id != self.me)?;
         let node = m.membership_config.membership().get_node(&id)?;
         Some((id, node.grpc_addr.clone()))
+    }
+
+    /// The leader Raft points to, when it is another member.
+    fn elsewhere(&self, f: ForwardToLeader<NodeId, NodeInfo>) -> Option<(NodeId, String)> {
+        match (f.leader_id, f.leader_node) {
+            (Some(id), Some(node)) if id != self.me => Some((id, node.grpc_addr)),
+            _ => None,
+        }
     }
 
     async fn forward(
@@ -399,27 +402,31 @@ impl Cluster {
     async fn read_index(&self) -> Result<u64, ReadError> {
         let deadline = Instant::now() + READ_DEADLINE;
         loop {
-            match self.leader_read_index().await {
-                Ok(i) => return Ok(i),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node)
-                        && id != self.me
-                        && let Ok(mut c) = self.peers.cluster(&node.grpc_addr)
-                    {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        let ask = self.peers.call_either(
-                            &node.grpc_addr,
-                            "ReadIndex",
-                            "read_index",
-                            pb::ReadIndexRequest {},
-                            |r| async move { c.read_index(r).await.map(|r| r.into_inner()) },
-                        );
-                        if let Ok(Ok(r)) = tokio::time::timeout(left, ask).await {
-                            return Ok(r.read_index);
-                        }
+            // As a write does: a follower that knows the leader asks it at once.
+            let leader = match self.other_leader() {
+                Some(leader) => Some(leader),
+                None => match self.leader_read_index().await {
+                    Ok(i) => return Ok(i),
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                        self.elsewhere(f)
                     }
+                    Err(_) => None,
+                },
+            };
+            if let Some((_, addr)) = leader
+                && let Ok(mut c) = self.peers.cluster(&addr)
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ask = self.peers.call_either(
+                    &addr,
+                    "ReadIndex",
+                    "read_index",
+                    pb::ReadIndexRequest {},
+                    |r| async move { c.read_index(r).await.map(|r| r.into_inner()) },
+                );
+                if let Ok(Ok(r)) = tokio::time::timeout(left, ask).await {
+                    return Ok(r.read_index);
                 }
-                Err(_) => {}
             }
             if Instant::now() >= deadline {
                 return Err(ReadError::Unavailable);

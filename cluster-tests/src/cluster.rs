@@ -52,6 +52,8 @@ pub struct Options {
     pub region: String,
     /// TOML given to every node with `--config` (its keys as in `configs/single.toml`).
     pub config_toml: Option<String>,
+    /// The nodes' `RUST_LOG` (`GRANARY_TEST_RUST_LOG` still wins; `warn` if neither).
+    pub rust_log: Option<String>,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             faults: false,
             region: "local".to_owned(),
             config_toml: None,
+            rust_log: None,
         }
     }
 }
@@ -177,6 +180,7 @@ impl Cluster {
                 std::fs::write(&path, toml).expect("write node config");
                 path
             }),
+            rust_log: self.options.rust_log.clone(),
         };
         let cgroup = if self.options.faults {
             let cg = Cgroup::create(&format!("{}-n{id}", self.subnet));

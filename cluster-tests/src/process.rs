@@ -80,6 +80,8 @@ pub struct NodeSpec {
     pub learner: bool,
     /// A config file passed with `--config`.
     pub config: Option<PathBuf>,
+    /// `RUST_LOG` for this node, when not `GRANARY_TEST_RUST_LOG` (or `warn`).
+    pub rust_log: Option<String>,
 }
 
 impl NodeSpec {
@@ -173,7 +175,10 @@ impl NodeProcess {
             }
             None => Command::new(&bin),
         };
-        let log = std::env::var("GRANARY_TEST_RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        let log = std::env::var("GRANARY_TEST_RUST_LOG")
+            .ok()
+            .or_else(|| self.spec.rust_log.clone())
+            .unwrap_or_else(|| "warn".to_owned());
         cmd.args(self.spec.args())
             .env("RUST_LOG", log)
             .env("GRANARY_CLUSTER_SECRET", CLUSTER_SECRET)
@@ -373,6 +378,7 @@ mod tests {
             ],
             learner: true,
             config: None,
+            rust_log: None,
         };
         assert_eq!(
             spec.args().join(" "),

@@ -5,12 +5,15 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use futures::future::join_all;
 use granary_cluster_tests::client::{NodeClient, Repo, noise, npm_publish_body};
 use granary_cluster_tests::cluster::Cluster;
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
-use granary_cluster_tests::standin::{Mode, NpmVersion, StandIn, cluster_with, dependency_tree};
+use granary_cluster_tests::standin::{
+    Mode, NpmVersion, StandIn, cluster_with, dependency_tree, node_config,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -101,7 +104,20 @@ async fn coalesced_misses(nodes: usize) {
         NpmVersion::new("big", "1.0.0").file("blob.bin", noise(10 << 20, 0x9E37_79B9_7F4A_7C15));
     standin.add(big.clone());
     let want = sha256_hex(&standin.tarball_bytes("big", "1.0.0"));
-    let cluster = cluster_for(&standin, nodes, 300).await;
+    // Debug logs of the upstream and blob paths: a failed request's message carries the
+    // nodes' last lines.
+    let cluster = granary_cluster_tests::cluster::Cluster::start_with(
+        Seed::from_env(),
+        granary_cluster_tests::cluster::Options {
+            nodes,
+            config_toml: Some(node_config(&standin.url(), 300, 0)),
+            rust_log: Some(
+                "warn,granary_node::upstream=debug,granary_node::cluster::blobs=debug".into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
     let (app, _team, _store) = chain(&cluster, "coalesce").await;
     let client = cluster.client(1);
 
@@ -136,8 +152,29 @@ async fn coalesced_misses(nodes: usize) {
         async move {
             let r = http.get(&url).bearer_auth(token).send().await?;
             let status = r.status().as_u16();
-            let body = r.bytes().await?;
-            Ok::<_, reqwest::Error>((status, sha256_hex(&body)))
+            let id = r
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            // Hashed as it arrives: a thousand 10 MiB bodies held at once would take 10 GiB.
+            let mut hasher = Sha256::new();
+            let mut text = Vec::new();
+            let mut chunks = r.bytes_stream();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                hasher.update(&chunk);
+                if status != 200 && text.len() < 4096 {
+                    text.extend_from_slice(&chunk);
+                }
+            }
+            let what = if status == 200 {
+                hex::encode(hasher.finalize())
+            } else {
+                format!("{url} request {id}: {}", String::from_utf8_lossy(&text))
+            };
+            Ok::<_, reqwest::Error>((status, what))
         }
     });
     let results = join_all(gets).await;
@@ -145,7 +182,17 @@ async fn coalesced_misses(nodes: usize) {
     for r in &results {
         match r {
             Ok((200, sha)) if *sha == want => ok += 1,
-            Ok((status, sha)) => panic!("a requester got HTTP {status} with sha256 {sha}"),
+            Ok((status, what)) => {
+                let logs: Vec<String> = cluster
+                    .ids()
+                    .iter()
+                    .map(|id| cluster.node(*id).output_tail(60))
+                    .collect();
+                panic!(
+                    "a requester got HTTP {status}: {what}\nthe nodes' output:\n{}",
+                    logs.join("\n")
+                )
+            }
             Err(e) => panic!("a requester failed: {e}"),
         }
     }

@@ -59,6 +59,10 @@ struct Shared {
 enum Job {
     /// Encoded entries `(index, bytes)` and the callback to call once they are synced.
     Append(Vec<(u64, Vec<u8>)>, LogFlushed<TypeConfig>),
+    /// The committed log id, encoded: written with the next appends (in their synced
+    /// batch), or alone and unsynced when none are waiting. Raft's core hands it over and
+    /// goes on; it only speeds up a restart, which may find an older one.
+    Committed(Vec<u8>),
     /// Anything else that must be ordered after earlier appends (truncate, purge); after
     /// it, no entry above the given index counts as written.
     Write(
@@ -202,18 +206,26 @@ impl LogStore {
 fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
+    let unsynced = WriteOptions::default();
     while let Some(jobs) = crate::store::next_group(&rx, MAX_GROUP) {
         let cf = store.cf(CF_RAFT_LOG);
+        let meta_cf = store.cf(CF_RAFT_META);
         let mut batch = WriteBatch::default();
         let mut callbacks = Vec::new();
         let mut last = None;
         let flush = |batch: &mut WriteBatch,
                      callbacks: &mut Vec<LogFlushed<TypeConfig>>,
                      last: &mut Option<u64>| {
-            if callbacks.is_empty() {
+            if batch.is_empty() {
                 return;
             }
-            let result = store.db().write_opt(std::mem::take(batch), &sync);
+            // Only appends need the sync; a lone committed id does not.
+            let opts = if callbacks.is_empty() {
+                &unsynced
+            } else {
+                &sync
+            };
+            let result = store.db().write_opt(std::mem::take(batch), opts);
             if result.is_ok()
                 && let Some(i) = last.take()
             {
@@ -237,6 +249,7 @@ fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
                     }
                     callbacks.push(cb);
                 }
+                Job::Committed(bytes) => batch.put_cf(meta_cf, COMMITTED, bytes),
                 Job::Write(other, cap, reply) => {
                     flush(&mut batch, &mut callbacks, &mut last);
                     let result = store.db().write_opt(other, &sync);
@@ -317,7 +330,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(COMMITTED, &committed, false)
+        // Not written here: a write to RocksDB from Raft's core task waits behind any
+        // synced write group in progress (log appends, blob records), stalling the core.
+        let bytes = serde_json::to_vec(&committed).map_err(io_err)?;
+        self.send(Job::Committed(bytes))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -460,5 +476,32 @@ mod tests {
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(2510));
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(100));
+    }
+
+    /// The committed id is handed to the writer (Raft's core does not wait on RocksDB):
+    /// it is read back once written, rides along with appends, and survives a reopen.
+    #[tokio::test]
+    async fn the_committed_id_is_written_by_the_writer_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |i| Some(LogId::new(CommittedLeaderId::new(1, 1), i));
+        {
+            let mut log = LogStore::new(Store::open(dir.path()).unwrap());
+            log.save_committed(at(5)).await.unwrap();
+            // Alone, it is written unsynced by the writer, soon after.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while log.read_committed().await.unwrap() != at(5) {
+                assert!(std::time::Instant::now() < deadline, "never written");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            // With appends, it goes into their synced batch.
+            log.save_committed(at(7)).await.unwrap();
+            log.blocking_append(entries(1, 1..=10)).await.unwrap();
+            assert_eq!(log.read_committed().await.unwrap(), at(7));
+            log.save_committed(at(9)).await.unwrap();
+        }
+        // The writer finishes its queue before the store closes.
+        let mut log = LogStore::new(Store::open(dir.path()).unwrap());
+        assert_eq!(log.read_committed().await.unwrap(), at(9));
+        assert_eq!(read(&mut log, 1..).await, expect(|_| 1, 1..=10));
     }
 }

@@ -263,6 +263,17 @@ pub(crate) fn spawn_committer(
     Ok((tx, handle))
 }
 
+/// What a commit request came to, before the group's write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Its record goes into this group's write.
+    Written,
+    /// An earlier request of this group writes the same blob's record.
+    Shared,
+    /// The blob was stored before.
+    Stored,
+}
+
 fn commit_group(segments: &Segments, sink: &impl MetaSink, group: Vec<CommitRequest>) {
     let ids: HashSet<u32> = group
         .iter()
@@ -276,16 +287,19 @@ fn commit_group(segments: &Segments, sink: &impl MetaSink, group: Vec<CommitRequ
         }
         return;
     }
+    // `Ok(true)`: this request's record is written by this group; `Ok(false)`: the blob
+    // is stored already; a second request for a blob in the same group shares the first
+    // one's write, so it learns of that write's failure too.
     let mut outcomes = Vec::with_capacity(group.len());
     let mut pairs = Vec::new();
     let mut seen = HashSet::new();
     for r in &group {
         let outcome = match sink.exists(&r.key) {
-            Ok(true) => Ok(false),
-            Ok(false) if !seen.insert(r.key) => Ok(false),
+            Ok(true) => Ok(Outcome::Stored),
+            Ok(false) if !seen.insert(r.key) => Ok(Outcome::Shared),
             Ok(false) => {
                 pairs.push((r.key, r.value.clone()));
-                Ok(true)
+                Ok(Outcome::Written)
             }
             Err(e) => Err(e),
         };
@@ -298,8 +312,9 @@ fn commit_group(segments: &Segments, sink: &impl MetaSink, group: Vec<CommitRequ
     };
     for (r, outcome) in group.into_iter().zip(outcomes) {
         let answer = match (&written, outcome) {
-            (Err(e), Ok(true)) => Err(StoreError::Io(e.to_string())),
-            (_, outcome) => outcome,
+            (Err(e), Ok(Outcome::Written | Outcome::Shared)) => Err(StoreError::Io(e.to_string())),
+            (_, Ok(outcome)) => Ok(outcome == Outcome::Written),
+            (_, Err(e)) => Err(e),
         };
         let _ = r.reply.send(answer);
     }
@@ -384,6 +399,40 @@ mod tests {
         );
         drop(tx);
         handle.join().unwrap();
+    }
+
+    /// A failed write fails every request of the group that counted on it, the second
+    /// request for the same blob too (it used to be told the blob was stored).
+    #[tokio::test]
+    async fn a_failed_write_fails_a_duplicate_in_the_same_group() {
+        struct Failing;
+        impl MetaSink for Failing {
+            fn exists(&self, _: &[u8; 32]) -> Result<bool, StoreError> {
+                Ok(false)
+            }
+            fn write_synced(&self, _: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError> {
+                Err(StoreError::Io("injected".into()))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let e = segs.append(b"bytes").unwrap();
+        let mut group = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            group.push(CommitRequest {
+                segments: HashSet::from([e.segment]),
+                key: [7u8; 32],
+                value: vec![1],
+                reply,
+            });
+            answers.push(rx);
+        }
+        commit_group(&segs, &Failing, group);
+        for a in answers {
+            assert!(a.await.unwrap().is_err());
+        }
     }
 
     #[test]

@@ -280,11 +280,17 @@ impl Upstreams {
         asset: &str,
     ) -> Result<Option<AssetBody>, RegistryError> {
         let Some((record, source)) = self.find(node, ask, res, version)? else {
+            tracing::debug!(
+                repository = ask.repository,
+                version,
+                "no repository of the chain offers the version"
+            );
             return Ok(None);
         };
         match source {
             Source::Local(repo) => {
                 let Some(a) = record.asset(asset) else {
+                    tracing::debug!(repo, version, asset, "resolved version has no such asset");
                     return Ok(None);
                 };
                 let sha256 = a.hashes.sha256.clone();
@@ -300,6 +306,7 @@ impl Upstreams {
             }
             Source::External { repo, .. } => {
                 let Some(remote) = record.remote.iter().find(|r| r.name == asset).cloned() else {
+                    tracing::debug!(repo, version, asset, "upstream version has no such file");
                     return Ok(None);
                 };
                 let flight = self.join_flight(node, ask, &repo, &record, remote);
@@ -612,7 +619,11 @@ pub(crate) async fn open_blob(
                 .into(),
         ));
     }
-    open(node)
+    let opened = open(node)?;
+    if opened.is_none() {
+        tracing::warn!(sha256, "a blob fetched from a peer is not readable here");
+    }
+    Ok(opened)
 }
 
 enum Failure {

@@ -553,6 +553,45 @@ async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
     cluster.stop().await;
 }
 
+/// A publish through a follower is acknowledged once the leader has applied it, before
+/// the follower has (it learns of the commit from the next AppendEntries, delayed here);
+/// a read through that follower right after still sees it, bytes and document, because
+/// every read first catches up with the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_through_a_follower_is_read_back_from_it_at_once() {
+    let mut cluster = InprocCluster::start(3).await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let followers: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let token = cluster.client(leader).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .delay(Duration::from_millis(20), Duration::from_millis(60));
+    for round in 0..6 {
+        let via = followers[round % followers.len()];
+        let c = cluster.client(via);
+        let name = format!("rb{round}");
+        let tgz = fake_tgz(cluster.rng.random(), 4096);
+        publish(&c, &token, &name, &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish {name} through node {via}: {e}"));
+        let (status, body) = tarball(&c, &token, &name).await;
+        assert_eq!(status, 200, "{name} read back through node {via}");
+        assert_eq!(body, tgz, "{name} read back through node {via}");
+        let doc = c
+            .raw(
+                "GET",
+                &format!("/npm/inproc/repo/{name}"),
+                &[("authorization", format!("Bearer {token}"))],
+                vec![],
+            )
+            .await;
+        assert_eq!(doc.status, 200, "{name}'s document through node {via}");
+        assert!(doc.text().contains("\"1.0.0\""), "{name}: {}", doc.text());
+    }
+    cluster.faults.heal();
+    cluster.stop().await;
+}
+
 /// A node that lacks a blob its metadata names (it was cut off when the package was
 /// published) fetches it from a peer once, however many requests ask for it at the same
 /// moment: its background pull and every request share one pull, and every request gets

@@ -252,15 +252,24 @@ async fn publish_in(
     }
 }
 
+/// A GET of `path` with the token.
+async fn get(c: &Client, token: &str, path: &str) -> crate::harness::Resp {
+    c.raw(
+        "GET",
+        path,
+        &[("authorization", format!("Bearer {token}"))],
+        vec![],
+    )
+    .await
+}
+
 async fn tarball(c: &Client, token: &str, name: &str) -> (u16, Vec<u8>) {
-    let r = c
-        .raw(
-            "GET",
-            &format!("/npm/inproc/repo/{name}/-/{name}-1.0.0.tgz"),
-            &[("authorization", format!("Bearer {token}"))],
-            vec![],
-        )
-        .await;
+    let r = get(
+        c,
+        token,
+        &format!("/npm/inproc/repo/{name}/-/{name}-1.0.0.tgz"),
+    )
+    .await;
     (r.status, r.body)
 }
 
@@ -577,14 +586,7 @@ async fn a_publish_through_a_follower_is_read_back_from_it_at_once() {
         let (status, body) = tarball(&c, &token, &name).await;
         assert_eq!(status, 200, "{name} read back through node {via}");
         assert_eq!(body, tgz, "{name} read back through node {via}");
-        let doc = c
-            .raw(
-                "GET",
-                &format!("/npm/inproc/repo/{name}"),
-                &[("authorization", format!("Bearer {token}"))],
-                vec![],
-            )
-            .await;
+        let doc = get(&c, &token, &format!("/npm/inproc/repo/{name}")).await;
         assert_eq!(doc.status, 200, "{name}'s document through node {via}");
         assert!(doc.text().contains("\"1.0.0\""), "{name}: {}", doc.text());
     }

@@ -773,17 +773,27 @@ pub async fn cluster_with(
 ) -> crate::cluster::Cluster {
     crate::cluster::Cluster::start_with(
         crate::seed::Seed::from_env(),
-        crate::cluster::Options {
-            nodes,
-            config_toml: Some(node_config(
-                &standin.url(),
-                metadata_ttl_secs,
-                unavailable_backoff_ms,
-            )),
-            ..Default::default()
-        },
+        cluster_options(standin, nodes, metadata_ttl_secs, unavailable_backoff_ms),
     )
     .await
+}
+
+/// The options [`cluster_with`] starts its cluster with, for callers that change more.
+pub fn cluster_options(
+    standin: &StandIn,
+    nodes: usize,
+    metadata_ttl_secs: u64,
+    unavailable_backoff_ms: u64,
+) -> crate::cluster::Options {
+    crate::cluster::Options {
+        nodes,
+        config_toml: Some(node_config(
+            &standin.url(),
+            metadata_ttl_secs,
+            unavailable_backoff_ms,
+        )),
+        ..Default::default()
+    }
 }
 
 /// A node config (TOML) whose `public:npmjs` is the stand-in at `url`: public documents

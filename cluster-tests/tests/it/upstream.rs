@@ -8,11 +8,11 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use futures::future::join_all;
 use granary_cluster_tests::client::{NodeClient, Repo, noise, npm_publish_body};
-use granary_cluster_tests::cluster::Cluster;
+use granary_cluster_tests::cluster::{Cluster, Options};
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
 use granary_cluster_tests::standin::{
-    Mode, NpmVersion, StandIn, cluster_with, dependency_tree, node_config,
+    Mode, NpmVersion, StandIn, cluster_options, cluster_with, dependency_tree,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -106,15 +106,13 @@ async fn coalesced_misses(nodes: usize) {
     let want = sha256_hex(&standin.tarball_bytes("big", "1.0.0"));
     // Debug logs of the upstream and blob paths: a failed request's message carries the
     // nodes' last lines.
-    let cluster = granary_cluster_tests::cluster::Cluster::start_with(
+    let cluster = Cluster::start_with(
         Seed::from_env(),
-        granary_cluster_tests::cluster::Options {
-            nodes,
-            config_toml: Some(node_config(&standin.url(), 300, 0)),
+        Options {
             rust_log: Some(
                 "warn,granary_node::upstream=debug,granary_node::cluster::blobs=debug".into(),
             ),
-            ..Default::default()
+            ..cluster_options(&standin, nodes, 300, 0)
         },
     )
     .await;

@@ -144,15 +144,15 @@ impl LogStore {
         }
     }
 
+    /// Writes a value of `raft_meta`, synced (the vote, the purge point).
     fn put_meta<T: serde::Serialize>(
         &self,
         key: &[u8],
         value: &T,
-        sync: bool,
     ) -> Result<(), StorageError<NodeId>> {
         let cf = self.store.cf(CF_RAFT_META);
         let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
+        opts.set_sync(true);
         let bytes = serde_json::to_vec(value).map_err(io_err)?;
         self.store
             .db()
@@ -319,7 +319,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(VOTE, vote, true)
+        self.put_meta(VOTE, vote)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -384,7 +384,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(PURGED, &log_id, true)?;
+        self.put_meta(PURGED, &log_id)?;
         self.tail().retain(|e| e.log_id.index > log_id.index);
         let cf = self.store.cf(CF_RAFT_LOG);
         let mut batch = WriteBatch::default();

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //!  upload body ──▶ BlobStore::put ──(hash md5/sha1/sha256/sha512 while streaming)──▶
-//!     chunks appended to segment files ──▶ commit: segments synced, then meta under
-//!     sha256 (synced) ──▶ BlobInfo
+//!     chunks appended to segment files (a blob of one chunk: kept whole) ──▶ commit:
+//!     segments synced, the record (and a whole blob) journaled and synced, then meta
+//!     under sha256 ──▶ BlobInfo
 //!  download ◀── BlobStore::open(sha256) ◀── meta ── chunks read one at a time
 //! ```
 //!
 //! The SHA-256 is known only at the end of an upload, so chunks are written first, where
-//! the backend puts them, and the meta record (`sha256 → where the chunks are, size,
+//! the backend puts them (a blob that fits in one chunk goes with its record instead,
+//! see [`super::segments`]), and the meta record (`sha256 → where the chunks are, size,
 //! hashes`) is written last, once the chunks are durable (see [`super::segments`]). If
 //! the blob already existed, the new chunks are left unreferenced. Nothing holds a whole
 //! artifact in memory: one chunk at a time, in and out. Reference counting and garbage
@@ -17,7 +19,7 @@
 //! Blobs stored before segment files existed keep their chunks in the `blobs` column
 //! family under a data id; they are read from there.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::chunk_cache::{ChunkCache, ChunkKey};
-use super::segments::{CommitRequest, Extent, MetaSink, Segments};
+use super::segments::{CommitRequest, Extent, JournalHead, MetaSink, Segments};
 use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
 
 /// Size of one stored chunk.
@@ -111,13 +113,16 @@ pub(crate) enum BlobError {
 pub(crate) trait BlobBackend: Send + Sync + 'static {
     /// Writes one chunk of an upload in progress; durable once a commit naming it returns.
     fn put_chunk(&self, data: &[u8]) -> Result<Extent, StoreError>;
-    /// Makes the chunks `meta` names durable, then records the blob, durably. Resolves to
-    /// false (and records nothing) if a blob with this digest exists already.
+    /// Makes the chunks `meta` names durable, or writes `whole` (a blob that fits in one
+    /// chunk, not written with [`BlobBackend::put_chunk`]), then records the blob,
+    /// durably. Resolves to the meta recorded, which places `whole`, or to `None` (and
+    /// records nothing) if a blob with this digest exists already.
     fn commit(
         &self,
         sha256: [u8; 32],
         meta: BlobMeta,
-    ) -> BoxFuture<'static, Result<bool, StoreError>>;
+        whole: Option<Bytes>,
+    ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>>;
     /// Gives up the chunks of an abandoned or duplicate upload, where the backend can.
     fn discard(&self, extents: &[Extent]);
     /// The record of a blob.
@@ -145,21 +150,61 @@ pub(crate) struct RocksBlobBackend {
 /// The committer's view of `blob_meta`.
 struct RocksMetaSink(Store);
 
+/// Keys of `blob_meta` beside the blobs' (which are 32 bytes): the journal's head and
+/// segments (see [`super::segments`]).
+const JOURNAL_HEAD: &[u8] = b"journal.head";
+const JOURNAL_SEGMENTS: &[u8] = b"journal.segments";
+
 impl MetaSink for RocksMetaSink {
     fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
         let cf = self.0.cf(CF_BLOB_META);
         Ok(self.0.db().get_pinned_cf(cf, key)?.is_some())
     }
 
-    fn write_synced(&self, pairs: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError> {
+    fn record(
+        &self,
+        pairs: Vec<([u8; 32], Vec<u8>)>,
+        head: JournalHead,
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let cf = self.0.cf(CF_BLOB_META);
         let mut batch = WriteBatch::default();
         for (k, v) in pairs {
             batch.put_cf(cf, k, v);
         }
+        let head = serde_json::to_vec(&head).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        batch.put_cf(cf, JOURNAL_HEAD, head);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        Ok(self.0.db().write_opt(batch, &opts)?)
+    }
+
+    fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
+        self.get(JOURNAL_HEAD)
+    }
+
+    fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
+        Ok(self.get(JOURNAL_SEGMENTS)?.unwrap_or_default())
+    }
+
+    fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
+        let cf = self.0.cf(CF_BLOB_META);
+        let value = serde_json::to_vec(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        Ok(self.0.db().write_opt(batch, &opts)?)
+        Ok(self.0.db().put_cf_opt(cf, JOURNAL_SEGMENTS, value, &opts)?)
+    }
+}
+
+impl RocksMetaSink {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        let cf = self.0.cf(CF_BLOB_META);
+        match self.0.db().get_pinned_cf(cf, key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("blob journal: {e}"))),
+        }
     }
 }
 
@@ -198,28 +243,22 @@ impl BlobBackend for RocksBlobBackend {
         &self,
         sha256: [u8; 32],
         meta: BlobMeta,
-    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        whole: Option<Bytes>,
+    ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>> {
         const STOPPED: &str = "the blob committer stopped";
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = serde_json::to_vec(&meta)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
-            .and_then(|value| {
-                let request = CommitRequest {
-                    segments: meta
-                        .extents
-                        .iter()
-                        .map(|e| e.segment)
-                        .collect::<HashSet<_>>(),
-                    key: sha256,
-                    value,
-                    reply,
-                };
-                self.committer
-                    .as_ref()
-                    .ok_or_else(|| StoreError::Io(STOPPED.into()))?
-                    .send(request)
-                    .map_err(|_| StoreError::Io(STOPPED.into()))
-            });
+        let request = CommitRequest {
+            segments: meta.extents.iter().map(|e| e.segment).collect(),
+            key: sha256,
+            meta,
+            whole,
+            reply,
+        };
+        let sent = self
+            .committer
+            .as_ref()
+            .ok_or_else(|| StoreError::Io(STOPPED.into()))
+            .and_then(|c| c.send(request).map_err(|_| StoreError::Io(STOPPED.into())));
         Box::pin(async move {
             sent?;
             answer.await.map_err(|_| StoreError::Io(STOPPED.into()))?
@@ -293,15 +332,18 @@ impl BlobBackend for MemBlobBackend {
     fn commit(
         &self,
         sha256: [u8; 32],
-        meta: BlobMeta,
-    ) -> BoxFuture<'static, Result<bool, StoreError>> {
-        let result = self.check().map(|()| {
-            let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
-            if metas.contains_key(&sha256) {
-                return false;
+        mut meta: BlobMeta,
+        whole: Option<Bytes>,
+    ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>> {
+        let result = self.check().and_then(|()| {
+            if self.meta(&sha256)?.is_some() {
+                return Ok(None);
             }
-            metas.insert(sha256, meta);
-            true
+            if let Some(whole) = whole.filter(|w| !w.is_empty()) {
+                meta.extents = vec![self.put_chunk(&whole)?];
+            }
+            let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(metas.insert(sha256, meta.clone()).is_none().then_some(meta))
         });
         Box::pin(async move { result })
     }
@@ -399,9 +441,10 @@ pub(crate) struct BlobStore {
 pub(crate) struct Written {
     info: BlobInfo,
     crc32c: u32,
-    /// The whole blob, when it fits in one chunk.
+    /// The whole blob, when it fits in one chunk: not written yet, the commit writes it.
     whole: Option<Bytes>,
     backend: Arc<dyn BlobBackend>,
+    cache: Arc<ChunkCache>,
     sha: [u8; 32],
     meta: BlobMeta,
 }
@@ -425,10 +468,30 @@ impl Written {
     /// Makes the blob durable and records it; a blob stored already keeps its first copy.
     pub(crate) async fn commit(self) -> Result<BlobInfo, BlobError> {
         let extents = self.meta.extents.clone();
-        if !self.backend.commit(self.sha, self.meta).await? {
-            self.backend.discard(&extents);
+        match self
+            .backend
+            .commit(self.sha, self.meta, self.whole.clone())
+            .await?
+        {
+            // A new package is read again at once (pushed to peers, often installed).
+            Some(meta) => {
+                if let (Some(whole), Some(at)) = (self.whole, meta.extents.first()) {
+                    self.cache.insert(extent_cache_key(at), whole);
+                }
+            }
+            None => self.backend.discard(&extents),
         }
         Ok(self.info)
+    }
+}
+
+/// `chunk`, or a copy of its own size when it is much shorter than a chunk's buffer (see
+/// [`BlobStore::write_chunk`]).
+fn own_size(chunk: Bytes) -> Bytes {
+    if chunk.len() < CHUNK_SIZE / 2 {
+        Bytes::copy_from_slice(&chunk)
+    } else {
+        chunk
     }
 }
 
@@ -541,18 +604,21 @@ impl BlobStore {
                     let take = (CHUNK_SIZE - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == CHUNK_SIZE {
-                        let (at, _) = self.write_chunk(buf.split().freeze(), extents.len())?;
+                        let at = self.write_chunk(buf.split().freeze(), extents.len())?;
                         extents.push(at);
                         buf.reserve(CHUNK_SIZE);
                     }
                 }
             }
             if !buf.is_empty() {
-                let (at, kept) = self.write_chunk(buf.split().freeze(), extents.len())?;
+                let chunk = buf.split().freeze();
                 if extents.is_empty() {
-                    whole = kept;
+                    // It fits in one chunk: the commit writes it with its record.
+                    whole = Some(own_size(chunk));
+                } else {
+                    let at = self.write_chunk(chunk, extents.len())?;
+                    extents.push(at);
                 }
-                extents.push(at);
             }
             Ok(())
         }
@@ -606,6 +672,7 @@ impl BlobStore {
             crc32c,
             whole,
             backend: self.backend.clone(),
+            cache: self.cache.clone(),
             sha,
             meta,
         })
@@ -621,23 +688,13 @@ impl BlobStore {
     /// it is) the whole buffer, and the buffer's memory goes back to the allocator warm
     /// for the next upload instead of every upload faulting in fresh pages.
     ///
-    /// Returns where the chunk lies and, when cached, the bytes the cache keeps.
-    fn write_chunk(
-        &self,
-        chunk: Bytes,
-        index: usize,
-    ) -> Result<(Extent, Option<Bytes>), StoreError> {
+    /// Returns where the chunk lies.
+    fn write_chunk(&self, chunk: Bytes, index: usize) -> Result<Extent, StoreError> {
         let at = self.backend.put_chunk(&chunk)?;
         if index < CACHED_CHUNKS_PER_UPLOAD {
-            let chunk = if chunk.len() < CHUNK_SIZE / 2 {
-                Bytes::copy_from_slice(&chunk)
-            } else {
-                chunk
-            };
-            self.cache.insert(extent_cache_key(&at), chunk.clone());
-            return Ok((at, Some(chunk)));
+            self.cache.insert(extent_cache_key(&at), own_size(chunk));
         }
-        Ok((at, None))
+        Ok(at)
     }
 
     /// The CRC32C recorded for a blob stored here, if one was.
@@ -891,16 +948,18 @@ mod tests {
             let crc = blobs.crc32c(&info.hashes.sha256).unwrap().unwrap();
             (info, crc)
         };
-        // One bit of the segment changes on disk while the node is down.
-        let segments: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+        // One bit of the chunks' segment changes on disk while the node is down (the
+        // other segment is the journal, holding the blob's record).
+        let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
-        assert_eq!(segments.len(), 1, "{segments:?}");
-        let mut bytes = std::fs::read(&segments[0]).unwrap();
+        assert_eq!(segments.len(), 2, "{segments:?}");
+        segments.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+        let mut bytes = std::fs::read(&segments[1]).unwrap();
         let at = bytes.len() / 2;
         bytes[at] ^= 0x01;
-        std::fs::write(&segments[0], bytes).unwrap();
+        std::fs::write(&segments[1], bytes).unwrap();
 
         // Reopened (nothing cached), the node reads the changed bytes back as they are and
         // sends them with the CRC recorded at upload: the receiving member refuses them.
@@ -917,6 +976,48 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("CRC32C"), "{err}");
         assert!(!receiver.has(&info.hashes.sha256).unwrap());
+    }
+
+    /// A blob's record reaches RocksDB unsynced, after the journal's sync: if a crash of
+    /// the machine loses that write, reopening records it again from the journal.
+    #[tokio::test]
+    async fn blobs_whose_records_a_crash_lost_are_readable_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = sample(1000);
+        let large = sample(CHUNK_SIZE * 2 + 5);
+        let infos = {
+            let store = Store::open(dir.path()).unwrap();
+            let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+            let blobs = BlobStore::new(Arc::new(backend), 1 << 20);
+            let mut infos = Vec::new();
+            for data in [&small, &large] {
+                infos.push(blobs.put(body::full(data.clone()), u64::MAX).await.unwrap());
+            }
+            infos
+        };
+        // What a crash would leave: the journal's segments recorded (a synced write), the
+        // records and the head not.
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let cf = store.cf(CF_BLOB_META);
+            for info in &infos {
+                let sha = parse_sha256(&info.hashes.sha256).unwrap();
+                store.db().delete_cf(cf, sha).unwrap();
+            }
+            store.db().delete_cf(cf, JOURNAL_HEAD).unwrap();
+            assert!(store.db().get_cf(cf, JOURNAL_SEGMENTS).unwrap().is_some());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+        let blobs = BlobStore::new(Arc::new(backend), 0);
+        for (info, data) in infos.iter().zip([&small, &large]) {
+            let (got, _) = blobs.open(&info.hashes.sha256).unwrap().unwrap();
+            assert_eq!(&got, info);
+            assert_eq!(
+                &blobs.read_all(&info.hashes.sha256).await.unwrap()[..],
+                &data[..]
+            );
+        }
     }
 
     #[tokio::test]

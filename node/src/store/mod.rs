@@ -6,6 +6,7 @@
 //!   state      the replicated state machine (see `state::keys`)
 //!   blobs      data id (16 B) ‖ chunk# (u32 BE) → chunk bytes      (older blobs only)
 //!   blob_meta  sha256 (32 B)                → BlobMeta (JSON): where its chunks are
+//!              "journal.head" | "journal.segments"  the blob journal's (see `segments`)
 //! ```
 //!
 //! Blob bytes live beside the database, in append-only segment files under `blobs/`

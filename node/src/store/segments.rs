@@ -3,23 +3,31 @@
 //! ```text
 //!   upload task ── append(chunk) ──▶ blobs/0000000007.seg   (pwrite at a reserved offset)
 //!        │                                   │
-//!        └── commit(sha256, meta) ──▶ committer thread: fdatasync the batch's segments,
-//!                                      then one synced RocksDB write of every meta
+//!        └── commit(sha256, meta, whole) ──▶ committer thread: fdatasync the chunks'
+//!              segments, append every record to the journal (0000000008.seg) and
+//!              fdatasync it, then one unsynced RocksDB write of every meta
 //! ```
 //!
-//! Each blob's bytes are written once, to a segment file, and its meta (where its chunks
-//! are, its digests) goes to RocksDB after them. Keeping the bytes out of RocksDB's
-//! write-ahead log matters twice over: the bytes are not written a second time when the
-//! memtable flushes, and a Raft log append, which syncs that log, no longer waits for
-//! megabytes of concurrent uploads to reach the disk.
+//! A blob larger than a chunk is written chunk by chunk as it arrives, to a segment file
+//! every upload appends to; a blob that fits in one chunk (most packages) is handed to
+//! the committer whole. Either way its record (`sha256 → meta`: where its chunks are, its
+//! digests) goes to the journal, a segment only the committer thread appends to, with the
+//! bytes of a blob given whole; then to `blob_meta` in RocksDB. Keeping the bytes out of
+//! RocksDB's write-ahead log matters twice over: the bytes are not written a second time
+//! when the memtable flushes, and a Raft log append, which syncs that log, does not wait
+//! for megabytes of concurrent uploads to reach the disk.
 //!
-//! - **Order on disk**: a meta is written only after the segments holding its chunks are
-//!   synced, so a meta that survives a crash always names durable bytes. Bytes written
-//!   without a meta (an abandoned upload, a crash before the commit) are unreferenced
-//!   space.
+//! - **Order on disk**: a record is written only after the segments holding its chunks
+//!   are synced, so a record that survives a crash always names durable bytes. Bytes
+//!   written without a record (an abandoned upload, a crash before the commit) are
+//!   unreferenced space.
+//! - **One sync per group of small blobs**: the journal's `fdatasync` makes a group's
+//!   records durable; their RocksDB write is not synced (that was a second sync of every
+//!   group, on the same disk). A crash of the machine may lose it: when the committer
+//!   starts, [`recover`] reads the journal from the head recorded with the last write
+//!   that survived and records what `blob_meta` lacks, before anything is read.
 //! - **Group commit**: one thread takes every commit waiting, syncs the segments they
-//!   wrote (each once) and writes their metas in one synced batch; concurrent uploads
-//!   share the two syncs.
+//!   wrote (each once) and the journal; concurrent uploads share the syncs.
 //! - **A failed sync poisons its segment**: after a failed `fdatasync` the kernel may have
 //!   dropped the dirty pages and a later sync can succeed without them, so a segment
 //!   whose sync failed is never written or committed against again.
@@ -35,6 +43,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+use super::blob::BlobMeta;
 
 /// A segment is closed and a new one started once it reaches this size.
 pub(crate) const SEGMENT_BYTES: u64 = 1 << 30;
@@ -64,6 +73,8 @@ struct Active {
     id: u32,
     file: Option<Arc<File>>,
     len: u64,
+    /// The highest segment number in use, by chunks or by the journal.
+    last_id: u32,
 }
 
 /// The segment files of one node.
@@ -109,6 +120,7 @@ impl Segments {
                 id: last,
                 file: None,
                 len: 0,
+                last_id: last,
             }),
             files: RwLock::new(HashMap::new()),
             poisoned: Default::default(),
@@ -136,20 +148,10 @@ impl Segments {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             let full = active.len > 0 && active.len + u64::from(len) > self.max_len;
             if active.file.is_none() || full || self.is_poisoned(active.id) {
-                let id = active
-                    .id
-                    .checked_add(1)
-                    .ok_or_else(|| StoreError::Io("segment numbers exhausted".into()))?;
-                let file = Arc::new(Self::create(&self.dir, id)?);
-                self.files
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, file.clone());
-                *active = Active {
-                    id,
-                    file: Some(file),
-                    len: 0,
-                };
+                let (id, file) = self.create_next(&mut active)?;
+                active.id = id;
+                active.file = Some(file);
+                active.len = 0;
             }
             let offset = active.len;
             active.len += u64::from(len);
@@ -166,6 +168,34 @@ impl Segments {
             offset,
             len,
         })
+    }
+
+    /// Creates the next segment file, for chunks or for the journal.
+    fn create_next(&self, active: &mut Active) -> Result<(u32, Arc<File>), StoreError> {
+        let id = active
+            .last_id
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Io("segment numbers exhausted".into()))?;
+        let file = Arc::new(Self::create(&self.dir, id)?);
+        active.last_id = id;
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, file.clone());
+        Ok((id, file))
+    }
+
+    /// Starts a new journal segment (see [`Journal`]).
+    fn start_journal(&self) -> Result<(u32, Arc<File>), StoreError> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        self.create_next(&mut active)
+    }
+
+    fn poison(&self, id: u32) {
+        self.poisoned
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
     }
 
     fn is_poisoned(&self, id: u32) -> bool {
@@ -214,10 +244,7 @@ impl Segments {
                 )));
             }
             if let Err(e) = self.file(id)?.sync_data() {
-                self.poisoned
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id);
+                self.poison(id);
                 return Err(io(segment_name(id), e));
             }
         }
@@ -227,36 +254,135 @@ impl Segments {
 
 /// One blob waiting to be committed.
 pub(crate) struct CommitRequest {
-    /// The segments holding its chunks.
+    /// The segments holding its chunks (none for a blob given whole).
     pub(crate) segments: HashSet<u32>,
     /// Its key in `blob_meta`.
     pub(crate) key: [u8; 32],
-    /// Its encoded meta.
-    pub(crate) value: Vec<u8>,
-    /// True if recorded, false if a blob with this key existed already.
-    pub(crate) reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    /// Its meta; for a blob given whole, without extents (the journal places it).
+    pub(crate) meta: BlobMeta,
+    /// The whole blob, when it fits in one chunk: written to the journal with its record.
+    pub(crate) whole: Option<Bytes>,
+    /// The meta recorded, or `None` if a blob with this key existed already.
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<Option<BlobMeta>, StoreError>>,
 }
 
-/// What the committer thread needs of the metadata store: whether a key is recorded,
-/// and a durable write of several at once.
+/// Where the journal has been recorded up to: segment and offset after the last record
+/// whose meta is in `blob_meta` too.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct JournalHead {
+    #[serde(rename = "s")]
+    pub(crate) segment: u32,
+    #[serde(rename = "o")]
+    pub(crate) offset: u64,
+}
+
+/// What the committer thread needs of the metadata store.
 pub(crate) trait MetaSink: Send + 'static {
     /// Whether `key` is recorded.
     fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError>;
-    /// Records every pair in one synced write.
-    fn write_synced(&self, pairs: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError>;
+    /// Records every pair and the journal head in one write, synced only if `sync`: the
+    /// journal holds every record durably already.
+    fn record(
+        &self,
+        pairs: Vec<([u8; 32], Vec<u8>)>,
+        head: JournalHead,
+        sync: bool,
+    ) -> Result<(), StoreError>;
+    /// The journal head recorded, if any.
+    fn journal_head(&self) -> Result<Option<JournalHead>, StoreError>;
+    /// The journal's segments, oldest first.
+    fn journal_segments(&self) -> Result<Vec<u32>, StoreError>;
+    /// Replaces the list of journal segments, synced.
+    fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError>;
 }
 
-/// Starts the committer thread; it ends when every sender is dropped.
+/// A journal record: `MAGIC`, payload length and CRC32C (u32 LE each), then the payload:
+/// the blob's key, its meta's length (u32 LE), its meta (JSON), and the blob's bytes when
+/// it was given whole.
+const MAGIC: u32 = 0x4c4e_4a47;
+const HEADER: usize = 12;
+/// Bytes of a payload before the meta.
+const PREFIX: usize = 32 + 4;
+
+/// The journal: the blob records, appended by the committer thread alone, in segments of
+/// their own.
+///
+/// A group's records (each blob's meta, and the bytes of a blob that fits in one chunk)
+/// are written one after another, then the segment is synced once; their metas go to
+/// `blob_meta` after that, unsynced. So a group of small blobs costs one `fdatasync`
+/// instead of two (the segment's, then RocksDB's write-ahead log's). A crash may lose
+/// the latest unsynced RocksDB writes; [`recover`] reads the journal from the recorded
+/// head on and records what is missing.
+///
+/// Journal segments are named like the others (`NNNNNNNNNN.seg`), so an extent is read
+/// the same way wherever it lies; which segments are the journal's is recorded in
+/// RocksDB (synced) before the first record is written to one. Only the committer thread
+/// appends to a journal segment, in order, so its records lie end to end from offset
+/// zero: a reader finds each by the length before it, and a torn write is found at the
+/// tail only. Nothing else is ever read as a record.
+struct Journal {
+    segments: Vec<u32>,
+    /// Segment, file and length: none until the first write after opening, and after a
+    /// failed write or sync (the next group starts a new segment).
+    active: Option<(u32, Arc<File>, u64)>,
+}
+
+/// One encoded record.
+struct Record {
+    /// Header, key, meta length and meta.
+    head: Vec<u8>,
+    /// The blob's bytes, when given whole.
+    body: Option<Bytes>,
+}
+
+impl Record {
+    fn new(key: &[u8; 32], meta: &[u8], body: Option<Bytes>) -> Result<Record, StoreError> {
+        let body_len = body.as_ref().map_or(0, |b| b.len());
+        let len = u32::try_from(PREFIX + meta.len() + body_len)
+            .map_err(|_| StoreError::Io("journal record larger than 4 GiB".into()))?;
+        let mut head = Vec::with_capacity(HEADER + PREFIX + meta.len());
+        head.extend_from_slice(&MAGIC.to_le_bytes());
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&[0; 4]);
+        head.extend_from_slice(key);
+        head.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        head.extend_from_slice(meta);
+        let mut crc = crc32c::crc32c(&head[HEADER..]);
+        if let Some(b) = &body {
+            crc = crc32c::crc32c_append(crc, b);
+        }
+        head[8..12].copy_from_slice(&crc.to_le_bytes());
+        Ok(Record { head, body })
+    }
+
+    fn len(&self) -> u64 {
+        (self.head.len() + self.body.as_ref().map_or(0, |b| b.len())) as u64
+    }
+}
+
+/// Starts the committer thread, after recording what the journal holds beyond the
+/// recorded head ([`recover`]); the thread ends when every sender is dropped.
 pub(crate) fn spawn_committer(
     segments: Arc<Segments>,
     sink: impl MetaSink,
 ) -> Result<(mpsc::Sender<CommitRequest>, std::thread::JoinHandle<()>), StoreError> {
+    let recovered = recover(&segments, &sink)?;
+    if recovered > 0 {
+        tracing::info!(
+            records = recovered,
+            "blob records recovered from the journal"
+        );
+    }
+    let mut journal = Journal {
+        segments: sink.journal_segments()?,
+        active: None,
+    };
     let (tx, rx) = mpsc::channel::<CommitRequest>();
     let handle = std::thread::Builder::new()
         .name("blob-commit".into())
         .spawn(move || {
             while let Some(group) = super::next_group(&rx, MAX_GROUP) {
-                commit_group(&segments, &sink, group);
+                commit_group(&segments, &sink, &mut journal, group);
             }
         })
         .map_err(|e| io("starting the blob committer", e))?;
@@ -274,11 +400,17 @@ enum Outcome {
     Stored,
 }
 
-fn commit_group(segments: &Segments, sink: &impl MetaSink, group: Vec<CommitRequest>) {
+fn commit_group(
+    segments: &Segments,
+    sink: &impl MetaSink,
+    journal: &mut Journal,
+    group: Vec<CommitRequest>,
+) {
     let ids: HashSet<u32> = group
         .iter()
         .flat_map(|r| r.segments.iter().copied())
         .collect();
+    // The chunks first: a record names only durable bytes.
     if let Err(e) = segments.sync(&ids) {
         // Requests whose segments synced before the failure could still succeed; failing
         // the whole group keeps this rare path simple, and every caller may retry.
@@ -287,55 +419,350 @@ fn commit_group(segments: &Segments, sink: &impl MetaSink, group: Vec<CommitRequ
         }
         return;
     }
-    // `Ok(true)`: this request's record is written by this group; `Ok(false)`: the blob
-    // is stored already; a second request for a blob in the same group shares the first
-    // one's write, so it learns of that write's failure too.
+    // A second request for a blob in the same group shares the first one's write, so it
+    // learns of that write's failure too.
     let mut outcomes = Vec::with_capacity(group.len());
-    let mut pairs = Vec::new();
+    let mut records = Vec::new();
     let mut seen = HashSet::new();
     for r in &group {
         let outcome = match sink.exists(&r.key) {
             Ok(true) => Ok(Outcome::Stored),
             Ok(false) if !seen.insert(r.key) => Ok(Outcome::Shared),
-            Ok(false) => {
-                pairs.push((r.key, r.value.clone()));
-                Ok(Outcome::Written)
-            }
+            Ok(false) => serde_json::to_vec(&r.meta)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+                .and_then(|meta| Record::new(&r.key, &meta, r.whole.clone()))
+                .map(|record| {
+                    records.push(record);
+                    Outcome::Written
+                }),
             Err(e) => Err(e),
         };
         outcomes.push(outcome);
     }
-    let written = if pairs.is_empty() {
-        Ok(())
+    let written = if records.is_empty() {
+        Ok(Vec::new())
     } else {
-        sink.write_synced(pairs)
+        write_records(segments, sink, journal, &records)
     };
-    for (r, outcome) in group.into_iter().zip(outcomes) {
-        let answer = match (&written, outcome) {
+    // The metas as recorded: a blob given whole lies where its record put it.
+    let mut metas = Vec::new();
+    let recorded = written.and_then(|places| {
+        let mut pairs = Vec::with_capacity(places.len());
+        let mut places = places.into_iter();
+        for (r, outcome) in group.iter().zip(&outcomes) {
+            if !matches!(outcome, Ok(Outcome::Written)) {
+                metas.push(None);
+                continue;
+            }
+            let place = places
+                .next()
+                .unwrap_or_else(|| unreachable!("a place per record"));
+            let mut meta = r.meta.clone();
+            if r.whole.as_ref().is_some_and(|b| !b.is_empty()) {
+                meta.extents = vec![place];
+            }
+            let value =
+                serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            pairs.push((r.key, value));
+            metas.push(Some(meta));
+        }
+        let (segment, offset) = journal
+            .active
+            .as_ref()
+            .map(|(id, _, len)| (*id, *len))
+            .unwrap_or_else(|| unreachable!("records were just written"));
+        sink.record(pairs, JournalHead { segment, offset }, false)
+    });
+    for ((r, outcome), meta) in group.into_iter().zip(outcomes).zip(
+        metas
+            .into_iter()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None)),
+    ) {
+        let answer = match (&recorded, outcome) {
             (Err(e), Ok(Outcome::Written | Outcome::Shared)) => Err(StoreError::Io(e.to_string())),
-            (_, Ok(outcome)) => Ok(outcome == Outcome::Written),
+            (Ok(()), Ok(Outcome::Written)) => Ok(meta.flatten()),
+            (_, Ok(_)) => Ok(None),
             (_, Err(e)) => Err(e),
         };
         let _ = r.reply.send(answer);
     }
 }
 
+/// Appends `records` to the journal and syncs it; returns where each record's body lies.
+fn write_records(
+    segments: &Segments,
+    sink: &impl MetaSink,
+    journal: &mut Journal,
+    records: &[Record],
+) -> Result<Vec<Extent>, StoreError> {
+    let total: u64 = records.iter().map(Record::len).sum();
+    let full = journal
+        .active
+        .as_ref()
+        .is_some_and(|(_, _, len)| *len > 0 && len + total > segments.max_len);
+    if journal.active.is_none() || full {
+        let (id, file) = segments.start_journal()?;
+        let mut ids = journal.segments.clone();
+        ids.push(id);
+        // Recorded before anything is written to it: recovery reads only these.
+        sink.set_journal_segments(&ids)?;
+        journal.segments = ids;
+        journal.active = Some((id, file, 0));
+    }
+    let (id, file, start) = journal
+        .active
+        .clone()
+        .unwrap_or_else(|| unreachable!("a journal segment was just started"));
+    let mut offset = start;
+    let mut places = Vec::with_capacity(records.len());
+    let result = (|| {
+        for r in records {
+            file.write_all_at(&r.head, offset)?;
+            let body_at = offset + r.head.len() as u64;
+            let body_len = r.body.as_ref().map_or(0, |b| b.len());
+            if let Some(b) = &r.body {
+                file.write_all_at(b, body_at)?;
+            }
+            places.push(Extent {
+                segment: id,
+                offset: body_at,
+                len: body_len as u32,
+            });
+            offset = body_at + body_len as u64;
+        }
+        file.sync_data()
+    })();
+    if let Err(e) = result {
+        // As with chunks: after a failed write or sync the segment is not trusted again.
+        segments.poison(id);
+        journal.active = None;
+        return Err(io(segment_name(id), e));
+    }
+    journal.active = Some((id, file, offset));
+    Ok(places)
+}
+
+/// One record read back from the journal.
+struct Found {
+    key: [u8; 32],
+    meta: BlobMeta,
+    /// Where the record ends.
+    end: u64,
+}
+
+/// Reads the record at `offset` of a journal segment: `None` at its end or at a torn or
+/// unwritten tail.
+fn read_record(file: &File, offset: u64, id: u32) -> Result<Option<Found>, StoreError> {
+    let size = file.metadata().map_err(|e| io(segment_name(id), e))?.len();
+    if offset + HEADER as u64 > size {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, offset)
+        .map_err(|e| io(segment_name(id), e))?;
+    let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().unwrap_or_default());
+    let (magic, len, crc) = (word(0), word(4) as usize, word(8));
+    let body_at = offset + HEADER as u64;
+    if magic != MAGIC || len < PREFIX || body_at + len as u64 > size {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; len];
+    file.read_exact_at(&mut payload, body_at)
+        .map_err(|e| io(segment_name(id), e))?;
+    if crc32c::crc32c(&payload) != crc {
+        return Ok(None);
+    }
+    let key: [u8; 32] = payload[..32].try_into().unwrap_or_default();
+    let meta_len = u32::from_le_bytes(payload[32..36].try_into().unwrap_or_default()) as usize;
+    let Some(meta) = payload.get(PREFIX..PREFIX + meta_len) else {
+        return Err(StoreError::Corrupt(format!(
+            "{} at {offset}: a journal record's meta overruns it",
+            segment_name(id)
+        )));
+    };
+    let mut meta: BlobMeta = serde_json::from_slice(meta)
+        .map_err(|e| StoreError::Corrupt(format!("{} at {offset}: {e}", segment_name(id))))?;
+    let whole = len - PREFIX - meta_len;
+    if meta.extents.is_empty() && whole > 0 {
+        meta.extents = vec![Extent {
+            segment: id,
+            offset: body_at + (PREFIX + meta_len) as u64,
+            len: whole as u32,
+        }];
+    }
+    Ok(Some(Found {
+        key,
+        meta,
+        end: body_at + len as u64,
+    }))
+}
+
+/// Records every blob of the journal beyond the recorded head that `blob_meta` lacks
+/// (written before a crash that lost RocksDB's unsynced writes), then the new head,
+/// synced. Returns how many it recorded.
+pub(crate) fn recover(segments: &Segments, sink: &impl MetaSink) -> Result<usize, StoreError> {
+    let head = sink.journal_head()?;
+    let mut pairs = Vec::new();
+    let mut keys = HashSet::new();
+    let mut last = None;
+    for id in sink.journal_segments()? {
+        let mut offset = match head {
+            Some(h) if id < h.segment => continue,
+            Some(h) if id == h.segment => h.offset,
+            _ => 0,
+        };
+        let file = segments.file(id)?;
+        while let Some(found) = read_record(&file, offset, id)? {
+            if !keys.contains(&found.key) && !sink.exists(&found.key)? {
+                keys.insert(found.key);
+                let value = serde_json::to_vec(&found.meta)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                pairs.push((found.key, value));
+            }
+            offset = found.end;
+            last = Some(JournalHead {
+                segment: id,
+                offset,
+            });
+        }
+    }
+    let recovered = pairs.len();
+    if let Some(head) = last.filter(|l| Some(*l) != head) {
+        sink.record(pairs, head, true)?;
+    }
+    Ok(recovered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// What a [`MemSink`] holds.
     #[derive(Default, Clone)]
-    struct MemSink(Arc<Mutex<HashMap<[u8; 32], Vec<u8>>>>, Arc<Mutex<usize>>);
+    struct Data {
+        metas: HashMap<[u8; 32], Vec<u8>>,
+        head: Option<JournalHead>,
+        journal: Vec<u32>,
+    }
+
+    /// `blob_meta` in memory, with RocksDB's durability: an unsynced write is lost in a
+    /// crash unless a synced one follows it.
+    #[derive(Default, Clone)]
+    struct MemSink {
+        live: Arc<Mutex<Data>>,
+        durable: Arc<Mutex<Data>>,
+        writes: Arc<Mutex<usize>>,
+    }
+
+    impl MemSink {
+        fn write(&self, sync: bool, f: impl FnOnce(&mut Data)) {
+            let mut live = self.live.lock().unwrap();
+            f(&mut live);
+            if sync {
+                *self.durable.lock().unwrap() = live.clone();
+            }
+            *self.writes.lock().unwrap() += 1;
+        }
+
+        /// What survives a crash of the machine.
+        fn crashed(&self) -> MemSink {
+            let data = self.durable.lock().unwrap().clone();
+            MemSink {
+                live: Arc::new(Mutex::new(data.clone())),
+                durable: Arc::new(Mutex::new(data)),
+                writes: Default::default(),
+            }
+        }
+
+        fn meta(&self, key: &[u8; 32]) -> Option<BlobMeta> {
+            let live = self.live.lock().unwrap();
+            live.metas
+                .get(key)
+                .map(|v| serde_json::from_slice(v).unwrap())
+        }
+    }
 
     impl MetaSink for MemSink {
         fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
-            Ok(self.0.lock().unwrap().contains_key(key))
+            Ok(self.live.lock().unwrap().metas.contains_key(key))
         }
-        fn write_synced(&self, pairs: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError> {
-            *self.1.lock().unwrap() += 1;
-            self.0.lock().unwrap().extend(pairs);
+        fn record(
+            &self,
+            pairs: Vec<([u8; 32], Vec<u8>)>,
+            head: JournalHead,
+            sync: bool,
+        ) -> Result<(), StoreError> {
+            self.write(sync, |d| {
+                d.metas.extend(pairs);
+                d.head = Some(head);
+            });
             Ok(())
         }
+        fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
+            Ok(self.live.lock().unwrap().head)
+        }
+        fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
+            Ok(self.live.lock().unwrap().journal.clone())
+        }
+        fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
+            self.write(true, |d| d.journal = ids.to_vec());
+            Ok(())
+        }
+    }
+
+    fn meta(size: u64, extents: Vec<Extent>) -> BlobMeta {
+        BlobMeta {
+            extents,
+            data_id: None,
+            chunks: 0,
+            info: granary_format::model::BlobInfo {
+                size,
+                hashes: granary_format::model::Hashes {
+                    md5: String::new(),
+                    sha1: String::new(),
+                    sha256: String::new(),
+                    sha512: String::new(),
+                },
+            },
+            crc32c: None,
+        }
+    }
+
+    fn key(i: u32) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&i.to_be_bytes());
+        key
+    }
+
+    /// Commits blob `i` given whole (`bytes`) and waits for the answer.
+    async fn commit_whole(
+        tx: &mpsc::Sender<CommitRequest>,
+        i: u32,
+        bytes: &[u8],
+    ) -> Result<Option<BlobMeta>, StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(CommitRequest {
+            segments: HashSet::new(),
+            key: key(i),
+            meta: meta(bytes.len() as u64, Vec::new()),
+            whole: Some(Bytes::copy_from_slice(bytes)),
+            reply,
+        })
+        .unwrap();
+        rx.await.unwrap()
+    }
+
+    /// The bytes blob `i`'s recorded meta points at.
+    fn read_blob(segs: &Segments, sink: &MemSink, i: u32) -> Vec<u8> {
+        let meta = sink
+            .meta(&key(i))
+            .unwrap_or_else(|| panic!("blob {i} recorded"));
+        let mut out = Vec::new();
+        for e in &meta.extents {
+            out.extend_from_slice(&segs.read(e).unwrap());
+        }
+        out
     }
 
     #[test]
@@ -371,15 +798,20 @@ mod tests {
         let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
         let mut waits = Vec::new();
         for i in 0..200u32 {
-            let e = segs.append(&i.to_be_bytes()).unwrap();
             let (reply, rx) = tokio::sync::oneshot::channel();
-            // Keys 0..100, each twice.
-            let mut key = [0u8; 32];
-            key[..4].copy_from_slice(&(i % 100).to_be_bytes());
+            // Keys 0..100, each twice; odd ones in a chunk segment, even ones given whole.
+            let bytes = Bytes::from(format!("blob {}", i % 100));
+            let (segments, extents, whole) = if i % 2 == 1 {
+                let e = segs.append(&bytes).unwrap();
+                (HashSet::from([e.segment]), vec![e], None)
+            } else {
+                (HashSet::new(), Vec::new(), Some(bytes.clone()))
+            };
             tx.send(CommitRequest {
-                segments: HashSet::from([e.segment]),
-                key,
-                value: vec![1],
+                segments,
+                key: key(i % 100),
+                meta: meta(bytes.len() as u64, extents),
+                whole,
                 reply,
             })
             .unwrap();
@@ -387,15 +819,18 @@ mod tests {
         }
         let mut recorded = 0;
         for w in waits {
-            if w.await.unwrap().unwrap() {
+            if w.await.unwrap().unwrap().is_some() {
                 recorded += 1;
             }
         }
         assert_eq!(recorded, 100, "each key recorded once");
-        assert_eq!(sink.0.lock().unwrap().len(), 100);
+        assert_eq!(sink.live.lock().unwrap().metas.len(), 100);
+        for i in 0..100 {
+            assert_eq!(read_blob(&segs, &sink, i), format!("blob {i}").as_bytes());
+        }
         assert!(
-            *sink.1.lock().unwrap() < 200,
-            "commits sent together share synced writes"
+            *sink.writes.lock().unwrap() < 100,
+            "commits sent together share writes"
         );
         drop(tx);
         handle.join().unwrap();
@@ -405,33 +840,155 @@ mod tests {
     /// request for the same blob too (it used to be told the blob was stored).
     #[tokio::test]
     async fn a_failed_write_fails_a_duplicate_in_the_same_group() {
-        struct Failing;
+        #[derive(Default)]
+        struct Failing(MemSink);
         impl MetaSink for Failing {
-            fn exists(&self, _: &[u8; 32]) -> Result<bool, StoreError> {
-                Ok(false)
+            fn exists(&self, k: &[u8; 32]) -> Result<bool, StoreError> {
+                self.0.exists(k)
             }
-            fn write_synced(&self, _: Vec<([u8; 32], Vec<u8>)>) -> Result<(), StoreError> {
+            fn record(
+                &self,
+                _: Vec<([u8; 32], Vec<u8>)>,
+                _: JournalHead,
+                _: bool,
+            ) -> Result<(), StoreError> {
                 Err(StoreError::Io("injected".into()))
+            }
+            fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
+                self.0.journal_head()
+            }
+            fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
+                self.0.journal_segments()
+            }
+            fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
+                self.0.set_journal_segments(ids)
             }
         }
         let dir = tempfile::tempdir().unwrap();
         let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
-        let e = segs.append(b"bytes").unwrap();
+        let mut journal = Journal {
+            segments: Vec::new(),
+            active: None,
+        };
         let mut group = Vec::new();
         let mut answers = Vec::new();
         for _ in 0..2 {
             let (reply, rx) = tokio::sync::oneshot::channel();
             group.push(CommitRequest {
-                segments: HashSet::from([e.segment]),
+                segments: HashSet::new(),
                 key: [7u8; 32],
-                value: vec![1],
+                meta: meta(5, Vec::new()),
+                whole: Some(Bytes::from_static(b"bytes")),
                 reply,
             });
             answers.push(rx);
         }
-        commit_group(&segs, &Failing, group);
+        commit_group(&segs, &Failing::default(), &mut journal, group);
         for a in answers {
             assert!(a.await.unwrap().is_err());
+        }
+    }
+
+    /// The journal makes a group durable with one sync: metas whose unsynced RocksDB
+    /// write a crash lost are recorded again from it when the committer starts, and a
+    /// torn record at its tail is left out.
+    #[tokio::test]
+    async fn records_lost_by_a_crash_are_recovered_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let sink = MemSink::default();
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        // Given whole, in a chunk segment, and empty.
+        let small = vec![1u8; 3000];
+        commit_whole(&tx, 1, &small).await.unwrap().unwrap();
+        let large = segs.append(&[2u8; 500]).unwrap();
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(CommitRequest {
+            segments: HashSet::from([large.segment]),
+            key: key(2),
+            meta: meta(500, vec![large]),
+            whole: None,
+            reply,
+        })
+        .unwrap();
+        rx.await.unwrap().unwrap().unwrap();
+        commit_whole(&tx, 3, b"").await.unwrap().unwrap();
+        drop(tx);
+        handle.join().unwrap();
+        let crashed = sink.crashed();
+        assert!(
+            !crashed.exists(&key(1)).unwrap(),
+            "the metas were written unsynced"
+        );
+        // A torn record after the last whole one.
+        let journal = crashed.journal_segments().unwrap();
+        assert_eq!(journal.len(), 1);
+        let path = dir.path().join(segment_name(journal[0]));
+        let torn = Record::new(&key(4), b"{}", Some(Bytes::from_static(b"lost")))
+            .unwrap()
+            .head;
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut file, &torn[..torn.len() - 1]).unwrap();
+        drop(file);
+
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let (tx, handle) = spawn_committer(segs.clone(), crashed.clone()).unwrap();
+        assert_eq!(read_blob(&segs, &crashed, 1), small);
+        assert_eq!(read_blob(&segs, &crashed, 2), vec![2u8; 500]);
+        assert_eq!(read_blob(&segs, &crashed, 3), b"");
+        assert!(!crashed.exists(&key(4)).unwrap(), "the torn record is not");
+        assert_eq!(crashed.meta(&key(1)).unwrap().info.size, 3000);
+        // Recovered durably; new records go to a new journal segment, after the torn one.
+        let head = crashed.durable.lock().unwrap().head.unwrap();
+        assert_eq!(head.segment, journal[0]);
+        commit_whole(&tx, 5, b"after").await.unwrap().unwrap();
+        let journal = crashed.journal_segments().unwrap();
+        assert_eq!(journal.len(), 2);
+        drop(tx);
+        handle.join().unwrap();
+        // A second crash: both segments read, from the head on.
+        let again = crashed.crashed();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        assert_eq!(recover(&segs, &again).unwrap(), 1);
+        assert_eq!(read_blob(&segs, &again, 5), b"after");
+        assert_eq!(read_blob(&segs, &again, 1), small);
+        // Nothing left to recover.
+        assert_eq!(recover(&segs, &again).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_journal_rolls_over_to_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), 200).unwrap());
+        let sink = MemSink::default();
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        for i in 0..4 {
+            commit_whole(&tx, i, &[i as u8; 100])
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // A chunk segment started meanwhile takes the next number.
+        let chunk = segs.append(b"chunk").unwrap();
+        commit_whole(&tx, 4, &[4u8; 100]).await.unwrap().unwrap();
+        drop(tx);
+        handle.join().unwrap();
+        let journal = sink.journal_segments().unwrap();
+        assert_eq!(journal.len(), 5, "one record of ~200 bytes per segment");
+        assert!(!journal.contains(&chunk.segment));
+        for i in 0..5 {
+            assert_eq!(read_blob(&segs, &sink, i), vec![i as u8; 100]);
+        }
+        // The synced write naming each new segment made the metas before it durable too.
+        let crashed = sink.crashed();
+        assert_eq!(recover(&segs, &crashed).unwrap(), 1);
+        // With no head recorded, every journal segment is read.
+        let bare = MemSink::default();
+        bare.set_journal_segments(&journal).unwrap();
+        assert_eq!(recover(&segs, &bare).unwrap(), 5);
+        for i in 0..5 {
+            assert_eq!(read_blob(&segs, &crashed, i), vec![i as u8; 100]);
+            assert_eq!(read_blob(&segs, &bare, i), vec![i as u8; 100]);
         }
     }
 

@@ -327,6 +327,20 @@ struct Journal {
     active: Option<(u32, Arc<File>, u64)>,
 }
 
+impl Journal {
+    /// Where the next record goes; only called after a write.
+    fn head(&self) -> JournalHead {
+        let (segment, _, offset) = self
+            .active
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("records were just written"));
+        JournalHead {
+            segment: *segment,
+            offset: *offset,
+        }
+    }
+}
+
 /// One encoded record.
 struct Record {
     /// Header, key, meta length and meta.
@@ -439,53 +453,52 @@ fn commit_group(
         };
         outcomes.push(outcome);
     }
-    let written = if records.is_empty() {
-        Ok(Vec::new())
+    // Per request, the meta recorded: a blob given whole lies where its record put it.
+    let recorded: Result<Vec<Option<BlobMeta>>, StoreError> = if records.is_empty() {
+        // Every blob was stored before: nothing to write.
+        Ok(group.iter().map(|_| None).collect())
     } else {
-        write_records(segments, sink, journal, &records)
+        write_records(segments, sink, journal, &records).and_then(|places| {
+            let mut places = places.into_iter();
+            let mut pairs = Vec::with_capacity(records.len());
+            let mut metas = Vec::with_capacity(group.len());
+            for (r, outcome) in group.iter().zip(&outcomes) {
+                if !matches!(outcome, Ok(Outcome::Written)) {
+                    metas.push(None);
+                    continue;
+                }
+                let place = places
+                    .next()
+                    .unwrap_or_else(|| unreachable!("a place per record"));
+                let mut meta = r.meta.clone();
+                if r.whole.as_ref().is_some_and(|b| !b.is_empty()) {
+                    meta.extents = vec![place];
+                }
+                let value =
+                    serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                pairs.push((r.key, value));
+                metas.push(Some(meta));
+            }
+            sink.record(pairs, journal.head(), false)?;
+            Ok(metas)
+        })
     };
-    // The metas as recorded: a blob given whole lies where its record put it.
-    let mut metas = Vec::new();
-    let recorded = written.and_then(|places| {
-        let mut pairs = Vec::with_capacity(places.len());
-        let mut places = places.into_iter();
-        for (r, outcome) in group.iter().zip(&outcomes) {
-            if !matches!(outcome, Ok(Outcome::Written)) {
-                metas.push(None);
-                continue;
+    match recorded {
+        Ok(metas) => {
+            for ((r, outcome), meta) in group.into_iter().zip(outcomes).zip(metas) {
+                let _ = r.reply.send(outcome.map(|_| meta));
             }
-            let place = places
-                .next()
-                .unwrap_or_else(|| unreachable!("a place per record"));
-            let mut meta = r.meta.clone();
-            if r.whole.as_ref().is_some_and(|b| !b.is_empty()) {
-                meta.extents = vec![place];
-            }
-            let value =
-                serde_json::to_vec(&meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            pairs.push((r.key, value));
-            metas.push(Some(meta));
         }
-        let (segment, offset) = journal
-            .active
-            .as_ref()
-            .map(|(id, _, len)| (*id, *len))
-            .unwrap_or_else(|| unreachable!("records were just written"));
-        sink.record(pairs, JournalHead { segment, offset }, false)
-    });
-    for ((r, outcome), meta) in group.into_iter().zip(outcomes).zip(
-        metas
-            .into_iter()
-            .map(Some)
-            .chain(std::iter::repeat_with(|| None)),
-    ) {
-        let answer = match (&recorded, outcome) {
-            (Err(e), Ok(Outcome::Written | Outcome::Shared)) => Err(StoreError::Io(e.to_string())),
-            (Ok(()), Ok(Outcome::Written)) => Ok(meta.flatten()),
-            (_, Ok(_)) => Ok(None),
-            (_, Err(e)) => Err(e),
-        };
-        let _ = r.reply.send(answer);
+        Err(e) => {
+            for (r, outcome) in group.into_iter().zip(outcomes) {
+                let answer = match outcome {
+                    Ok(Outcome::Written | Outcome::Shared) => Err(StoreError::Io(e.to_string())),
+                    Ok(Outcome::Stored) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                let _ = r.reply.send(answer);
+            }
+        }
     }
 }
 
@@ -954,6 +967,35 @@ mod tests {
         assert_eq!(read_blob(&segs, &again, 1), small);
         // Nothing left to recover.
         assert_eq!(recover(&segs, &again).unwrap(), 0);
+    }
+
+    /// A group with nothing new to record writes nothing, first thing after a start too
+    /// (it used to stop the committer thread there).
+    #[tokio::test]
+    async fn a_group_of_stored_blobs_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = MemSink::default();
+        for _ in 0..2 {
+            let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+            let (tx, handle) = spawn_committer(segs, sink.clone()).unwrap();
+            commit_whole(&tx, 1, b"one").await.unwrap();
+            assert!(commit_whole(&tx, 1, b"one").await.unwrap().is_none());
+            drop(tx);
+            handle.join().unwrap();
+        }
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        assert!(commit_whole(&tx, 1, b"one").await.unwrap().is_none());
+        assert!(commit_whole(&tx, 2, b"two").await.unwrap().is_some());
+        drop(tx);
+        handle.join().unwrap();
+        assert_eq!(read_blob(&segs, &sink, 1), b"one");
+        assert_eq!(read_blob(&segs, &sink, 2), b"two");
+        assert_eq!(
+            sink.journal_segments().unwrap().len(),
+            2,
+            "a journal segment is started only to be written to"
+        );
     }
 
     #[tokio::test]

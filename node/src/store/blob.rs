@@ -261,7 +261,11 @@ impl BlobBackend for RocksBlobBackend {
             .and_then(|c| c.send(request).map_err(|_| StoreError::Io(STOPPED.into())));
         Box::pin(async move {
             sent?;
-            answer.await.map_err(|_| StoreError::Io(STOPPED.into()))?
+            answer.await.map_err(|_| {
+                StoreError::Io(
+                    "the blob commit ended without an answer (see the node's log)".into(),
+                )
+            })?
         })
     }
 

@@ -396,7 +396,17 @@ pub(crate) fn spawn_committer(
         .name("blob-commit".into())
         .spawn(move || {
             while let Some(group) = super::next_group(&rx, MAX_GROUP) {
-                commit_group(&segments, &sink, &mut journal, group);
+                // A panic (a bug) fails its group's requests, whose answers are dropped,
+                // not every later commit on this node. What the journal's segment holds
+                // past its last complete group is unknown then: the next group starts a
+                // new one.
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    commit_group(&segments, &sink, &mut journal, group)
+                }));
+                if caught.is_err() {
+                    tracing::error!("a blob commit panicked; its uploads failed");
+                    journal.active = None;
+                }
             }
         })
         .map_err(|e| io("starting the blob committer", e))?;
@@ -996,6 +1006,57 @@ mod tests {
             2,
             "a journal segment is started only to be written to"
         );
+    }
+
+    /// A panic in a group fails that group's commits, not the later ones.
+    #[tokio::test]
+    async fn the_committer_outlives_a_panic() {
+        #[derive(Default, Clone)]
+        struct Panicking(MemSink);
+        impl MetaSink for Panicking {
+            fn exists(&self, k: &[u8; 32]) -> Result<bool, StoreError> {
+                assert_ne!(k, &key(13), "injected");
+                self.0.exists(k)
+            }
+            fn record(
+                &self,
+                pairs: Vec<([u8; 32], Vec<u8>)>,
+                head: JournalHead,
+                sync: bool,
+            ) -> Result<(), StoreError> {
+                self.0.record(pairs, head, sync)
+            }
+            fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
+                self.0.journal_head()
+            }
+            fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
+                self.0.journal_segments()
+            }
+            fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
+                self.0.set_journal_segments(ids)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let sink = Panicking::default();
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        commit_whole(&tx, 1, b"one").await.unwrap().unwrap();
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(CommitRequest {
+            segments: HashSet::new(),
+            key: key(13),
+            meta: meta(3, Vec::new()),
+            whole: Some(Bytes::from_static(b"bad")),
+            reply,
+        })
+        .unwrap();
+        assert!(rx.await.is_err(), "the panicking group gets no answer");
+        commit_whole(&tx, 2, b"two").await.unwrap().unwrap();
+        drop(tx);
+        handle.join().unwrap();
+        assert_eq!(read_blob(&segs, &sink.0, 1), b"one");
+        assert_eq!(read_blob(&segs, &sink.0, 2), b"two");
+        assert_eq!(sink.0.journal_segments().unwrap().len(), 2);
     }
 
     #[tokio::test]

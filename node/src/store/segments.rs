@@ -676,6 +676,10 @@ mod tests {
         live: Arc<Mutex<Data>>,
         durable: Arc<Mutex<Data>>,
         writes: Arc<Mutex<usize>>,
+        /// Injected: every record write fails.
+        fail_records: bool,
+        /// Injected: asking for this key panics.
+        panic_on: Option<[u8; 32]>,
     }
 
     impl MemSink {
@@ -694,7 +698,7 @@ mod tests {
             MemSink {
                 live: Arc::new(Mutex::new(data.clone())),
                 durable: Arc::new(Mutex::new(data)),
-                writes: Default::default(),
+                ..MemSink::default()
             }
         }
 
@@ -708,6 +712,7 @@ mod tests {
 
     impl MetaSink for MemSink {
         fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
+            assert_ne!(Some(*key), self.panic_on, "injected");
             Ok(self.live.lock().unwrap().metas.contains_key(key))
         }
         fn record(
@@ -716,6 +721,9 @@ mod tests {
             head: JournalHead,
             sync: bool,
         ) -> Result<(), StoreError> {
+            if self.fail_records {
+                return Err(StoreError::Io("injected".into()));
+            }
             self.write(sync, |d| {
                 d.metas.extend(pairs);
                 d.head = Some(head);
@@ -863,30 +871,6 @@ mod tests {
     /// request for the same blob too (it used to be told the blob was stored).
     #[tokio::test]
     async fn a_failed_write_fails_a_duplicate_in_the_same_group() {
-        #[derive(Default)]
-        struct Failing(MemSink);
-        impl MetaSink for Failing {
-            fn exists(&self, k: &[u8; 32]) -> Result<bool, StoreError> {
-                self.0.exists(k)
-            }
-            fn record(
-                &self,
-                _: Vec<([u8; 32], Vec<u8>)>,
-                _: JournalHead,
-                _: bool,
-            ) -> Result<(), StoreError> {
-                Err(StoreError::Io("injected".into()))
-            }
-            fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
-                self.0.journal_head()
-            }
-            fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
-                self.0.journal_segments()
-            }
-            fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
-                self.0.set_journal_segments(ids)
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
         let mut journal = Journal {
@@ -906,7 +890,11 @@ mod tests {
             });
             answers.push(rx);
         }
-        commit_group(&segs, &Failing::default(), &mut journal, group);
+        let sink = MemSink {
+            fail_records: true,
+            ..MemSink::default()
+        };
+        commit_group(&segs, &sink, &mut journal, group);
         for a in answers {
             assert!(a.await.unwrap().is_err());
         }
@@ -1011,34 +999,12 @@ mod tests {
     /// A panic in a group fails that group's commits, not the later ones.
     #[tokio::test]
     async fn the_committer_outlives_a_panic() {
-        #[derive(Default, Clone)]
-        struct Panicking(MemSink);
-        impl MetaSink for Panicking {
-            fn exists(&self, k: &[u8; 32]) -> Result<bool, StoreError> {
-                assert_ne!(k, &key(13), "injected");
-                self.0.exists(k)
-            }
-            fn record(
-                &self,
-                pairs: Vec<([u8; 32], Vec<u8>)>,
-                head: JournalHead,
-                sync: bool,
-            ) -> Result<(), StoreError> {
-                self.0.record(pairs, head, sync)
-            }
-            fn journal_head(&self) -> Result<Option<JournalHead>, StoreError> {
-                self.0.journal_head()
-            }
-            fn journal_segments(&self) -> Result<Vec<u32>, StoreError> {
-                self.0.journal_segments()
-            }
-            fn set_journal_segments(&self, ids: &[u32]) -> Result<(), StoreError> {
-                self.0.set_journal_segments(ids)
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
-        let sink = Panicking::default();
+        let sink = MemSink {
+            panic_on: Some(key(13)),
+            ..MemSink::default()
+        };
         let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
         commit_whole(&tx, 1, b"one").await.unwrap().unwrap();
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -1054,9 +1020,9 @@ mod tests {
         commit_whole(&tx, 2, b"two").await.unwrap().unwrap();
         drop(tx);
         handle.join().unwrap();
-        assert_eq!(read_blob(&segs, &sink.0, 1), b"one");
-        assert_eq!(read_blob(&segs, &sink.0, 2), b"two");
-        assert_eq!(sink.0.journal_segments().unwrap().len(), 2);
+        assert_eq!(read_blob(&segs, &sink, 1), b"one");
+        assert_eq!(read_blob(&segs, &sink, 2), b"two");
+        assert_eq!(sink.journal_segments().unwrap().len(), 2);
     }
 
     #[tokio::test]

@@ -574,10 +574,9 @@ struct Found {
     end: u64,
 }
 
-/// Reads the record at `offset` of a journal segment: `None` at its end or at a torn or
-/// unwritten tail.
-fn read_record(file: &File, offset: u64, id: u32) -> Result<Option<Found>, StoreError> {
-    let size = file.metadata().map_err(|e| io(segment_name(id), e))?.len();
+/// Reads the record at `offset` of a journal segment of `size` bytes: `None` at its end
+/// or at a torn or unwritten tail.
+fn read_record(file: &File, size: u64, offset: u64, id: u32) -> Result<Option<Found>, StoreError> {
     if offset + HEADER as u64 > size {
         return Ok(None);
     }
@@ -636,7 +635,8 @@ pub(crate) fn recover(segments: &Segments, sink: &impl MetaSink) -> Result<usize
             _ => 0,
         };
         let file = segments.file(id)?;
-        while let Some(found) = read_record(&file, offset, id)? {
+        let size = file.metadata().map_err(|e| io(segment_name(id), e))?.len();
+        while let Some(found) = read_record(&file, size, offset, id)? {
             if !keys.contains(&found.key) && !sink.exists(&found.key)? {
                 keys.insert(found.key);
                 let value = serde_json::to_vec(&found.meta)

@@ -437,7 +437,19 @@ pub(crate) struct BlobStore {
     cache: Arc<ChunkCache>,
     /// Decoded meta records of recently read blobs. A blob's meta never changes once
     /// written (the digest names the content), so entries need no invalidation.
-    metas: Arc<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<BlobMeta>>>>,
+    metas: MetaCache,
+}
+
+/// Decoded meta records by key, shared by a store and its uploads.
+type MetaCache = Arc<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<BlobMeta>>>>;
+
+/// Keeps a decoded meta record; the map is emptied when full (a crude bound).
+fn remember(metas: &MetaCache, sha: [u8; 32], meta: Arc<BlobMeta>) {
+    let mut metas = metas.write().unwrap_or_else(|p| p.into_inner());
+    if metas.len() >= META_CACHE_ENTRIES {
+        metas.clear();
+    }
+    metas.insert(sha, meta);
 }
 
 /// A blob whose bytes are written and checked but not yet durable: nothing refers to it
@@ -449,6 +461,7 @@ pub(crate) struct Written {
     whole: Option<Bytes>,
     backend: Arc<dyn BlobBackend>,
     cache: Arc<ChunkCache>,
+    metas: MetaCache,
     sha: [u8; 32],
     meta: BlobMeta,
 }
@@ -477,11 +490,13 @@ impl Written {
             .commit(self.sha, self.meta, self.whole.clone())
             .await?
         {
-            // A new package is read again at once (pushed to peers, often installed).
+            // A new package is read again at once (pushed to peers, often installed), and
+            // every node asks whether it holds it once its metadata is applied.
             Some(meta) => {
                 if let (Some(whole), Some(at)) = (self.whole, meta.extents.first()) {
                     self.cache.insert(extent_cache_key(at), whole);
                 }
+                remember(&self.metas, self.sha, Arc::new(meta));
             }
             None => self.backend.discard(&extents),
         }
@@ -532,11 +547,7 @@ impl BlobStore {
             return Ok(None);
         };
         let meta = Arc::new(meta);
-        let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
-        if metas.len() >= META_CACHE_ENTRIES {
-            metas.clear();
-        }
-        metas.insert(*sha, meta.clone());
+        remember(&self.metas, *sha, meta.clone());
         Ok(Some(meta))
     }
 
@@ -677,6 +688,7 @@ impl BlobStore {
             whole,
             backend: self.backend.clone(),
             cache: self.cache.clone(),
+            metas: self.metas.clone(),
             sha,
             meta,
         })

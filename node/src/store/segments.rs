@@ -261,6 +261,8 @@ pub(crate) struct CommitRequest {
     /// Its meta; for a blob given whole, without extents (the journal places it).
     pub(crate) meta: BlobMeta,
     /// The whole blob, when it fits in one chunk: written to the journal with its record.
+    /// The meta's CRC32C, if it has one, must be these bytes': the record's own CRC is
+    /// derived from it.
     pub(crate) whole: Option<Bytes>,
     /// The meta recorded, or `None` if a blob with this key existed already.
     pub(crate) reply: tokio::sync::oneshot::Sender<Result<Option<BlobMeta>, StoreError>>,
@@ -350,7 +352,14 @@ struct Record {
 }
 
 impl Record {
-    fn new(key: &[u8; 32], meta: &[u8], body: Option<Bytes>) -> Result<Record, StoreError> {
+    /// `body_crc`, the CRC32C of `body` when known (the upload computed it as the bytes
+    /// arrived), spares the committer a second pass over them.
+    fn new(
+        key: &[u8; 32],
+        meta: &[u8],
+        body: Option<Bytes>,
+        body_crc: Option<u32>,
+    ) -> Result<Record, StoreError> {
         let body_len = body.as_ref().map_or(0, |b| b.len());
         let len = u32::try_from(PREFIX + meta.len() + body_len)
             .map_err(|_| StoreError::Io("journal record larger than 4 GiB".into()))?;
@@ -363,7 +372,10 @@ impl Record {
         head.extend_from_slice(meta);
         let mut crc = crc32c::crc32c(&head[HEADER..]);
         if let Some(b) = &body {
-            crc = crc32c::crc32c_append(crc, b);
+            crc = match body_crc {
+                Some(c) => crc32c::crc32c_combine(crc, c, b.len()),
+                None => crc32c::crc32c_append(crc, b),
+            };
         }
         head[8..12].copy_from_slice(&crc.to_le_bytes());
         Ok(Record { head, body })
@@ -454,7 +466,7 @@ fn commit_group(
             Ok(false) if !seen.insert(r.key) => Ok(Outcome::Shared),
             Ok(false) => serde_json::to_vec(&r.meta)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
-                .and_then(|meta| Record::new(&r.key, &meta, r.whole.clone()))
+                .and_then(|meta| Record::new(&r.key, &meta, r.whole.clone(), r.meta.crc32c))
                 .map(|record| {
                     records.push(record);
                     Outcome::Written
@@ -776,7 +788,12 @@ mod tests {
         tx.send(CommitRequest {
             segments: HashSet::new(),
             key: key(i),
-            meta: meta(bytes.len() as u64, Vec::new()),
+            // With its CRC32C, as uploads record it: the journal record's CRC is
+            // combined from it (recovery checks every record's).
+            meta: BlobMeta {
+                crc32c: Some(crc32c::crc32c(bytes)),
+                ..meta(bytes.len() as u64, Vec::new())
+            },
             whole: Some(Bytes::copy_from_slice(bytes)),
             reply,
         })
@@ -935,7 +952,7 @@ mod tests {
         let journal = crashed.journal_segments().unwrap();
         assert_eq!(journal.len(), 1);
         let path = dir.path().join(segment_name(journal[0]));
-        let torn = Record::new(&key(4), b"{}", Some(Bytes::from_static(b"lost")))
+        let torn = Record::new(&key(4), b"{}", Some(Bytes::from_static(b"lost")), None)
             .unwrap()
             .head;
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();

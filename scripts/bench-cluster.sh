@@ -18,6 +18,8 @@
 #   SECONDS_PER_RUN=20     duration of each publish run
 #   CONCURRENCY="8 16 64"  publish runs, one per concurrency (three nodes, then one)
 #   KIB=100                package size
+#   WARMUP=0               seconds of the same load before each publish run, not
+#                          counted (a new node's memory and chunk cache fill then)
 #   SKIP_BUILD=1           do not run cargo build
 #   GRANARY_BIN=...        the granary binary (default: target/release/granary), e.g. an
 #                          earlier release to compare with in the same session
@@ -27,6 +29,7 @@ TRIALS=${TRIALS:-20}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-20}
 CONCURRENCY=${CONCURRENCY:-"8 16 64"}
 KIB=${KIB:-100}
+WARMUP=${WARMUP:-0}
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p granary-node --bin granary -p granary-cluster-tests --bin cluster-bench
 fi
@@ -37,8 +40,8 @@ echo "== failover: $TRIALS trials"
 target/release/cluster-bench failover "$TRIALS" 2>"$OUT/failover.log" | tee "$OUT/failover.json"
 for c in $CONCURRENCY; do
     for nodes in 3 1; do
-        echo "== publish: ${SECONDS_PER_RUN}s, concurrency $c, $KIB KiB, $nodes node(s)"
-        target/release/cluster-bench publish "$SECONDS_PER_RUN" "$c" "$KIB" "$nodes" \
+        echo "== publish: ${SECONDS_PER_RUN}s after ${WARMUP}s, concurrency $c, $KIB KiB, $nodes node(s)"
+        target/release/cluster-bench publish "$SECONDS_PER_RUN" "$c" "$KIB" "$nodes" "$WARMUP" \
             2>"$OUT/publish-c$c-n$nodes.log" | tee "$OUT/publish-c$c-n$nodes.json"
     done
 done

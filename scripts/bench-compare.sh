@@ -16,6 +16,7 @@
 #   CONCURRENCY=16         concurrent publishers
 #   KIB=100                package size
 #   NODES=3                cluster size
+#   WARMUP=0               seconds of the same load before each run, not counted
 #   SKIP_BUILD=1           do not build cluster-bench
 #   A_ENV / B_ENV          extra environment for A's / B's nodes, e.g. B_ENV="TOKIO_WORKER_THREADS=1"
 set -euo pipefail
@@ -34,6 +35,7 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-12}
 CONCURRENCY=${CONCURRENCY:-16}
 KIB=${KIB:-100}
 NODES=${NODES:-3}
+WARMUP=${WARMUP:-0}
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p granary-cluster-tests --bin cluster-bench
 fi
@@ -48,7 +50,7 @@ for r in $(seq "$ROUNDS"); do
         echo "== round $r, $side"
         # shellcheck disable=SC2086 # extra is a list of NAME=value words
         env $extra GRANARY_BIN="$bin" target/release/cluster-bench publish \
-            "$SECONDS_PER_RUN" "$CONCURRENCY" "$KIB" "$NODES" \
+            "$SECONDS_PER_RUN" "$CONCURRENCY" "$KIB" "$NODES" "$WARMUP" \
             2>"$OUT/round$r-$side.log" | tail -1 >"$OUT/round$r-$side.json"
     done
 done

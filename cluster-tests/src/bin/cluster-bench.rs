@@ -4,11 +4,18 @@
 //! ```text
 //! cluster-bench failover [TRIALS]                 time from leader SIGKILL to the next
 //!                                                 acknowledged publish, per trial
-//! cluster-bench publish [SECONDS] [CONCURRENCY] [KIB] [NODES]
+//! cluster-bench publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP]
 //!                                                 npm publishes of KIB-sized packages
 //!                                                 spread over NODES (3) nodes: rate,
-//!                                                 latency; NODES=1 is the reference
+//!                                                 latency; NODES=1 is the reference.
+//!                                                 The same load runs WARMUP (0) seconds
+//!                                                 first, not counted: a new node's
+//!                                                 memory and chunk cache fill then
 //! ```
+//!
+//! With `GRANARY_BENCH_LATENCIES=FILE`, `publish` also writes one line per counted publish:
+//! when it started (ms into the measured window), its latency (ms), and whether the node it
+//! went to led when the run started (1) or not (0).
 //!
 //! Both start a cluster (three nodes unless told otherwise) of the `granary` binary found as the tests find it
 //! (`GRANARY_BIN`, or next to this executable) and print one JSON line of results last.
@@ -91,10 +98,10 @@ async fn failover(trials: u64) {
     );
 }
 
-async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
+async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u64) {
     // Every request body is built before the cluster starts (hashing and base64 cost the
     // client, not the cluster): enough for 800 publishes/s.
-    let count = (seconds * 800) as usize;
+    let count = ((warmup + seconds) * 800) as usize;
     eprintln!("building {count} publish bodies of {kib} KiB");
     let bodies: Arc<Vec<std::sync::Mutex<Option<Vec<u8>>>>> = Arc::new(
         (0..count)
@@ -110,11 +117,14 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
     );
     let cluster = Cluster::start(Seed::from_env(), nodes as usize).await;
     let repo = cluster.setup(1, "bench", "publish").await;
-    let clients = cluster.clients(&cluster.ids());
+    let ids = cluster.ids();
+    let clients = cluster.clients(&ids);
+    let leader = cluster.wait_leader(&ids, SETTLE_TIMEOUT).await;
     let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
+    // Publishes that start before `started` are the warm-up: sent, not counted.
+    let started = Instant::now() + Duration::from_secs(warmup);
+    let deadline = started + Duration::from_secs(seconds);
     let cpu = tokio::spawn(cpu_per_publish(
         cluster
             .ids()
@@ -127,33 +137,51 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
     ));
     let mut workers = Vec::new();
     for w in 0..concurrency as usize {
-        let client = clients[w % clients.len()].clone();
+        let node = w % clients.len();
+        let client = clients[node].clone();
         let (repo, bodies, next, acked) =
             (repo.clone(), bodies.clone(), next.clone(), acked.clone());
         workers.push(tokio::spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let (mut lat, mut each, mut errors) = (Vec::new(), Vec::new(), 0u64);
             while Instant::now() < deadline {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i).and_then(|b| b.lock().unwrap().take()) else {
                     break;
                 };
                 let t = Instant::now();
-                match put(&client, &repo, &format!("pkg-{}", i % 512), body).await {
+                let answer = put(&client, &repo, &format!("pkg-{}", i % 512), body).await;
+                if t < started {
+                    continue;
+                }
+                match answer {
                     Some(201) => {
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        lat.push(ms);
+                        each.push((t.duration_since(started).as_secs_f64() * 1e3, ms, node));
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => errors += 1,
                 }
             }
-            (lat, errors)
+            (lat, each, errors)
         }));
     }
-    let (mut lat, mut errors) = (Vec::new(), 0);
+    let (mut lat, mut each, mut errors) = (Vec::new(), Vec::new(), 0);
     for w in workers {
-        let (l, e) = w.await.expect("worker");
+        let (l, r, e) = w.await.expect("worker");
         lat.extend(l);
+        each.extend(r);
         errors += e;
+    }
+    if let Ok(path) = std::env::var("GRANARY_BENCH_LATENCIES") {
+        // One line per acknowledged publish: start (ms into the run), latency (ms), and
+        // whether the node it went to was the leader when the run started.
+        each.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let lines: String = each
+            .iter()
+            .map(|(at, ms, node)| format!("{at:.3},{ms:.3},{}\n", u8::from(ids[*node] == leader)))
+            .collect();
+        std::fs::write(&path, lines).expect("writing the latencies");
     }
     let wall = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
@@ -166,6 +194,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64) {
         json!({
             "bench": "publish",
             "nodes": nodes,
+            "warmup_seconds": warmup,
             "seconds": wall,
             "concurrency": concurrency,
             "kib": kib,
@@ -207,10 +236,10 @@ async fn cpu_per_publish(
 async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("failover") => failover(arg(2, 20)).await,
-        Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100), arg(5, 3)).await,
+        Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100), arg(5, 3), arg(6, 0)).await,
         _ => {
             eprintln!(
-                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB]"
+                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP]"
             );
             std::process::exit(2);
         }

@@ -23,6 +23,7 @@ mod docs;
 pub mod faults;
 mod grpc;
 mod http;
+pub mod limits;
 mod metrics;
 mod node;
 pub mod raft;

@@ -134,6 +134,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => load(args).and_then(|config| {
+            match granary_node::limits::raise_open_files_limit() {
+                Ok(l) if l.after < 4096 => tracing::warn!(
+                    limit = l.after,
+                    "the open files limit is low for a node (every segment file, RocksDB table and \
+                     connection takes one); raise its hard limit (`ulimit -Hn`, or systemd's \
+                     LimitNOFILE)"
+                ),
+                Ok(l) if l.before != l.after => {
+                    tracing::info!(from = l.before, to = l.after, "raised the open files limit")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -6,6 +6,8 @@
 /// What the scenarios share: waiting for acknowledgements, the final invariants.
 mod common;
 
+/// A package's bytes damaged on one node's disk: served intact, stored again.
+mod damaged_disk;
 /// SIGKILL of the leader during a publish burst through every node.
 mod failover;
 /// A fourth node joins under load and is promoted; another is removed with the CLI.

@@ -129,6 +129,9 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError>;
     /// Part `i` of a blob.
     fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError>;
+    /// Drops the record of a blob whose bytes here failed their check, if it still names
+    /// the same bytes as `bad` (a copy committed since stays). Returns whether it did.
+    fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError>;
 }
 
 fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
@@ -297,6 +300,21 @@ impl BlobBackend for RocksBlobBackend {
             None => Ok(None),
         }
     }
+
+    fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError> {
+        // Only the committer writes records, and it writes one for this digest only once
+        // none exists: after this delete, when the copy is fetched again. Between the read
+        // and the delete below that cannot have happened unless a fetch ran start to end
+        // in those microseconds; and if it did, the next read fetches once more.
+        match self.meta(sha256)? {
+            Some(m) if m.extents == bad.extents && m.data_id == bad.data_id => {
+                let cf = self.store.cf(CF_BLOB_META);
+                self.store.db().delete_cf(cf, sha256)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Blobs in memory, for tests: can be told to fail writes.
@@ -379,6 +397,17 @@ impl BlobBackend for MemBlobBackend {
             .get(&e.offset)
             .cloned())
     }
+
+    fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError> {
+        let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+        match metas.get(sha256) {
+            Some(m) if m.extents == bad.extents && m.data_id == bad.data_id => {
+                metas.remove(sha256);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// What a write computes: every digest of a new upload; for a copy of a blob whose
@@ -450,6 +479,27 @@ fn remember(metas: &MetaCache, sha: [u8; 32], meta: Arc<BlobMeta>) {
         metas.clear();
     }
     metas.insert(sha, meta);
+}
+
+/// Drops this node's record of a blob whose bytes here failed their CRC32C check, so that
+/// it counts as missing: the next read, and the background repair scan, fetch it from a
+/// peer. The damaged bytes stay where they are, unreferenced.
+fn drop_damaged(backend: &dyn BlobBackend, metas: &MetaCache, sha: &[u8; 32], bad: &BlobMeta) {
+    metas.write().unwrap_or_else(|p| p.into_inner()).remove(sha);
+    let sha256 = &bad.info.hashes.sha256;
+    match backend.forget(sha, bad) {
+        Ok(true) => tracing::error!(
+            sha256,
+            "a blob failed its CRC32C check on this node's disk; its record is dropped and \
+             the blob will be fetched again from a peer"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::error!(
+            sha256,
+            error = %e,
+            "a blob failed its CRC32C check on this node's disk, and dropping its record failed"
+        ),
+    }
 }
 
 /// A blob whose bytes are written and checked but not yet durable: nothing refers to it
@@ -737,6 +787,13 @@ impl BlobStore {
 
     /// Opens a blob to copy to a peer: as [`BlobStore::open`], with the CRC32C recorded
     /// for it (if one was), which the copy is checked by.
+    ///
+    /// Bytes read from disk are checked against that CRC32C too. A blob in one part
+    /// (most packages) is read and checked before this returns: if its bytes here are
+    /// damaged, its record is dropped and the answer is `None`, as for a blob this node
+    /// lacks, so callers fetch it from a peer (which stores it here again). A larger blob
+    /// is checked as it streams, and ends in an error instead of its last bytes if they do
+    /// not match (its record dropped likewise, for the next read to fetch).
     pub(crate) fn open_copy(
         &self,
         sha256: &str,
@@ -748,15 +805,50 @@ impl BlobStore {
             return Ok(None);
         };
         let (info, crc32c) = (meta.info.clone(), meta.crc32c);
+        if let (1, Some(want)) = (meta.parts(), crc32c) {
+            let key = meta.cache_key(0);
+            let chunk = match self.cache.get(&key) {
+                // The cache holds bytes as they were uploaded or checked.
+                Some(c) => c,
+                None => {
+                    let c = self.backend.part(&meta, 0)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("blob {sha256} is missing chunk 0"))
+                    })?;
+                    if crc32c::crc32c(&c) != want {
+                        drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+                        return Ok(None);
+                    }
+                    self.cache.insert(key, c.clone());
+                    c
+                }
+            };
+            return Ok(Some((info, crc32c, granary_format::body::full(chunk))));
+        }
         let backend = self.backend.clone();
         let cache = self.cache.clone();
-        let stream = futures::stream::unfold(0usize, move |i| {
+        let metas = self.metas.clone();
+        // Part index, and the CRC32C of the parts so far.
+        let stream = futures::stream::unfold((0usize, 0u32), move |(i, crc)| {
             let backend = backend.clone();
             let cache = cache.clone();
+            let metas = metas.clone();
             let meta = meta.clone();
             async move {
                 if i >= meta.parts() {
-                    return None;
+                    if i > meta.parts() {
+                        return None;
+                    }
+                    return match meta.crc32c {
+                        Some(want) if want != crc => {
+                            drop_damaged(&*backend, &metas, &sha, &meta);
+                            let e = format!(
+                                "blob {} failed its CRC32C check on this node's disk",
+                                meta.info.hashes.sha256
+                            );
+                            Some((Err(e.into()), (i + 1, crc)))
+                        }
+                        _ => None,
+                    };
                 }
                 let key = meta.cache_key(i);
                 let chunk = match cache.get(&key) {
@@ -767,14 +859,20 @@ impl BlobStore {
                         }
                     }),
                 };
-                let item = match chunk {
-                    Ok(Some(c)) => Ok(http_body::Frame::data(c)),
-                    Ok(None) => {
-                        Err(format!("blob {} is missing chunk {i}", meta.info.hashes.sha256).into())
-                    }
-                    Err(e) => Err(Box::new(e) as granary_format::body::BodyError),
+                let (item, crc) = match chunk {
+                    Ok(Some(c)) => (
+                        Ok(http_body::Frame::data(c.clone())),
+                        crc32c::crc32c_append(crc, &c),
+                    ),
+                    Ok(None) => (
+                        Err(
+                            format!("blob {} is missing chunk {i}", meta.info.hashes.sha256).into(),
+                        ),
+                        crc,
+                    ),
+                    Err(e) => (Err(Box::new(e) as granary_format::body::BodyError), crc),
                 };
-                Some((item, i + 1))
+                Some((item, (i + 1, crc)))
             }
         });
         let body = http_body_util::StreamBody::new(stream.boxed());
@@ -977,8 +1075,9 @@ mod tests {
         bytes[at] ^= 0x01;
         std::fs::write(&segments[1], bytes).unwrap();
 
-        // Reopened (nothing cached), the node reads the changed bytes back as they are and
-        // sends them with the CRC recorded at upload: the receiving member refuses them.
+        // Reopened (nothing cached), the node streams the blob (in two parts) with the CRC
+        // recorded at upload; the sender finds the mismatch as its stream ends and fails
+        // it, and the receiving member would refuse the bytes anyway.
         let store = Store::open(dir.path()).unwrap();
         let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
         let sender = BlobStore::new(Arc::new(backend), 1 << 20);
@@ -992,6 +1091,87 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("CRC32C"), "{err}");
         assert!(!receiver.has(&info.hashes.sha256).unwrap());
+        // The sender dropped its record: the blob counts as missing there, to be fetched.
+        assert!(!sender.has(&info.hashes.sha256).unwrap());
+    }
+
+    /// Bit rot in a small blob (one part, its bytes in the journal) is found when it is
+    /// read: the node answers as if it lacked the blob, so the caller fetches it from a
+    /// peer, and that copy is stored and read from then on, across a restart too.
+    #[tokio::test]
+    async fn a_damaged_small_blob_is_dropped_on_read_and_stored_again_from_a_good_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = Bytes::from(sample(5000));
+        let open = || {
+            let store = Store::open(dir.path()).unwrap();
+            let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+            BlobStore::new(Arc::new(backend), 1 << 20)
+        };
+        let (info, crc, at) = {
+            let blobs = open();
+            let info = blobs.put(body::full(data.clone()), u64::MAX).await.unwrap();
+            let crc = blobs.crc32c(&info.hashes.sha256).unwrap().unwrap();
+            let sha = parse_sha256(&info.hashes.sha256).unwrap();
+            let meta = blobs.meta(&sha).unwrap().unwrap();
+            assert_eq!(meta.extents.len(), 1);
+            (info, crc, meta.extents[0])
+        };
+        let path = dir
+            .path()
+            .join("blobs")
+            .join(format!("{:010}.seg", at.segment));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at.offset as usize + 100] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+
+        let blobs = open();
+        assert!(blobs.has(&info.hashes.sha256).unwrap());
+        assert!(blobs.open(&info.hashes.sha256).unwrap().is_none());
+        assert!(!blobs.has(&info.hashes.sha256).unwrap());
+        // What a fetch from a peer does with the good copy.
+        blobs
+            .put_replica(
+                body::full(data.clone()),
+                u64::MAX,
+                &info,
+                ReplicaCheck::Crc32c(crc),
+            )
+            .await
+            .unwrap();
+        assert_eq!(blobs.read_all(&info.hashes.sha256).await.unwrap(), data);
+        drop(blobs);
+        let blobs = open();
+        assert_eq!(blobs.read_all(&info.hashes.sha256).await.unwrap(), data);
+    }
+
+    /// Dropping a damaged copy's record leaves alone a copy committed after it was read.
+    #[tokio::test]
+    async fn dropping_a_damaged_record_spares_a_newer_copy() {
+        let backend = MemBlobBackend::default();
+        let data = Bytes::from(sample(300));
+        let meta = BlobMeta {
+            extents: Vec::new(),
+            data_id: None,
+            chunks: 0,
+            info: BlobInfo {
+                size: 300,
+                hashes: hashes_of(&data),
+            },
+            crc32c: Some(crc32c::crc32c(&data)),
+        };
+        let sha = parse_sha256(&meta.info.hashes.sha256).unwrap();
+        let stored = backend
+            .commit(sha, meta, Some(data))
+            .await
+            .unwrap()
+            .unwrap();
+        // The record a reader found damaged named other bytes than the one stored now.
+        let mut read_before = stored.clone();
+        read_before.extents[0].offset += 1;
+        assert!(!backend.forget(&sha, &read_before).unwrap());
+        assert!(backend.meta(&sha).unwrap().is_some());
+        assert!(backend.forget(&sha, &stored).unwrap());
+        assert!(backend.meta(&sha).unwrap().is_none());
     }
 
     /// A blob's record reaches RocksDB unsynced, after the journal's sync: if a crash of

@@ -827,7 +827,7 @@ impl BlobStore {
         let backend = self.backend.clone();
         let cache = self.cache.clone();
         let metas = self.metas.clone();
-        // Part index, and the CRC32C of the parts so far.
+        // Part index (past the end after an error), and the CRC32C of the parts so far.
         let stream = futures::stream::unfold((0usize, 0u32), move |(i, crc)| {
             let backend = backend.clone();
             let cache = cache.clone();
@@ -835,21 +835,9 @@ impl BlobStore {
             let meta = meta.clone();
             async move {
                 if i >= meta.parts() {
-                    if i > meta.parts() {
-                        return None;
-                    }
-                    return match meta.crc32c {
-                        Some(want) if want != crc => {
-                            drop_damaged(&*backend, &metas, &sha, &meta);
-                            let e = format!(
-                                "blob {} failed its CRC32C check on this node's disk",
-                                meta.info.hashes.sha256
-                            );
-                            Some((Err(e.into()), (i + 1, crc)))
-                        }
-                        _ => None,
-                    };
+                    return None;
                 }
+                let sha256 = &meta.info.hashes.sha256;
                 let key = meta.cache_key(i);
                 let chunk = match cache.get(&key) {
                     Some(c) => Ok(Some(c)),
@@ -859,20 +847,29 @@ impl BlobStore {
                         }
                     }),
                 };
-                let (item, crc) = match chunk {
-                    Ok(Some(c)) => (
-                        Ok(http_body::Frame::data(c.clone())),
-                        crc32c::crc32c_append(crc, &c),
-                    ),
-                    Ok(None) => (
-                        Err(
-                            format!("blob {} is missing chunk {i}", meta.info.hashes.sha256).into(),
-                        ),
-                        crc,
-                    ),
-                    Err(e) => (Err(Box::new(e) as granary_format::body::BodyError), crc),
+                let chunk = match chunk {
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        let e = format!("blob {sha256} is missing chunk {i}");
+                        return Some((Err(e.into()), (usize::MAX, crc)));
+                    }
+                    Err(e) => {
+                        let e = Box::new(e) as granary_format::body::BodyError;
+                        return Some((Err(e), (usize::MAX, crc)));
+                    }
                 };
-                Some((item, (i + 1, crc)))
+                let crc = crc32c::crc32c_append(crc, &chunk);
+                // The last part goes out only once the whole blob checks out: a reader that
+                // got every byte would take a damaged blob for a whole one.
+                let last = i + 1 == meta.parts();
+                if let (true, Some(want)) = (last, meta.crc32c)
+                    && want != crc
+                {
+                    drop_damaged(&*backend, &metas, &sha, &meta);
+                    let e = format!("blob {sha256} failed its CRC32C check on this node's disk");
+                    return Some((Err(e.into()), (usize::MAX, crc)));
+                }
+                Some((Ok(http_body::Frame::data(chunk)), (i + 1, crc)))
             }
         });
         let body = http_body_util::StreamBody::new(stream.boxed());

@@ -1,12 +1,13 @@
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
-use granary_cluster_tests::client::{fake_tgz, noise};
+use granary_cluster_tests::client::{NodeClient, Repo, Resp, fake_tgz, noise};
 use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
 
 /// Every place in the node's blob segment files where `needle` lies, as (file, offset).
-fn find_in_segments(blobs: &Path, needle: &[u8]) -> Vec<(std::path::PathBuf, usize)> {
+fn find_in_segments(blobs: &Path, needle: &[u8]) -> Vec<(PathBuf, usize)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(blobs).expect("the node's blobs directory") {
         let path = entry.expect("a directory entry").path();
@@ -25,95 +26,138 @@ fn find_in_segments(blobs: &Path, needle: &[u8]) -> Vec<(std::path::PathBuf, usi
     found
 }
 
+/// A package published through one node, then damaged on another's disk while that node
+/// was down, and that node started again.
+struct Damaged {
+    cluster: Cluster,
+    repo: Repo,
+    victim: u64,
+    client: NodeClient,
+    tgz: Vec<u8>,
+    version: &'static str,
+    blobs: PathBuf,
+    /// The bytes of the package searched for on disk; one bit in them was flipped.
+    window: Range<usize>,
+    /// Where they lay.
+    damaged_at: (PathBuf, usize),
+}
+
+impl Damaged {
+    /// Publishes a package of `size` bytes through the first node; once a node that did
+    /// not receive it serves it, stops that node (SIGTERM), flips one bit of the package's
+    /// bytes in its segment files (at `window` of the package), and starts it again.
+    async fn new(label: &str, version: &'static str, size: usize, window: Range<usize>) -> Self {
+        let seed = Seed::from_env();
+        let mut rng = seed.rng(label);
+        let mut cluster = Cluster::start(seed, 3).await;
+        let all = cluster.ids();
+        let repo = cluster.setup(1, "damaged", "repo").await;
+        let tgz = fake_tgz(&noise(size, rng.next_u64()));
+        let published = cluster
+            .client(all[0])
+            .npm_publish(&repo, "rotten", version, &tgz)
+            .await
+            .expect("the publish is answered");
+        assert_eq!(published.status, 201, "{}", published.text());
+        let victim = all[1 + rng.below(2) as usize];
+        let client = cluster.client(victim);
+        let serves = poll::until(
+            "the package served by the node to be damaged",
+            SETTLE_TIMEOUT,
+            || async {
+                match client.npm_tarball(&repo, "rotten", version).await {
+                    Ok(r) if r.status == 200 => Ok(r),
+                    Ok(r) => Err(format!("status {}", r.status)),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        )
+        .await;
+        assert!(serves.body == tgz, "node {victim} served other bytes");
+        let status = cluster
+            .terminate(victim)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(victim).output_tail(40)));
+        assert!(status.success(), "node {victim} exited with {status}");
+
+        let blobs = cluster.node(victim).spec().data_dir.join("blobs");
+        let places = find_in_segments(&blobs, &tgz[window.clone()]);
+        assert_eq!(
+            places.len(),
+            1,
+            "the package's bytes on node {victim}: {places:?}"
+        );
+        let (segment, at) = places[0].clone();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[at + 10] ^= 0x04;
+        std::fs::write(&segment, bytes).unwrap();
+
+        cluster.restart(victim).await;
+        cluster.wait_caught_up(victim, SETTLE_TIMEOUT).await;
+        Damaged {
+            cluster,
+            repo,
+            victim,
+            client,
+            tgz,
+            version,
+            blobs,
+            window,
+            damaged_at: (segment, at),
+        }
+    }
+
+    async fn download(&self) -> Result<Resp, String> {
+        self.client
+            .npm_tarball(&self.repo, "rotten", self.version)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Asserts a 200 carrying exactly the published package.
+    fn assert_intact(&self, r: &Resp) {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.body == self.tgz,
+            "node {} served {} bytes that differ from the published {}",
+            self.victim,
+            r.body.len(),
+            self.tgz.len()
+        );
+    }
+
+    /// Asserts that a good copy is stored on the node again, beside the damaged bytes
+    /// (which no longer match).
+    fn assert_stored_again(&self) {
+        let after = find_in_segments(&self.blobs, &self.tgz[self.window.clone()]);
+        assert_eq!(
+            after.len(),
+            1,
+            "the package's bytes on node {}: {after:?}",
+            self.victim
+        );
+        assert_ne!(
+            after[0], self.damaged_at,
+            "the damaged bytes read back intact"
+        );
+    }
+}
+
 /// A bit flips in a package's bytes on one node's disk while that node is down. Started
 /// again, the node still serves the package with exactly the published bytes: it finds
 /// the damage when it reads them (the CRC32C recorded at upload), drops its copy and
 /// fetches a good one from a peer, which it stores, so the next reads are its own again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_package_damaged_on_one_nodes_disk_is_served_intact_and_stored_again() {
-    let seed = Seed::from_env();
-    let mut rng = seed.rng("damaged disk");
-    let mut cluster = Cluster::start(seed, 3).await;
-    let all = cluster.ids();
-    let repo = cluster.setup(1, "damaged", "repo").await;
-    let tgz = fake_tgz(&noise(60_000, rng.next_u64()));
-    let published = cluster
-        .client(all[0])
-        .npm_publish(&repo, "rotten", "1.0.0", &tgz)
-        .await
-        .expect("the publish is answered");
-    assert_eq!(published.status, 201, "{}", published.text());
-
-    // The node whose disk is damaged: one that did not receive the publish.
-    let victim = all[1 + rng.below(2) as usize];
-    let client = cluster.client(victim);
-    poll::until(
-        "the package served by the node to be damaged",
-        SETTLE_TIMEOUT,
-        || async {
-            match client.npm_tarball(&repo, "rotten", "1.0.0").await {
-                Ok(r) if r.status == 200 && r.body == tgz => Ok(()),
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await;
-    let status = cluster
-        .terminate(victim)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(victim).output_tail(40)));
-    assert!(status.success(), "node {victim} exited with {status}");
-
-    // One bit of the package's bytes, where the node stored them.
-    let blobs = cluster.node(victim).spec().data_dir.join("blobs");
-    let window = &tgz[tgz.len() / 2..tgz.len() / 2 + 64];
-    let places = find_in_segments(&blobs, window);
-    assert_eq!(
-        places.len(),
-        1,
-        "the package's bytes on node {victim}: {places:?}"
-    );
-    let (segment, at) = &places[0];
-    let mut bytes = std::fs::read(segment).unwrap();
-    bytes[at + 10] ^= 0x04;
-    std::fs::write(segment, bytes).unwrap();
-
-    cluster.restart(victim).await;
-    cluster.wait_caught_up(victim, SETTLE_TIMEOUT).await;
-    let served = client
-        .npm_tarball(&repo, "rotten", "1.0.0")
-        .await
-        .expect("the tarball is answered");
-    assert_eq!(served.status, 200, "{}", served.text());
+    let d = Damaged::new("damaged disk", "1.0.0", 60_000, 30_000..30_064).await;
+    d.assert_intact(&d.download().await.expect("the tarball is answered"));
+    d.assert_stored_again();
+    d.assert_intact(&d.download().await.expect("the tarball is answered"));
+    let log = d.cluster.node(d.victim).output_tail(200);
     assert!(
-        served.body == tgz,
-        "node {victim} served {} bytes that differ from the published {}",
-        served.body.len(),
-        tgz.len()
-    );
-    // A good copy is stored on the node again, beside the damaged bytes (which no longer
-    // match).
-    let after = find_in_segments(&blobs, window);
-    assert_eq!(
-        after.len(),
-        1,
-        "the package's bytes on node {victim} after the read: {after:?}"
-    );
-    assert_ne!(after[0], places[0], "the damaged bytes read back intact");
-    let again = client
-        .npm_tarball(&repo, "rotten", "1.0.0")
-        .await
-        .expect("the tarball is answered");
-    assert_eq!(again.status, 200);
-    assert!(again.body == tgz);
-    assert!(
-        cluster
-            .node(victim)
-            .output_tail(200)
-            .contains("failed its CRC32C check"),
-        "node {victim} logged nothing about the damage:\n{}",
-        cluster.node(victim).output_tail(40)
+        log.contains("failed its CRC32C check"),
+        "node {} logged nothing about the damage:\n{log}",
+        d.victim
     );
 }
 
@@ -123,81 +167,24 @@ async fn a_package_damaged_on_one_nodes_disk_is_served_intact_and_stored_again()
 /// one); the next is served intact from a good copy fetched from a peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_package_damaged_on_one_nodes_disk_is_never_served_damaged() {
-    let seed = Seed::from_env();
-    let mut rng = seed.rng("damaged disk, large");
-    let mut cluster = Cluster::start(seed, 3).await;
-    let all = cluster.ids();
-    let repo = cluster.setup(1, "damaged", "repo").await;
-    let tgz = fake_tgz(&noise(600_000, rng.next_u64()));
-    let published = cluster
-        .client(all[0])
-        .npm_publish(&repo, "rotten", "2.0.0", &tgz)
-        .await
-        .expect("the publish is answered");
-    assert_eq!(published.status, 201, "{}", published.text());
-    let victim = all[1 + rng.below(2) as usize];
-    let client = cluster.client(victim);
-    poll::until(
-        "the package served by the node to be damaged",
-        SETTLE_TIMEOUT,
-        || async {
-            match client.npm_tarball(&repo, "rotten", "2.0.0").await {
-                Ok(r) if r.status == 200 && r.body == tgz => Ok(()),
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await;
-    let status = cluster
-        .terminate(victim)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(victim).output_tail(40)));
-    assert!(status.success(), "node {victim} exited with {status}");
-    // A bit in the first chunk.
-    let blobs = cluster.node(victim).spec().data_dir.join("blobs");
-    let window = &tgz[1000..1064];
-    let places = find_in_segments(&blobs, window);
-    assert_eq!(
-        places.len(),
-        1,
-        "the package's bytes on node {victim}: {places:?}"
-    );
-    let (segment, at) = &places[0];
-    let mut bytes = std::fs::read(segment).unwrap();
-    bytes[at + 10] ^= 0x04;
-    std::fs::write(segment, bytes).unwrap();
-
-    cluster.restart(victim).await;
-    cluster.wait_caught_up(victim, SETTLE_TIMEOUT).await;
-    match client.npm_tarball(&repo, "rotten", "2.0.0").await {
+    let d = Damaged::new("damaged disk, large", "2.0.0", 600_000, 1000..1064).await;
+    match d.download().await {
         Ok(r) if r.status == 200 => panic!(
-            "node {victim} answered 200 with {} bytes ({}) from its damaged copy",
+            "node {} answered 200 with {} bytes ({}) from its damaged copy",
+            d.victim,
             r.body.len(),
-            if r.body == tgz { "intact" } else { "damaged" }
+            if r.body == d.tgz { "intact" } else { "damaged" }
         ),
         Ok(r) => eprintln!("first download: status {}", r.status),
         Err(e) => eprintln!("first download: {e}"),
     }
     let served = poll::until("the package served intact", SETTLE_TIMEOUT, || async {
-        match client.npm_tarball(&repo, "rotten", "2.0.0").await {
-            Ok(r) if r.status == 200 => Ok(r),
-            Ok(r) => Err(format!("status {}", r.status)),
-            Err(e) => Err(e.to_string()),
+        match d.download().await? {
+            r if r.status == 200 => Ok(r),
+            r => Err(format!("status {}", r.status)),
         }
     })
     .await;
-    assert!(
-        served.body == tgz,
-        "node {victim} served {} bytes that differ from the published {}",
-        served.body.len(),
-        tgz.len()
-    );
-    let after = find_in_segments(&blobs, window);
-    assert_eq!(
-        after.len(),
-        1,
-        "the package's bytes on node {victim}: {after:?}"
-    );
-    assert_ne!(after[0], places[0], "the damaged bytes read back intact");
+    d.assert_intact(&served);
+    d.assert_stored_again();
 }

@@ -43,13 +43,20 @@ struct Damaged {
 }
 
 impl Damaged {
-    /// Publishes a package of `size` bytes through the first node; once a node that did
-    /// not receive it serves it, stops that node (SIGTERM), flips one bit of the package's
-    /// bytes in its segment files (at `window` of the package), and starts it again.
-    async fn new(label: &str, version: &'static str, size: usize, window: Range<usize>) -> Self {
+    /// Publishes a package of `size` bytes through the first of `nodes` nodes; once a
+    /// node that did not receive it (the only one, alone) serves it, stops that node
+    /// (SIGTERM), flips one bit of the package's bytes in its segment files (at `window`
+    /// of the package), and starts it again.
+    async fn new(
+        nodes: usize,
+        label: &str,
+        version: &'static str,
+        size: usize,
+        window: Range<usize>,
+    ) -> Self {
         let seed = Seed::from_env();
         let mut rng = seed.rng(label);
-        let mut cluster = Cluster::start(seed, 3).await;
+        let mut cluster = Cluster::start(seed, nodes).await;
         let all = cluster.ids();
         let repo = cluster.setup(1, "damaged", "repo").await;
         let tgz = fake_tgz(&noise(size, rng.next_u64()));
@@ -59,7 +66,10 @@ impl Damaged {
             .await
             .expect("the publish is answered");
         assert_eq!(published.status, 201, "{}", published.text());
-        let victim = all[1 + rng.below(2) as usize];
+        let victim = match all.len() {
+            1 => all[0],
+            n => all[1 + rng.below(n as u64 - 1) as usize],
+        };
         let client = cluster.client(victim);
         let serves = poll::until(
             "the package served by the node to be damaged",
@@ -149,7 +159,7 @@ impl Damaged {
 /// fetches a good one from a peer, which it stores, so the next reads are its own again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_package_damaged_on_one_nodes_disk_is_served_intact_and_stored_again() {
-    let d = Damaged::new("damaged disk", "1.0.0", 60_000, 30_000..30_064).await;
+    let d = Damaged::new(3, "damaged disk", "1.0.0", 60_000, 30_000..30_064).await;
     d.assert_intact(&d.download().await.expect("the tarball is answered"));
     d.assert_stored_again();
     d.assert_intact(&d.download().await.expect("the tarball is answered"));
@@ -167,7 +177,7 @@ async fn a_package_damaged_on_one_nodes_disk_is_served_intact_and_stored_again()
 /// one); the next is served intact from a good copy fetched from a peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_package_damaged_on_one_nodes_disk_is_never_served_damaged() {
-    let d = Damaged::new("damaged disk, large", "2.0.0", 600_000, 1000..1064).await;
+    let d = Damaged::new(3, "damaged disk, large", "2.0.0", 600_000, 1000..1064).await;
     match d.download().await {
         Ok(r) if r.status == 200 => panic!(
             "node {} answered 200 with {} bytes ({}) from its damaged copy",
@@ -187,4 +197,17 @@ async fn a_large_package_damaged_on_one_nodes_disk_is_never_served_damaged() {
     .await;
     d.assert_intact(&served);
     d.assert_stored_again();
+}
+
+/// A node alone, with no copy elsewhere to fetch: the damaged package is refused with a
+/// server error (the node's log says why), not served damaged and not called missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_package_damaged_on_a_lone_nodes_disk_is_refused_not_served() {
+    let d = Damaged::new(1, "damaged disk, alone", "3.0.0", 60_000, 30_000..30_064).await;
+    let r = d.download().await.expect("the tarball is answered");
+    assert_eq!(r.status, 500, "{}", r.text());
+    let log = d.cluster.node(d.victim).output_tail(200);
+    for said in ["failed its CRC32C check", "no other member holds them"] {
+        assert!(log.contains(said), "the node's log lacks {said:?}:\n{log}");
+    }
 }

@@ -609,7 +609,12 @@ pub(crate) async fn open_blob(
         return Ok(Some(found));
     }
     if node.cluster.other_members().is_empty() {
-        return Ok(None);
+        // Every caller asks for a blob a version refers to: with no member to fetch it
+        // from, its bytes here were damaged (the node's log names the blob) or lost.
+        return Err(RegistryError::Internal(format!(
+            "the package's bytes (blob {sha256}) are not readable on this node and no other \
+             member holds them; see the node's log"
+        )));
     }
     // Referenced but not here yet (this node is catching up): fetch it from a peer. One
     // that no peer could send now is not gone, and the request may be retried.

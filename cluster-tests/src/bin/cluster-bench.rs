@@ -142,7 +142,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
         let (repo, bodies, next, acked) =
             (repo.clone(), bodies.clone(), next.clone(), acked.clone());
         workers.push(tokio::spawn(async move {
-            let (mut lat, mut each, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            let (mut each, mut errors) = (Vec::new(), 0u64);
             while Instant::now() < deadline {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i).and_then(|b| b.lock().unwrap().take()) else {
@@ -156,20 +156,18 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
                 match answer {
                     Some(201) => {
                         let ms = t.elapsed().as_secs_f64() * 1e3;
-                        lat.push(ms);
                         each.push((t.duration_since(started).as_secs_f64() * 1e3, ms, node));
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => errors += 1,
                 }
             }
-            (lat, each, errors)
+            (each, errors)
         }));
     }
-    let (mut lat, mut each, mut errors) = (Vec::new(), Vec::new(), 0);
+    let (mut each, mut errors) = (Vec::new(), 0);
     for w in workers {
-        let (l, r, e) = w.await.expect("worker");
-        lat.extend(l);
+        let (r, e) = w.await.expect("worker");
         each.extend(r);
         errors += e;
     }
@@ -184,6 +182,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
         std::fs::write(&path, lines).expect("writing the latencies");
     }
     let wall = started.elapsed().as_secs_f64();
+    let mut lat: Vec<f64> = each.iter().map(|(_, ms, _)| *ms).collect();
     lat.sort_by(f64::total_cmp);
     let (node_cpu, bench_cpu) = cpu
         .await

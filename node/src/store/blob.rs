@@ -69,6 +69,11 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl BlobMeta {
+    /// Whether two records of a blob name the same stored bytes.
+    fn same_place(&self, other: &BlobMeta) -> bool {
+        self.extents == other.extents && self.data_id == other.data_id
+    }
+
     fn parts(&self) -> usize {
         match self.data_id {
             Some(_) => self.chunks as usize,
@@ -307,7 +312,7 @@ impl BlobBackend for RocksBlobBackend {
         // and the delete below that cannot have happened unless a fetch ran start to end
         // in those microseconds; and if it did, the next read fetches once more.
         match self.meta(sha256)? {
-            Some(m) if m.extents == bad.extents && m.data_id == bad.data_id => {
+            Some(m) if m.same_place(bad) => {
                 let cf = self.store.cf(CF_BLOB_META);
                 self.store.db().delete_cf(cf, sha256)?;
                 Ok(true)
@@ -401,7 +406,7 @@ impl BlobBackend for MemBlobBackend {
     fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError> {
         let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
         match metas.get(sha256) {
-            Some(m) if m.extents == bad.extents && m.data_id == bad.data_id => {
+            Some(m) if m.same_place(bad) => {
                 metas.remove(sha256);
                 Ok(true)
             }

@@ -342,6 +342,27 @@ impl NodeProcess {
         }
     }
 
+    /// Waits until the process has printed every one of `said` (its output reaches the
+    /// harness through a reader thread, so a line logged while answering a request may
+    /// arrive after the answer); on timeout, what was still missing and the output.
+    pub async fn wait_for_output(&self, said: &[&str], timeout: Duration) -> Result<(), String> {
+        poll::try_until(timeout, || async {
+            let out = self.output_tail(usize::MAX);
+            match said.iter().find(|s| !out.contains(**s)) {
+                None => Ok(()),
+                Some(missing) => Err(format!("its output lacks {missing:?}")),
+            }
+        })
+        .await
+        .map_err(|why| {
+            format!(
+                "node {}: {why}:\n{}",
+                self.spec.node_id,
+                self.output_tail(200)
+            )
+        })
+    }
+
     /// The last `n` lines the process printed (all starts), for failure messages.
     pub fn output_tail(&self, n: usize) -> String {
         let out = self.output.lock().unwrap_or_else(|e| e.into_inner());

@@ -136,6 +136,19 @@ impl Damaged {
         );
     }
 
+    /// Asserts that the damaged node logged each of `said` (waiting for its output to
+    /// reach the harness).
+    async fn assert_logged(&self, said: &[&str]) {
+        if let Err(why) = self
+            .cluster
+            .node(self.victim)
+            .wait_for_output(said, SETTLE_TIMEOUT)
+            .await
+        {
+            panic!("{why}");
+        }
+    }
+
     /// Asserts that a good copy is stored on the node again, beside the damaged bytes
     /// (which no longer match).
     fn assert_stored_again(&self) {
@@ -163,12 +176,7 @@ async fn a_package_damaged_on_one_nodes_disk_is_served_intact_and_stored_again()
     d.assert_intact(&d.download().await.expect("the tarball is answered"));
     d.assert_stored_again();
     d.assert_intact(&d.download().await.expect("the tarball is answered"));
-    let log = d.cluster.node(d.victim).output_tail(200);
-    assert!(
-        log.contains("failed its CRC32C check"),
-        "node {} logged nothing about the damage:\n{log}",
-        d.victim
-    );
+    d.assert_logged(&["failed its CRC32C check"]).await;
 }
 
 /// The same for a package larger than one chunk (256 KiB), whose bytes stream from disk:
@@ -206,8 +214,6 @@ async fn a_package_damaged_on_a_lone_nodes_disk_is_refused_not_served() {
     let d = Damaged::new(1, "damaged disk, alone", "3.0.0", 60_000, 30_000..30_064).await;
     let r = d.download().await.expect("the tarball is answered");
     assert_eq!(r.status, 500, "{}", r.text());
-    let log = d.cluster.node(d.victim).output_tail(200);
-    for said in ["failed its CRC32C check", "no other member holds them"] {
-        assert!(log.contains(said), "the node's log lacks {said:?}:\n{log}");
-    }
+    d.assert_logged(&["failed its CRC32C check", "no other member holds them"])
+        .await;
 }

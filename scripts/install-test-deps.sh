@@ -9,6 +9,7 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+command -v fincore >/dev/null 2>&1 || need_apt+=(util-linux-extra)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing with apt: ${need_apt[*]}"
   sudo_cmd=""

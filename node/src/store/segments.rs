@@ -901,7 +901,10 @@ mod tests {
     /// from disk.
     #[tokio::test]
     async fn synced_bytes_leave_the_page_cache() {
-        let dir = tempfile::tempdir().unwrap();
+        // Beside the test binary, not in the temporary directory: that may be a tmpfs,
+        // whose pages are the files themselves and cannot be dropped.
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
         let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
         let sink = MemSink::default();
         let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();

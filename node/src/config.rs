@@ -85,6 +85,8 @@ pub struct Config {
     pub peer_tls: Option<PeerTls>,
     /// Raft timing and log retention.
     pub raft: RaftConfig,
+    /// Background checks of the package bytes on this node's disk.
+    pub scrub: ScrubConfig,
     /// Repository actors.
     pub actors: ActorConfig,
     /// Base URLs of the public registries external connections reach, by connection name.
@@ -196,6 +198,22 @@ pub struct RaftConfig {
     pub logs_kept_after_snapshot: u64,
 }
 
+/// The scrub: a background pass that reads every blob this node holds back from disk and
+/// checks it against the CRC32C recorded at upload, so damage to a package nobody
+/// downloads is found while a member still holds a good copy. A damaged copy is dropped
+/// and fetched again from a peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubConfig {
+    /// Seconds from the start of one pass to the start of the next; the time of the last
+    /// pass is kept in the data directory (`scrub.last`), so restarts do not delay it. `0`
+    /// turns the scrub off. Default: `604800` (a week).
+    pub interval_secs: u64,
+    /// After each blob the scrub pauses this many times as long as reading and checking
+    /// it took, so it takes at most 1/(1 + tranquility) of the disk. Default: `4`.
+    pub tranquility: u32,
+}
+
 /// Repository actor lifecycle.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -229,6 +247,7 @@ impl Default for Config {
             read_consistency: ReadConsistency::Linearizable,
             peer_tls: None,
             raft: RaftConfig::default(),
+            scrub: ScrubConfig::default(),
             actors: ActorConfig::default(),
             external_connections: Default::default(),
             upstream: UpstreamConfig::default(),
@@ -244,6 +263,15 @@ impl Default for RaftConfig {
             election_timeout_max_ms: 800,
             snapshot_after_entries: 20_000,
             logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        ScrubConfig {
+            interval_secs: 7 * 24 * 3600,
+            tranquility: 4,
         }
     }
 }
@@ -345,6 +373,9 @@ impl Config {
         let u = &self.upstream;
         if u.connect_timeout_ms == 0 || u.request_timeout_ms == 0 || u.metadata_cache_entries == 0 {
             return invalid("upstream timeouts and metadata_cache_entries must be positive");
+        }
+        if self.scrub.tranquility > 1000 {
+            return invalid("scrub.tranquility must be at most 1000");
         }
         Ok(())
     }

@@ -172,6 +172,8 @@ pub async fn run_embedded(
     // Raft.
     let read_cache = Arc::new(ReadCache::default());
     let (blob_refs_tx, blob_refs_rx) = tokio::sync::mpsc::channel(4096);
+    // The scrub hands damaged blobs to the same repair task.
+    let scrub_repair = blob_refs_tx.clone();
     let state_machine =
         StateMachine::new(store.clone(), read_cache.clone()).with_blob_refs(blob_refs_tx);
     let applied = state_machine.subscribe();
@@ -301,6 +303,14 @@ pub async fn run_embedded(
         .map_err(|e| Error::Bootstrap(format!("actors: {e}")))?;
     let state = StateView::cached(store.clone(), read_cache);
     replicator.spawn_repair(state.clone(), blob_refs_rx, cancel.clone());
+    crate::cluster::scrub::spawn(
+        blobs.clone(),
+        state.clone(),
+        config.scrub.clone(),
+        config.data_dir.clone(),
+        scrub_repair,
+        cancel.clone(),
+    );
     let upstreams = crate::upstream::Upstreams::new(public_docs, metrics.clone());
     let node = Arc::new(Node {
         state,

@@ -2,7 +2,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use granary_cluster_tests::client::{NodeClient, Repo, Resp, fake_tgz, noise};
-use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
+use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::poll;
 use granary_cluster_tests::seed::Seed;
 
@@ -54,9 +54,29 @@ impl Damaged {
         size: usize,
         window: Range<usize>,
     ) -> Self {
+        Self::with_config(nodes, label, version, size, window, None).await
+    }
+
+    /// As [`Damaged::new`], the nodes started with `config_toml`.
+    async fn with_config(
+        nodes: usize,
+        label: &str,
+        version: &'static str,
+        size: usize,
+        window: Range<usize>,
+        config_toml: Option<String>,
+    ) -> Self {
         let seed = Seed::from_env();
         let mut rng = seed.rng(label);
-        let mut cluster = Cluster::start(seed, nodes).await;
+        let mut cluster = Cluster::start_with(
+            seed,
+            Options {
+                nodes,
+                config_toml,
+                ..Options::default()
+            },
+        )
+        .await;
         let all = cluster.ids();
         let repo = cluster.setup(1, "damaged", "repo").await;
         let tgz = fake_tgz(&noise(size, rng.next_u64()));
@@ -152,17 +172,22 @@ impl Damaged {
     /// Asserts that a good copy is stored on the node again, beside the damaged bytes
     /// (which no longer match).
     fn assert_stored_again(&self) {
+        if let Err(why) = self.stored_again() {
+            panic!("{why}");
+        }
+    }
+
+    /// Whether a good copy is stored on the node again; if not, what its segments hold.
+    fn stored_again(&self) -> Result<(), String> {
         let after = find_in_segments(&self.blobs, &self.tgz[self.window.clone()]);
-        assert_eq!(
-            after.len(),
-            1,
-            "the package's bytes on node {}: {after:?}",
-            self.victim
-        );
-        assert_ne!(
-            after[0], self.damaged_at,
-            "the damaged bytes read back intact"
-        );
+        match after.as_slice() {
+            [one] if *one != self.damaged_at => Ok(()),
+            [_] => Err("the damaged bytes read back intact".to_owned()),
+            _ => Err(format!(
+                "the package's bytes on node {}: {after:?}",
+                self.victim
+            )),
+        }
     }
 }
 
@@ -216,4 +241,29 @@ async fn a_package_damaged_on_a_lone_nodes_disk_is_refused_not_served() {
     assert_eq!(r.status, 500, "{}", r.text());
     d.assert_logged(&["failed its CRC32C check", "no other member holds them"])
         .await;
+}
+
+/// Nobody downloads the damaged package: the scrub (every second here) reads it back,
+/// finds the damage, drops the copy, and the node fetches and stores a good one from a
+/// peer on its own, before any request for it; a download then gets the exact bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scrub_finds_and_replaces_a_damaged_package_nobody_downloads() {
+    let d = Damaged::with_config(
+        3,
+        "damaged disk, scrubbed",
+        "4.0.0",
+        60_000,
+        30_000..30_064,
+        Some("[scrub]\ninterval_secs = 1\ntranquility = 1\n".to_owned()),
+    )
+    .await;
+    poll::until(
+        "a good copy stored by the scrub",
+        SETTLE_TIMEOUT,
+        || async { d.stored_again() },
+    )
+    .await;
+    d.assert_logged(&["failed its CRC32C check", "scrub: damaged blobs found"])
+        .await;
+    d.assert_intact(&d.download().await.expect("the tarball is answered"));
 }

@@ -8,6 +8,8 @@
 //! - **Pull on demand**: a request for a blob this node lacks fetches it from a peer.
 //! - **Anti-entropy**: at start and then periodically, every referenced digest is checked
 //!   and missing ones pulled, so a node that was away for days repairs itself.
+//! - **Scrub** ([`super::scrub`]): a paced pass reads every blob back from disk; damaged
+//!   copies are dropped and pulled again like missing ones.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

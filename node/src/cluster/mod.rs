@@ -14,6 +14,7 @@
 pub(crate) mod blobs;
 pub(crate) mod peer_http;
 pub(crate) mod peers;
+pub(crate) mod scrub;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -451,6 +451,20 @@ impl Hasher {
     }
 }
 
+/// What [`BlobStore::scrub`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scrubbed {
+    /// Read back whole and matching; `bytes` long.
+    Intact {
+        /// The blob's size.
+        bytes: u64,
+    },
+    /// Damaged or incomplete here: its record is dropped.
+    Damaged,
+    /// Not stored here.
+    Absent,
+}
+
 /// How a copy of a blob is checked as it is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReplicaCheck {
@@ -881,6 +895,42 @@ impl BlobStore {
         Ok(Some((info, crc32c, BodyExt::boxed_unsync(body))))
     }
 
+    /// Reads a blob back from disk (not from the cache) and checks it: against the CRC32C
+    /// recorded at upload, or, for a record that has none, against the SHA-256 that names
+    /// it. A damaged copy's record is dropped, as on a read, so the blob counts as missing
+    /// here and is fetched again from a peer. Blocking: disk reads.
+    pub(crate) fn scrub(&self, sha256: &str) -> Result<Scrubbed, StoreError> {
+        let Some(sha) = parse_sha256(sha256) else {
+            return Ok(Scrubbed::Absent);
+        };
+        let Some(meta) = self.meta(&sha)? else {
+            return Ok(Scrubbed::Absent);
+        };
+        let mut crc = 0u32;
+        let mut digest = meta.crc32c.is_none().then(Sha256::new);
+        for i in 0..meta.parts() {
+            let Some(part) = self.backend.part(&meta, i)? else {
+                drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+                return Ok(Scrubbed::Damaged);
+            };
+            match &mut digest {
+                Some(d) => d.update(&part),
+                None => crc = crc32c::crc32c_append(crc, &part),
+            }
+        }
+        let intact = match digest {
+            Some(d) => <[u8; 32]>::from(d.finalize()) == sha,
+            None => meta.crc32c == Some(crc),
+        };
+        if !intact {
+            drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+            return Ok(Scrubbed::Damaged);
+        }
+        Ok(Scrubbed::Intact {
+            bytes: meta.info.size,
+        })
+    }
+
     /// Reads a whole blob (tests and small documents only).
     #[cfg(test)]
     pub(crate) async fn read_all(&self, sha256: &str) -> Option<Bytes> {
@@ -1144,6 +1194,80 @@ mod tests {
         drop(blobs);
         let blobs = open();
         assert_eq!(blobs.read_all(&info.hashes.sha256).await.unwrap(), data);
+    }
+
+    /// The scrub reads bytes from disk even when the cache holds them, finds a damaged
+    /// copy by its CRC32C (in one part or several) and drops its record; a record without
+    /// a CRC32C is checked by the SHA-256 that names it.
+    #[tokio::test]
+    async fn the_scrub_checks_the_disk_not_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let backend = RocksBlobBackend::open(store, &dir.path().join("blobs")).unwrap();
+        let blobs = BlobStore::new(Arc::new(backend), 8 << 20);
+        let small = blobs
+            .put(body::full(Bytes::from(sample(5000))), u64::MAX)
+            .await
+            .unwrap();
+        let large = blobs
+            .put(
+                body::full(Bytes::from(sample(CHUNK_SIZE * 2 + 7))),
+                u64::MAX,
+            )
+            .await
+            .unwrap();
+        for info in [&small, &large] {
+            let sha256 = &info.hashes.sha256;
+            assert_eq!(
+                blobs.scrub(sha256).unwrap(),
+                Scrubbed::Intact { bytes: info.size }
+            );
+            // Read once, so the cache holds every part.
+            assert!(blobs.read_all(sha256).await.is_some());
+            let meta = blobs.meta(&parse_sha256(sha256).unwrap()).unwrap().unwrap();
+            let at = meta.extents[meta.extents.len() - 1];
+            let path = dir
+                .path()
+                .join("blobs")
+                .join(format!("{:010}.seg", at.segment));
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[at.offset as usize + 3] ^= 0x01;
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(blobs.scrub(sha256).unwrap(), Scrubbed::Damaged);
+            assert!(!blobs.has(sha256).unwrap(), "the damaged record is dropped");
+            assert_eq!(blobs.scrub(sha256).unwrap(), Scrubbed::Absent);
+        }
+
+        // Records from before CRC32Cs were recorded: checked by their SHA-256.
+        let backend = Arc::new(MemBlobBackend::default());
+        let blobs = BlobStore::new(backend.clone(), 0);
+        let good = Bytes::from(sample(700));
+        let bad = Bytes::from(sample(701));
+        for (bytes, named) in [(&good, &good), (&bad, &good.slice(1..))] {
+            let meta = BlobMeta {
+                extents: Vec::new(),
+                data_id: None,
+                chunks: 0,
+                info: BlobInfo {
+                    size: bytes.len() as u64,
+                    hashes: hashes_of(named),
+                },
+                crc32c: None,
+            };
+            let sha = parse_sha256(&meta.info.hashes.sha256).unwrap();
+            backend
+                .commit(sha, meta, Some(bytes.clone()))
+                .await
+                .unwrap();
+        }
+        let good_sha = hashes_of(&good).sha256;
+        assert_eq!(
+            blobs.scrub(&good_sha).unwrap(),
+            Scrubbed::Intact { bytes: 700 }
+        );
+        let bad_sha = hashes_of(&good.slice(1..)).sha256;
+        assert_eq!(blobs.scrub(&bad_sha).unwrap(), Scrubbed::Damaged);
+        assert!(!blobs.has(&bad_sha).unwrap());
     }
 
     /// Dropping a damaged copy's record leaves alone a copy committed after it was read.

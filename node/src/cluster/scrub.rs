@@ -9,6 +9,8 @@
 //!
 //! - **Paced**: after each blob the scrub sleeps `tranquility` times as long as the blob
 //!   took, so it never takes more than a fraction of the disk from requests.
+//! - **Out of the page cache**: what it reads is dropped from the page cache again, so a
+//!   pass does not push out the pages requests use.
 //! - **Kept across restarts**: the start of the last pass is kept in `scrub.last` in the
 //!   data directory; a node restarted daily still scrubs weekly. A new data directory
 //!   counts as scrubbed now.

@@ -134,6 +134,11 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError>;
     /// Part `i` of a blob.
     fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError>;
+    /// Part `i` of a blob, read for a one-off check: as [`BlobBackend::part`], leaving no
+    /// copy in the page cache where the backend can.
+    fn part_uncached(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError> {
+        self.part(meta, i)
+    }
     /// Drops the record of a blob whose bytes here failed their check, if it still names
     /// the same bytes as `bad` (a copy committed since stays). Returns whether it did.
     fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError>;
@@ -303,6 +308,13 @@ impl BlobBackend for RocksBlobBackend {
         match meta.extents.get(i) {
             Some(e) => self.segments.read(e).map(Some),
             None => Ok(None),
+        }
+    }
+
+    fn part_uncached(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError> {
+        match (&meta.data_id, meta.extents.get(i)) {
+            (None, Some(e)) => self.segments.read_uncached(e).map(Some),
+            _ => self.part(meta, i),
         }
     }
 
@@ -909,7 +921,7 @@ impl BlobStore {
         let mut crc = 0u32;
         let mut digest = meta.crc32c.is_none().then(Sha256::new);
         for i in 0..meta.parts() {
-            let Some(part) = self.backend.part(&meta, i)? else {
+            let Some(part) = self.backend.part_uncached(&meta, i)? else {
                 drop_damaged(&*self.backend, &self.metas, &sha, &meta);
                 return Ok(Scrubbed::Damaged);
             };

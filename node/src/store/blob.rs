@@ -1159,6 +1159,17 @@ mod tests {
         assert!(!sender.has(&info.hashes.sha256).unwrap());
     }
 
+    /// Damages a stored chunk on disk: flips `mask` in its byte at `offset`, in the
+    /// segment files under `data_dir/blobs`.
+    fn flip_bit(data_dir: &std::path::Path, at: &Extent, offset: usize, mask: u8) {
+        let path = data_dir
+            .join("blobs")
+            .join(format!("{:010}.seg", at.segment));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at.offset as usize + offset] ^= mask;
+        std::fs::write(&path, bytes).unwrap();
+    }
+
     /// Bit rot in a small blob (one part, its bytes in the journal) is found when it is
     /// read: the node answers as if it lacked the blob, so the caller fetches it from a
     /// peer, and that copy is stored and read from then on, across a restart too.
@@ -1180,13 +1191,7 @@ mod tests {
             assert_eq!(meta.extents.len(), 1);
             (info, crc, meta.extents[0])
         };
-        let path = dir
-            .path()
-            .join("blobs")
-            .join(format!("{:010}.seg", at.segment));
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[at.offset as usize + 100] ^= 0x10;
-        std::fs::write(&path, bytes).unwrap();
+        flip_bit(dir.path(), &at, 100, 0x10);
 
         let blobs = open();
         assert!(blobs.has(&info.hashes.sha256).unwrap());
@@ -1238,13 +1243,7 @@ mod tests {
             assert!(blobs.read_all(sha256).await.is_some());
             let meta = blobs.meta(&parse_sha256(sha256).unwrap()).unwrap().unwrap();
             let at = meta.extents[meta.extents.len() - 1];
-            let path = dir
-                .path()
-                .join("blobs")
-                .join(format!("{:010}.seg", at.segment));
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[at.offset as usize + 3] ^= 0x01;
-            std::fs::write(&path, bytes).unwrap();
+            flip_bit(dir.path(), &at, 3, 0x01);
             assert_eq!(blobs.scrub(sha256).unwrap(), Scrubbed::Damaged);
             assert!(!blobs.has(sha256).unwrap(), "the damaged record is dropped");
             assert_eq!(blobs.scrub(sha256).unwrap(), Scrubbed::Absent);

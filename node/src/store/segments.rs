@@ -267,12 +267,15 @@ impl Segments {
     /// would otherwise push out the pages that are read often.
     pub(crate) fn read_uncached(&self, at: &Extent) -> Result<Bytes, StoreError> {
         let bytes = self.read(at)?;
-        drop_cached(
-            &*self.file(at.segment)?,
-            at.offset,
-            at.offset + u64::from(at.len),
-        );
+        self.drop_cached(at);
         Ok(bytes)
+    }
+
+    /// Drops the pages wholly inside one chunk from the page cache (see [`drop_cached`]).
+    fn drop_cached(&self, at: &Extent) {
+        if let Ok(file) = self.file(at.segment) {
+            drop_cached(&file, at.offset, at.offset + u64::from(at.len));
+        }
     }
 
     /// Syncs the given segments; a segment whose sync fails is poisoned for good.
@@ -580,10 +583,8 @@ fn commit_group(
     }
     // Off the answers' path: durable bytes leave the page cache (see the module's doc);
     // of a chunk, only its own pages, since uploads in flight may share those at its ends.
-    for at in synced {
-        if let Ok(file) = segments.file(at.segment) {
-            drop_cached(&file, at.offset, at.offset + u64::from(at.len));
-        }
+    for at in &synced {
+        segments.drop_cached(at);
     }
     journal.drop_synced(DROP_AFTER);
 }

@@ -22,7 +22,7 @@ pub(crate) mod segments;
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, DB, Options};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options};
 
 pub(crate) const CF_RAFT_LOG: &str = "raft_log";
 pub(crate) const CF_RAFT_META: &str = "raft_meta";
@@ -67,6 +67,19 @@ impl Store {
         opts.set_max_background_jobs(2);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
+            if [CF_STATE, CF_BLOB_META, CF_BLOBS].contains(name) {
+                // Most point reads on the write path are misses: is this blob stored yet
+                // (on the receiving node, on each replica, in the committer), does this
+                // version exist (in apply). Bloom filters answer those without walking
+                // the memtable's skip list (~2 % of a node's CPU under a publish load)
+                // or reading an SST's index and data blocks.
+                cf.set_memtable_prefix_bloom_ratio(0.05);
+                cf.set_memtable_whole_key_filtering(true);
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                table.set_whole_key_filtering(true);
+                cf.set_block_based_table_factory(&table);
+            }
             if *name == CF_BLOBS {
                 // Chunks are large and written once: keep them out of the LSM tree so
                 // compaction does not rewrite them.

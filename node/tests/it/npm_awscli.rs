@@ -239,6 +239,43 @@ fn awscli_login_then_npm_publish_and_install() {
         ],
     );
     assert_eq!(assets["assets"][0]["name"], "util-1.0.0.tgz", "{assets}");
+    // The four digests CodeArtifact lists are those of the bytes a download gets.
+    let tgz = home.join("util-1.0.0.tgz");
+    aws_json(
+        &server,
+        home,
+        &[
+            "codeartifact",
+            "get-package-version-asset",
+            "--domain",
+            "acme",
+            "--repository",
+            "app",
+            "--format",
+            "npm",
+            "--namespace",
+            "acme",
+            "--package",
+            "util",
+            "--package-version",
+            "1.0.0",
+            "--asset",
+            "util-1.0.0.tgz",
+            tgz.to_str().unwrap(),
+        ],
+    );
+    let bytes = std::fs::read(&tgz).unwrap();
+    let hashes = &assets["assets"][0]["hashes"];
+    use sha2::Digest;
+    assert_eq!(
+        hashes["MD5"],
+        hex::encode(md5::Md5::digest(&bytes)),
+        "{assets}"
+    );
+    assert_eq!(hashes["SHA-1"], hex::encode(sha1::Sha1::digest(&bytes)));
+    assert_eq!(hashes["SHA-256"], hex::encode(sha2::Sha256::digest(&bytes)));
+    assert_eq!(hashes["SHA-512"], hex::encode(sha2::Sha512::digest(&bytes)));
+    assert_eq!(assets["assets"][0]["size"], bytes.len());
     let pkgs = aws_json(
         &server,
         home,

@@ -67,7 +67,7 @@ impl Store {
         opts.set_max_background_jobs(2);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
-            if [CF_STATE, CF_BLOB_META, CF_BLOBS].contains(name) {
+            if [CF_STATE, CF_BLOB_META].contains(name) {
                 // Most point reads on the write path are misses: is this blob stored yet
                 // (on the receiving node, on each replica, in the committer), does this
                 // version exist (in apply). Bloom filters answer those without walking

@@ -191,12 +191,10 @@ fn awscli_login_then_npm_publish_and_install() {
     assert_eq!(v["versions"][0]["version"], "1.0.0", "{v}");
     assert_eq!(v["versions"][0]["status"], "Published");
     assert_eq!(v["defaultDisplayVersion"], "1.0.0");
-    let v = aws_json(
-        &server,
-        home,
-        &[
-            "codeartifact",
-            "describe-package-version",
+    // `aws codeartifact OP` on @acme/util 1.0.0, with `extra` arguments.
+    let on_util = |op: &str, extra: &[&str]| {
+        let mut args = vec!["codeartifact", op];
+        args.extend([
             "--domain",
             "acme",
             "--repository",
@@ -209,8 +207,11 @@ fn awscli_login_then_npm_publish_and_install() {
             "util",
             "--package-version",
             "1.0.0",
-        ],
-    );
+        ]);
+        args.extend(extra);
+        aws_json(&server, home, &args)
+    };
+    let v = on_util("describe-package-version", &[]);
     let pv = &v["packageVersion"];
     assert_eq!(pv["namespace"], "acme", "{v}");
     assert_eq!(pv["packageName"], "util");
@@ -218,51 +219,13 @@ fn awscli_login_then_npm_publish_and_install() {
     assert_eq!(pv["status"], "Published");
     assert_eq!(pv["summary"], "shared helpers");
     assert_eq!(pv["origin"]["originType"], "INTERNAL");
-    let assets = aws_json(
-        &server,
-        home,
-        &[
-            "codeartifact",
-            "list-package-version-assets",
-            "--domain",
-            "acme",
-            "--repository",
-            "app",
-            "--format",
-            "npm",
-            "--namespace",
-            "acme",
-            "--package",
-            "util",
-            "--package-version",
-            "1.0.0",
-        ],
-    );
+    let assets = on_util("list-package-version-assets", &[]);
     assert_eq!(assets["assets"][0]["name"], "util-1.0.0.tgz", "{assets}");
     // The four digests CodeArtifact lists are those of the bytes a download gets.
     let tgz = home.join("util-1.0.0.tgz");
-    aws_json(
-        &server,
-        home,
-        &[
-            "codeartifact",
-            "get-package-version-asset",
-            "--domain",
-            "acme",
-            "--repository",
-            "app",
-            "--format",
-            "npm",
-            "--namespace",
-            "acme",
-            "--package",
-            "util",
-            "--package-version",
-            "1.0.0",
-            "--asset",
-            "util-1.0.0.tgz",
-            tgz.to_str().unwrap(),
-        ],
+    on_util(
+        "get-package-version-asset",
+        &["--asset", "util-1.0.0.tgz", tgz.to_str().unwrap()],
     );
     let bytes = std::fs::read(&tgz).unwrap();
     let hashes = &assets["assets"][0]["hashes"];

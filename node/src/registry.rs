@@ -178,6 +178,10 @@ impl Registry for NodeRegistry {
 
     async fn package(&self, key: &PackageKey) -> Result<Option<PackageRecord>, RegistryError> {
         self.caught_up().await?;
+        self.package_now(key).await
+    }
+
+    async fn package_now(&self, key: &PackageKey) -> Result<Option<PackageRecord>, RegistryError> {
         self.node
             .state
             .package(&self.repo.domain, &self.repo.repository, self.format, key)
@@ -198,6 +202,14 @@ impl Registry for NodeRegistry {
         version: &str,
     ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
         self.caught_up().await?;
+        self.version_now(key, version).await
+    }
+
+    async fn version_now(
+        &self,
+        key: &PackageKey,
+        version: &str,
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
         self.node
             .state
             .version(

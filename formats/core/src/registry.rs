@@ -62,6 +62,23 @@ pub trait Registry: Send + Sync {
         version: &str,
     ) -> Result<Option<Arc<VersionRecord>>, RegistryError>;
 
+    /// The package record as this node holds it at this moment, without waiting for the
+    /// request to catch up with the cluster: it may lack a change acknowledged elsewhere
+    /// in the last moments. Only for early checks that are decided again with
+    /// [`Registry::package`] before anything is written.
+    async fn package_now(&self, key: &PackageKey) -> Result<Option<PackageRecord>, RegistryError> {
+        self.package(key).await
+    }
+
+    /// One version as this node holds it at this moment; see [`Registry::package_now`].
+    async fn version_now(
+        &self,
+        key: &PackageKey,
+        version: &str,
+    ) -> Result<Option<Arc<VersionRecord>>, RegistryError> {
+        self.version(key, version).await
+    }
+
     /// Streams a body into the blob store (hashing as it goes) and returns what was stored.
     /// The blob is durable when this returns, but referenced only once a publish names it.
     async fn store_blob(&self, body: Body) -> Result<BlobInfo, RegistryError>;

@@ -4,9 +4,11 @@
 //! ```text
 //!   PUT {name} ─stream::scan─┬─ skeleton ─▶ _attachments? ──yes─▶ publish:
 //!        │                   │     validate names, SemVer, one version and attachment,
-//!        │                   │     not a duplicate, base64, length, gzip magic
+//!        │                   │     not a duplicate (as this node has it), base64, length,
+//!        │                   │     gzip magic
 //!        │                   │       ─pass─▶ end the tarball's body ─▶ BlobInfo ─▶ shasum,
-//!        │                   │               integrity ─▶ publish(NewVersion) ─▶ 201
+//!        │                   │               integrity, not a duplicate (caught up), tags
+//!        │                   │               ─▶ publish(NewVersion) ─▶ 201
 //!        │                   │       ─fail─▶ cut the tarball's body short ─▶ 4xx
 //!        │                   └─ tarball ─▶ store_blob, while the body streams in
 //!        └──────── no ─▶ document update: `deprecated` changes ─▶ ReplaceMetadata
@@ -17,9 +19,12 @@
 //! A publish never holds its tarball in memory: `stream` decodes it into the blob store
 //! while the rest of the document is scanned. The tarball's body ends only once every
 //! check that does not need its digests has passed; a publish refused by those checks
-//! cuts the body short and stores nothing. The digests come from the store, so a publish
-//! refused for a `shasum` or `integrity` mismatch leaves a stored blob that no metadata
-//! names. The stored manifest is the client's version object with our own `_id`,
+//! cuts the body short and stores nothing. The checks against the repository's state read
+//! this node's state as it is, without waiting for the request to catch up with the
+//! cluster, and are decided again with linearizable reads once the tarball is stored.
+//! The digests come from the store, so a publish refused for a `shasum` or `integrity`
+//! mismatch leaves a stored blob that no metadata names, as does one refused only by
+//! that second look (a version published through another node a moment before). The stored manifest is the client's version object with our own `_id`,
 //! `_npmUser` and `dist` (`shasum`, `integrity`); `dist.tarball` is added when serving.
 
 use std::collections::BTreeMap;
@@ -89,6 +94,7 @@ struct CheckedPublish {
     key: PackageKey,
     version: String,
     manifest: Object,
+    /// The tags the body asks for (`latest` is added once the package is read again).
     tags: Vec<String>,
     /// Decoded size of the tarball.
     size: u64,
@@ -185,14 +191,16 @@ async fn check_publish(
         )));
     }
 
-    let existing = repo.package(&key).await?;
-    if existing.is_none() {
-        name.check_new()?;
+    // Against this node's state as it is now: waiting here for the request to catch up
+    // with the cluster would hold the tarball back from the store until then (on a
+    // follower, a round to the leader and the wait to apply what it had). The same checks
+    // are decided with linearizable reads before the version is proposed
+    // (`complete_publish`), and a refusal seen here is confirmed with them first: a
+    // version deleted elsewhere a moment ago may be published again.
+    if state_checks(repo, name, version, Reads::Now).await.is_err() {
+        state_checks(repo, name, version, Reads::Linearizable).await?;
     }
-    if repo.version(&key, version).await?.is_some() {
-        return Err(cannot_publish_over(version));
-    }
-    let tags = publish_tags(doc, version, existing.as_ref().map(|p| &p.tags))?;
+    let tags = sent_tags(doc, version)?;
     // `data` was a string only if the scanner saw one; otherwise the skeleton's parse
     // already refused the document.
     let tarball = scanned.tarball.clone().unwrap_or_default();
@@ -204,6 +212,43 @@ async fn check_publish(
         tags,
         size: tarball.size,
     })
+}
+
+/// Which state a check reads.
+#[derive(Clone, Copy)]
+enum Reads {
+    /// This node's, as it is now ([`Registry::package_now`]).
+    Now,
+    /// Every change acknowledged before the request began ([`Registry::package`]).
+    Linearizable,
+}
+
+/// The checks of a new version against the repository's state: a new package's name
+/// rules, and no version over an existing (or deleted) one. Returns the package record.
+async fn state_checks(
+    repo: &dyn Registry,
+    name: &PackageName,
+    version: &str,
+    reads: Reads,
+) -> Result<Option<granary_format::model::PackageRecord>, FormatError> {
+    let key = name.key();
+    let (existing, stored) = match reads {
+        Reads::Now => (
+            repo.package_now(&key).await?,
+            repo.version_now(&key, version).await?,
+        ),
+        Reads::Linearizable => (
+            repo.package(&key).await?,
+            repo.version(&key, version).await?,
+        ),
+    };
+    if existing.is_none() {
+        name.check_new()?;
+    }
+    if stored.is_some() {
+        return Err(cannot_publish_over(version));
+    }
+    Ok(existing)
 }
 
 /// The rest of a publish, once its tarball is stored: digests, then the version.
@@ -232,6 +277,11 @@ async fn complete_publish(
     // see or download it, and what is not referenced is the blob store's to collect.
     let hashes = info.hashes;
     check_digests(&manifest, &hashes)?;
+    // Decided again now that the request has caught up (the round ran while the tarball
+    // was stored): a publish that raced another through a second node is refused here,
+    // and `latest` is added only if the package still has none.
+    let existing = state_checks(repo, name, &version, Reads::Linearizable).await?;
+    let tags = with_latest(tags, existing.as_ref().map(|p| &p.tags));
 
     let full = name.full();
     let summary = summary(&full, &manifest);
@@ -260,14 +310,9 @@ async fn complete_publish(
     )
 }
 
-/// The tags of a publish: the body's `dist-tags` that point at this version (libnpmpublish
-/// sends `{<--tag or latest>: version}`), plus `latest` while the package has none, so
-/// the packument always has one.
-fn publish_tags(
-    doc: &PackageDocument,
-    version: &str,
-    existing: Option<&BTreeMap<String, String>>,
-) -> Result<Vec<String>, FormatError> {
+/// The tags a publish's body asks for: its `dist-tags` that point at this version
+/// (libnpmpublish sends `{<--tag or latest>: version}`).
+fn sent_tags(doc: &PackageDocument, version: &str) -> Result<Vec<String>, FormatError> {
     let mut tags = Vec::new();
     for (tag, target) in doc.dist_tags.iter().flatten() {
         if target == version {
@@ -275,11 +320,17 @@ fn publish_tags(
             tags.push(tag.clone());
         }
     }
+    Ok(tags)
+}
+
+/// The tags of a publish: those it asked for, plus `latest` when it asked for none or
+/// while the package has none, so the packument always has one.
+fn with_latest(mut tags: Vec<String>, existing: Option<&BTreeMap<String, String>>) -> Vec<String> {
     let has_latest = existing.is_some_and(|t| t.contains_key(LATEST));
     if (tags.is_empty() || !has_latest) && !tags.iter().any(|t| t == LATEST) {
         tags.push(LATEST.to_owned());
     }
-    Ok(tags)
+    tags
 }
 
 /// The tarball as the scanner decoded it: valid base64, of the declared length, gzip.
@@ -637,6 +688,14 @@ mod tests {
 
     fn doc(tags: Value) -> PackageDocument {
         serde_json::from_value(json!({"dist-tags": tags})).unwrap()
+    }
+
+    fn publish_tags(
+        doc: &PackageDocument,
+        version: &str,
+        existing: Option<&BTreeMap<String, String>>,
+    ) -> Result<Vec<String>, FormatError> {
+        Ok(with_latest(sent_tags(doc, version)?, existing))
     }
 
     #[test]

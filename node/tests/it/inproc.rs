@@ -234,22 +234,32 @@ async fn publish_in(
     tgz: &[u8],
 ) -> Result<(), String> {
     let body = npm_publish_body(name, "1.0.0", tgz, json!({}));
-    let r = c
-        .raw(
-            "PUT",
-            &format!("/npm/{domain}/repo/{}", npm_path(name)),
-            &[
-                ("authorization", format!("Bearer {token}")),
-                ("content-type", "application/json".into()),
-            ],
-            body.to_string().into_bytes(),
-        )
-        .await;
+    let r = put_body(c, token, domain, name, &body).await;
     match r.status {
         201 => Ok(()),
         503 => Err(format!("retryable: {}", r.text())),
         other => panic!("publish {name}: unexpected HTTP {other}: {}", r.text()),
     }
+}
+
+/// `PUT /npm/{domain}/repo/{name}` with `body`, as `npm publish` sends it.
+async fn put_body(
+    c: &Client,
+    token: &str,
+    domain: &str,
+    name: &str,
+    body: &serde_json::Value,
+) -> crate::harness::Resp {
+    c.raw(
+        "PUT",
+        &format!("/npm/{domain}/repo/{}", npm_path(name)),
+        &[
+            ("authorization", format!("Bearer {token}")),
+            ("content-type", "application/json".into()),
+        ],
+        body.to_string().into_bytes(),
+    )
+    .await
 }
 
 /// A GET of `path` with the token.
@@ -589,6 +599,79 @@ async fn a_publish_through_a_follower_is_read_back_from_it_at_once() {
         let doc = get(&c, &token, &format!("/npm/inproc/repo/{name}")).await;
         assert_eq!(doc.status, 200, "{name}'s document through node {via}");
         assert!(doc.text().contains("\"1.0.0\""), "{name}: {}", doc.text());
+    }
+    cluster.faults.heal();
+    cluster.stop().await;
+}
+
+/// A publish checks the package against the receiving node's state without waiting for
+/// the request to catch up with the leader (so the tarball is stored meanwhile), and
+/// again, caught up, before it proposes the version. Through a follower that lags (peer
+/// calls delayed), a publish right after another node's is decided on what that one
+/// published: a second `1.0.0` is refused, and a version sent with `--tag beta` gets only
+/// that tag, not `latest` as the package's first version would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_through_a_lagging_follower_is_decided_on_what_was_just_published() {
+    let mut cluster = InprocCluster::start(3).await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let followers: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let token = cluster.client(leader).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .delay(Duration::from_millis(20), Duration::from_millis(60));
+    for round in 0..6 {
+        let name = format!("race{round}");
+        let (via, other) = (followers[round % 2], followers[(round + 1) % 2]);
+        let tgz = fake_tgz(cluster.rng.random(), 4096);
+        publish(&cluster.client(leader), &token, &name, &tgz)
+            .await
+            .unwrap_or_else(|e| panic!("publish {name} 1.0.0 through the leader: {e}"));
+
+        let beta = "2.0.0-beta.1";
+        let mut body = npm_publish_body(&name, beta, &tgz, json!({}));
+        body["dist-tags"] = json!({ "beta": beta });
+        let r = put_body(&cluster.client(via), &token, "inproc", &name, &body).await;
+        assert_eq!(
+            r.status,
+            201,
+            "{name}@{beta} through node {via}: {}",
+            r.text()
+        );
+
+        let again = npm_publish_body(
+            &name,
+            "1.0.0",
+            &fake_tgz(cluster.rng.random(), 4096),
+            json!({}),
+        );
+        let r = put_body(&cluster.client(other), &token, "inproc", &name, &again).await;
+        assert_eq!(
+            r.status,
+            403,
+            "{name}@1.0.0 again through node {other}: {}",
+            r.text()
+        );
+        assert!(r.text().contains("cannot publish over"), "{}", r.text());
+
+        let doc = get(
+            &cluster.client(leader),
+            &token,
+            &format!("/npm/inproc/repo/{name}"),
+        )
+        .await;
+        assert_eq!(doc.status, 200, "{name}'s document");
+        let doc: serde_json::Value = serde_json::from_slice(&doc.body).expect("a JSON packument");
+        assert_eq!(
+            doc["dist-tags"],
+            json!({ "latest": "1.0.0", "beta": beta }),
+            "{name}'s tags after 1.0.0 through the leader, then {beta} --tag beta through node {via}"
+        );
+        let (status, body) = tarball(&cluster.client(via), &token, &name).await;
+        assert_eq!(
+            (status, body == tgz),
+            (200, true),
+            "{name}@1.0.0 is the first upload"
+        );
     }
     cluster.faults.heal();
     cluster.stop().await;

@@ -572,19 +572,27 @@ async fn a_write_through_a_lagging_follower_sees_what_was_just_created() {
     cluster.stop().await;
 }
 
+/// Three members with `inproc/repo` set up through the leader, then every peer call
+/// delayed 20-60 ms, so the followers apply each entry well after the leader: the
+/// cluster, the leader, the followers and a token.
+async fn lagging_followers() -> (InprocCluster, u64, Vec<u64>, String) {
+    let cluster = InprocCluster::start(3).await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let followers = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let token = cluster.client(leader).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .delay(Duration::from_millis(20), Duration::from_millis(60));
+    (cluster, leader, followers, token)
+}
+
 /// A publish through a follower is acknowledged once the leader has applied it, before
 /// the follower has (it learns of the commit from the next AppendEntries, delayed here);
 /// a read through that follower right after still sees it, bytes and document, because
 /// every read first catches up with the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_through_a_follower_is_read_back_from_it_at_once() {
-    let mut cluster = InprocCluster::start(3).await;
-    let leader = cluster.leader(&cluster.ids()).await;
-    let followers: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
-    let token = cluster.client(leader).setup("inproc", "repo").await;
-    cluster
-        .faults
-        .delay(Duration::from_millis(20), Duration::from_millis(60));
+    let (mut cluster, _, followers, token) = lagging_followers().await;
     for round in 0..6 {
         let via = followers[round % followers.len()];
         let c = cluster.client(via);
@@ -612,13 +620,7 @@ async fn a_publish_through_a_follower_is_read_back_from_it_at_once() {
 /// that tag, not `latest` as the package's first version would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_through_a_lagging_follower_is_decided_on_what_was_just_published() {
-    let mut cluster = InprocCluster::start(3).await;
-    let leader = cluster.leader(&cluster.ids()).await;
-    let followers: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
-    let token = cluster.client(leader).setup("inproc", "repo").await;
-    cluster
-        .faults
-        .delay(Duration::from_millis(20), Duration::from_millis(60));
+    let (mut cluster, leader, followers, token) = lagging_followers().await;
     for round in 0..6 {
         let name = format!("race{round}");
         let (via, other) = (followers[round % 2], followers[(round + 1) % 2]);

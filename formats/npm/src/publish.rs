@@ -24,8 +24,9 @@
 //! cluster, and are decided again with linearizable reads once the tarball is stored.
 //! The digests come from the store, so a publish refused for a `shasum` or `integrity`
 //! mismatch leaves a stored blob that no metadata names, as does one refused only by
-//! that second look (a version published through another node a moment before). The stored manifest is the client's version object with our own `_id`,
-//! `_npmUser` and `dist` (`shasum`, `integrity`); `dist.tarball` is added when serving.
+//! that second look (a version published through another node a moment before). The
+//! stored manifest is the client's version object with our own `_id`, `_npmUser` and
+//! `dist` (`shasum`, `integrity`); `dist.tarball` is added when serving.
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::harness::{Resp, Server, fake_tgz, npm_path, npm_publish_body};
+use crate::harness::{Resp, Server, fake_tgz, npm_publish_body};
 
 fn assert_error(r: &Resp, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", r.text());
@@ -207,17 +207,7 @@ async fn package_operations_show_published_versions() {
             &tgz,
             json!({"license": "MIT", "homepage": "https://example.com/lib"}),
         );
-        let r = c
-            .raw(
-                "PUT",
-                &format!("/npm/pk/repo/{}", npm_path(name)),
-                &[
-                    ("authorization", format!("Bearer {token}")),
-                    ("content-type", "application/json".into()),
-                ],
-                body.to_string().into_bytes(),
-            )
-            .await;
+        let r = c.npm_put(&token, "pk", "repo", name, &body).await;
         assert_eq!(r.status, 201, "{}", r.text());
     }
     let r = c

@@ -306,6 +306,28 @@ impl Client {
         to_resp(rb.body(body).send().await.expect("send")).await
     }
 
+    /// `PUT /npm/{domain}/{repo}/{name}` with an npm publish document `body` and the
+    /// token, as `npm publish` sends it.
+    pub(crate) async fn npm_put(
+        &self,
+        token: &str,
+        domain: &str,
+        repo: &str,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Resp {
+        self.raw(
+            "PUT",
+            &format!("/npm/{domain}/{repo}/{}", npm_path(name)),
+            &[
+                ("authorization", format!("Bearer {token}")),
+                ("content-type", "application/json".into()),
+            ],
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
     /// Creates a domain and a repository; returns a token for the domain.
     pub(crate) async fn setup(&self, domain: &str, repo: &str) -> String {
         let r = self

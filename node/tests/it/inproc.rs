@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::harness::{ACCESS_KEY, Client, SECRET_KEY, fake_tgz, npm_path, npm_publish_body};
+use crate::harness::{ACCESS_KEY, Client, SECRET_KEY, fake_tgz, npm_publish_body};
 
 struct Member {
     http: String,
@@ -234,32 +234,12 @@ async fn publish_in(
     tgz: &[u8],
 ) -> Result<(), String> {
     let body = npm_publish_body(name, "1.0.0", tgz, json!({}));
-    let r = put_body(c, token, domain, name, &body).await;
+    let r = c.npm_put(token, domain, "repo", name, &body).await;
     match r.status {
         201 => Ok(()),
         503 => Err(format!("retryable: {}", r.text())),
         other => panic!("publish {name}: unexpected HTTP {other}: {}", r.text()),
     }
-}
-
-/// `PUT /npm/{domain}/repo/{name}` with `body`, as `npm publish` sends it.
-async fn put_body(
-    c: &Client,
-    token: &str,
-    domain: &str,
-    name: &str,
-    body: &serde_json::Value,
-) -> crate::harness::Resp {
-    c.raw(
-        "PUT",
-        &format!("/npm/{domain}/repo/{}", npm_path(name)),
-        &[
-            ("authorization", format!("Bearer {token}")),
-            ("content-type", "application/json".into()),
-        ],
-        body.to_string().into_bytes(),
-    )
-    .await
 }
 
 /// A GET of `path` with the token.
@@ -632,7 +612,10 @@ async fn a_publish_through_a_lagging_follower_is_decided_on_what_was_just_publis
         let beta = "2.0.0-beta.1";
         let mut body = npm_publish_body(&name, beta, &tgz, json!({}));
         body["dist-tags"] = json!({ "beta": beta });
-        let r = put_body(&cluster.client(via), &token, "inproc", &name, &body).await;
+        let r = cluster
+            .client(via)
+            .npm_put(&token, "inproc", "repo", &name, &body)
+            .await;
         assert_eq!(
             r.status,
             201,
@@ -646,7 +629,10 @@ async fn a_publish_through_a_lagging_follower_is_decided_on_what_was_just_publis
             &fake_tgz(cluster.rng.random(), 4096),
             json!({}),
         );
-        let r = put_body(&cluster.client(other), &token, "inproc", &name, &again).await;
+        let r = cluster
+            .client(other)
+            .npm_put(&token, "inproc", "repo", &name, &again)
+            .await;
         assert_eq!(
             r.status,
             403,

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    ACCESS_KEY, Client, REGION, SECRET_KEY, Server, fake_tgz, npm_path, npm_publish_body, require,
+    ACCESS_KEY, Client, REGION, SECRET_KEY, Server, fake_tgz, npm_publish_body, require,
 };
 
 /// The AWS CLI pointed at one server, with the admin's credentials and a private HOME.
@@ -155,16 +155,7 @@ async fn npm_publish(
 ) -> crate::harness::Resp {
     let tgz = fake_tgz(name.len() as u64 * 31 + version.len() as u64, 600);
     let body = npm_publish_body(name, version, &tgz, json!({"license": "MIT"}));
-    c.raw(
-        "PUT",
-        &format!("/npm/{domain}/{repo}/{}", npm_path(name)),
-        &[
-            ("authorization", format!("Bearer {token}")),
-            ("content-type", "application/json".into()),
-        ],
-        body.to_string().into_bytes(),
-    )
-    .await
+    c.npm_put(token, domain, repo, name, &body).await
 }
 
 /// Associating `public:npmjs` shows it on the repository as CodeArtifact does; a second

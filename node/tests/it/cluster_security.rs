@@ -129,12 +129,7 @@ async fn peers_need_the_cluster_secret_and_the_ca() {
     let auth = [("authorization", format!("Bearer {token}"))];
     let put = second
         .client()
-        .raw(
-            "PUT",
-            "/npm/tls/repo/over-tls",
-            &[auth[0].clone(), ("content-type", "application/json".into())],
-            body.to_string().into_bytes(),
-        )
+        .npm_put(&token, "tls", "repo", "over-tls", &body)
         .await;
     assert_eq!(put.status, 201, "{}", put.text());
     let got = first

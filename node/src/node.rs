@@ -176,7 +176,11 @@ pub async fn run_embedded(
     let scrub_repair = blob_refs_tx.clone();
     let state_machine =
         StateMachine::new(store.clone(), read_cache.clone()).with_blob_refs(blob_refs_tx);
+    state_machine
+        .finish_interrupted_install()
+        .map_err(|e| Error::Raft(e.to_string()))?;
     let applied = state_machine.subscribe();
+    let installs = state_machine.installs();
     let lease = Arc::new(Lease::new(
         config.raft.election_timeout_min_ms,
         config.raft.election_timeout_max_ms,
@@ -215,6 +219,7 @@ pub async fn run_embedded(
         config.read_consistency,
         lease,
         applied,
+        installs,
     );
     let blobs = BlobStore::new(
         Arc::new(RocksBlobBackend::open(

@@ -154,58 +154,10 @@ impl Actors {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::cluster::peers::{Peers, Secret};
-    use crate::raft::Raft;
-    use crate::raft::lease::Lease;
-    use crate::raft::log_store::LogStore;
-    use crate::raft::network::GrpcNetwork;
-    use crate::raft::state_machine::StateMachine;
     use crate::state::model::DomainRecord;
-    use crate::store::Store;
-
-    async fn one_node_raft(dir: &std::path::Path) -> Cluster {
-        let store = Store::open(dir).unwrap();
-        let config = openraft::Config {
-            heartbeat_interval: 50,
-            election_timeout_min: 150,
-            election_timeout_max: 300,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap();
-        let lease = Arc::new(Lease::new(150, 300));
-        let state_machine = StateMachine::new(store.clone(), Default::default());
-        let applied = state_machine.subscribe();
-        let raft = Raft::new(
-            1,
-            Arc::new(config),
-            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), lease.clone()),
-            LogStore::new(store),
-            state_machine,
-        )
-        .await
-        .unwrap();
-        let me = crate::raft::NodeInfo::default();
-        raft.initialize(std::collections::BTreeMap::from([(1, me)]))
-            .await
-            .unwrap();
-        raft.wait(Some(Duration::from_secs(10)))
-            .metrics(|m| m.current_leader == Some(1), "leader")
-            .await
-            .unwrap();
-        Cluster::new(
-            raft,
-            Peers::new(Secret::from_env(), None, None),
-            1,
-            crate::config::ReadConsistency::Linearizable,
-            lease,
-            applied,
-        )
-    }
 
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -218,7 +170,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repository_actors_spawn_on_use_restart_after_failure_and_stop_when_idle() {
         let dir = tempfile::tempdir().unwrap();
-        let raft = one_node_raft(dir.path()).await;
+        let raft = crate::cluster::tests::one_node_cluster(dir.path()).await;
         let mut config = Config::default();
         config.actors.idle_stop_secs = 1;
         let actors = Actors::start(&config, raft.clone()).await.unwrap();

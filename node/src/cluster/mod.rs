@@ -133,6 +133,8 @@ pub(crate) struct Cluster {
     lease: Arc<Lease>,
     /// The state machine's applied index, as soon as an entry is applied.
     applied: tokio::sync::watch::Receiver<u64>,
+    /// Whether a snapshot is being installed, leaving the state incomplete meanwhile.
+    installs: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Cluster {
@@ -143,6 +145,7 @@ impl Cluster {
         consistency: ReadConsistency,
         lease: Arc<Lease>,
         applied: tokio::sync::watch::Receiver<u64>,
+        installs: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Cluster {
             raft,
@@ -153,6 +156,7 @@ impl Cluster {
             removed: Arc::new(tokio::sync::Notify::new()),
             lease,
             applied,
+            installs,
         }
     }
 
@@ -367,13 +371,15 @@ impl Cluster {
 
     /// Makes the next read of the local state linearizable: learns the leader's commit
     /// index (batched with concurrent readers) and waits until this node has applied it.
-    /// A no-op with `read_consistency = "local"`.
+    /// With `read_consistency = "local"` it only waits out a snapshot being installed
+    /// (then the state is partly old, partly new), as every read does.
     pub(crate) async fn linearize(&self) -> Result<(), ReadError> {
+        let arrived = Instant::now();
+        let deadline = arrived + READ_DEADLINE;
+        self.wait_installed(deadline).await?;
         if self.consistency == ReadConsistency::Local || self.sole_voter_leading() {
             return Ok(());
         }
-        let arrived = Instant::now();
-        let deadline = arrived + READ_DEADLINE;
         let index = {
             let mut batch = self.reads.lock().await;
             match batch.last {
@@ -402,6 +408,19 @@ impl Cluster {
             }
         };
         self.wait_applied(index, deadline).await
+    }
+
+    /// Waits until no snapshot is being installed here.
+    async fn wait_installed(&self, deadline: Instant) -> Result<(), ReadError> {
+        if !*self.installs.borrow() {
+            return Ok(());
+        }
+        let mut installs = self.installs.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, installs.wait_for(|installing| !installing)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ReadError::Unavailable),
+        }
     }
 
     /// Whether this node leads a cluster in which it is the only voter: then no other node
@@ -857,4 +876,93 @@ pub(crate) fn member_from_pb(m: Option<pb::MemberInfo>) -> Result<(NodeId, NodeI
             region: m.region,
         },
     ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::peers::Secret;
+    use crate::raft::log_store::LogStore;
+    use crate::raft::network::GrpcNetwork;
+    use crate::raft::state_machine::StateMachine;
+    use crate::store::Store;
+
+    /// A one-node cluster over a store in `dir`, leading once this returns.
+    pub(crate) async fn one_node_cluster(dir: &std::path::Path) -> Cluster {
+        let store = Store::open(dir).unwrap();
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let lease = Arc::new(Lease::new(150, 300));
+        let state_machine = StateMachine::new(store.clone(), Default::default());
+        let applied = state_machine.subscribe();
+        let installs = state_machine.installs();
+        let raft = Raft::new(
+            1,
+            Arc::new(config),
+            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), lease.clone()),
+            LogStore::new(store),
+            state_machine,
+        )
+        .await
+        .unwrap();
+        let me = crate::raft::NodeInfo::default();
+        raft.initialize(std::collections::BTreeMap::from([(1, me)]))
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.current_leader == Some(1), "leader")
+            .await
+            .unwrap();
+        Cluster::new(
+            raft,
+            Peers::new(Secret::from_env(), None, None),
+            1,
+            crate::config::ReadConsistency::Linearizable,
+            lease,
+            applied,
+            installs,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_wait_while_a_snapshot_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = one_node_cluster(dir.path()).await;
+        for consistency in [ReadConsistency::Linearizable, ReadConsistency::Local] {
+            cluster.consistency = consistency;
+            let (installing, installs) = tokio::sync::watch::channel(true);
+            cluster.installs = installs;
+            let read = tokio::spawn({
+                let cluster = cluster.clone();
+                async move { cluster.linearize().await }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !read.is_finished(),
+                "{consistency:?}: read during an install"
+            );
+            installing.send_replace(false);
+            let answer = tokio::time::timeout(Duration::from_secs(5), read).await;
+            assert!(
+                matches!(answer, Ok(Ok(Ok(())))),
+                "{consistency:?}: read after the install"
+            );
+        }
+        // An install that outlasts a read's deadline fails the read, retryably.
+        let (_installing, installs) = tokio::sync::watch::channel(true);
+        cluster.installs = installs;
+        assert!(matches!(
+            cluster.linearize().await,
+            Err(ReadError::Unavailable)
+        ));
+    }
 }

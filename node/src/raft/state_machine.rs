@@ -6,6 +6,19 @@
 //! and streamed into a file (`{data_dir}/raft-snapshots/{id}.snap`): building one never
 //! holds the state in memory, and openraft sends and receives it in chunks from and to
 //! that file. The current snapshot's meta (and file name) is kept in `raft_meta`.
+//!
+//! Installing a received snapshot does not hold it in memory either:
+//!
+//! ```text
+//!   begin   synced batch: marker {meta, file} + the state cleared      ─┐ a crash in here:
+//!   fill    the file's pairs in batches of INSTALL_BATCH_BYTES, no WAL  │ the next start
+//!           then the state column family flushed (the pairs durable)    │ installs the file
+//!   finish  synced batch: applied id, membership, current snapshot,     │ again (the marker
+//!           marker removed                                             ─┘ names it)
+//! ```
+//!
+//! While the state is between two snapshots, [`StateMachine::installs`] says so, and
+//! reads wait (see `Cluster::linearize`).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -28,6 +41,13 @@ use crate::state::keys;
 use crate::store::{CF_RAFT_META, CF_STATE, Store};
 
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+/// Present while a received snapshot is being installed: what to install again after a
+/// crash (an [`Install`]).
+const SNAPSHOT_INSTALLING: &[u8] = b"snapshot_installing";
+/// How many bytes of pairs go into one write while a snapshot is installed.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// The largest key or value a snapshot file may hold: more says the file is damaged.
+const MAX_FRAME_BYTES: usize = 1 << 30;
 /// Where earlier versions kept the snapshot bytes themselves; removed when a snapshot is
 /// saved.
 const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
@@ -40,6 +60,26 @@ struct StoredSnapshot {
     file: String,
 }
 
+/// A snapshot install under way, as kept in `raft_meta` until it is complete: the same
+/// shape as the current snapshot's record, which it becomes.
+type Install = StoredSnapshot;
+
+/// Says a snapshot install is under way while it lives.
+struct Installing<'a>(&'a watch::Sender<bool>);
+
+impl<'a> Installing<'a> {
+    fn start(tx: &'a watch::Sender<bool>) -> Self {
+        tx.send_replace(true);
+        Installing(tx)
+    }
+}
+
+impl Drop for Installing<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
+}
+
 /// The state machine; clones share the store and the notification channel.
 #[derive(Clone)]
 pub(crate) struct StateMachine {
@@ -50,6 +90,8 @@ pub(crate) struct StateMachine {
     blob_refs: Option<tokio::sync::mpsc::Sender<String>>,
     /// The file a snapshot being received is written to.
     receiving: Arc<Mutex<Option<PathBuf>>>,
+    /// Whether a snapshot is being installed (the state is then incomplete).
+    installing: Arc<watch::Sender<bool>>,
 }
 
 impl StateMachine {
@@ -62,6 +104,7 @@ impl StateMachine {
             cache,
             blob_refs: None,
             receiving: Arc::default(),
+            installing: Arc::new(watch::channel(false).0),
         };
         sm.applied_tx.send_replace(sm.applied_index());
         sm
@@ -78,6 +121,52 @@ impl StateMachine {
     /// learns of them).
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied_tx.subscribe()
+    }
+
+    /// Follows whether a snapshot is being installed: while it is, the state is partly
+    /// the old one's and partly the new one's, and must not be read.
+    pub(crate) fn installs(&self) -> watch::Receiver<bool> {
+        self.installing.subscribe()
+    }
+
+    /// Completes a snapshot install that a crash interrupted, before anything reads the
+    /// state (call it before Raft starts), and removes files left by snapshots that were
+    /// being built or received. Fails when the install's file is gone: the state is then
+    /// incomplete, and the node must be rebuilt from the cluster.
+    pub(crate) fn finish_interrupted_install(&self) -> Result<bool, StorageError<NodeId>> {
+        let dir = self.snapshot_dir();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let cf = self.store.cf(CF_RAFT_META);
+        let Some(raw) = self
+            .store
+            .db()
+            .get_pinned_cf(cf, SNAPSHOT_INSTALLING)
+            .map_err(io_err)?
+        else {
+            return Ok(false);
+        };
+        let install: Install = serde_json::from_slice(&raw).map_err(io_err)?;
+        if !dir.join(&install.file).exists() {
+            return Err(io_err(std::io::Error::other(format!(
+                "a snapshot install was interrupted and its file {} is gone, so this node's \
+                 state is incomplete: remove the node from the cluster, empty its data \
+                 directory and add it again",
+                dir.join(&install.file).display()
+            ))));
+        }
+        tracing::warn!(
+            snapshot = %install.meta.snapshot_id,
+            "completing a snapshot install that was interrupted"
+        );
+        self.install_file(&install.meta, &install.file)?;
+        self.applied_tx.send_replace(self.applied_index());
+        Ok(true)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -132,8 +221,23 @@ impl StateMachine {
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         file: &str,
     ) -> Result<(), StorageError<NodeId>> {
-        let cf = self.store.cf(CF_RAFT_META);
         let mut batch = WriteBatch::default();
+        self.put_current_snapshot(&mut batch, meta, file)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.remove_other_snapshots(file);
+        Ok(())
+    }
+
+    /// Records `file` as the current snapshot in `batch`.
+    fn put_current_snapshot(
+        &self,
+        batch: &mut WriteBatch,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        file: &str,
+    ) -> Result<(), StorageError<NodeId>> {
+        let cf = self.store.cf(CF_RAFT_META);
         let stored = StoredSnapshot {
             meta: meta.clone(),
             file: file.to_owned(),
@@ -144,9 +248,11 @@ impl StateMachine {
             serde_json::to_vec(&stored).map_err(io_err)?,
         );
         batch.delete_cf(cf, SNAPSHOT_DATA);
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Removes every snapshot file but `file`.
+    fn remove_other_snapshots(&self, file: &str) {
         if let Ok(entries) = std::fs::read_dir(self.snapshot_dir()) {
             for e in entries.flatten() {
                 let name = e.file_name();
@@ -156,7 +262,6 @@ impl StateMachine {
                 }
             }
         }
-        Ok(())
     }
 
     /// Writes the state, as of one RocksDB snapshot, into a new snapshot file: its meta
@@ -208,29 +313,89 @@ impl StateMachine {
         Ok((meta, file))
     }
 
-    /// Replaces the state with a received snapshot file's pairs, in one batch.
+    /// Replaces the state with the pairs of `file` (in the snapshot directory) and makes
+    /// it the current snapshot, in bounded memory and so that a crash part way leaves a
+    /// marker from which [`Self::finish_interrupted_install`] starts again (see the
+    /// module's doc).
     fn install_file(
         &self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        path: &std::path::Path,
+        file: &str,
     ) -> Result<(), StorageError<NodeId>> {
-        let cf = self.store.cf(CF_STATE);
+        let _installing = Installing::start(&self.installing);
+        self.begin_install(meta, file)?;
+        self.fill_from(&self.snapshot_dir().join(file))?;
+        self.finish_install(meta, file)
+    }
+
+    /// Records the install under way and clears the state, durably, in one batch.
+    fn begin_install(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        file: &str,
+    ) -> Result<(), StorageError<NodeId>> {
+        let install = Install {
+            meta: meta.clone(),
+            file: file.to_owned(),
+        };
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 8].as_slice());
+        batch.put_cf(
+            self.store.cf(CF_RAFT_META),
+            SNAPSHOT_INSTALLING,
+            serde_json::to_vec(&install).map_err(io_err)?,
+        );
+        batch.delete_range_cf(
+            self.store.cf(CF_STATE),
+            [0u8].as_slice(),
+            [0xffu8; 8].as_slice(),
+        );
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store.db().write_opt(batch, &opts).map_err(io_err)
+    }
+
+    /// Writes the pairs of a snapshot file into the state, a few MiB at a time, then
+    /// flushes the state column family so that they are durable: the writes skip the
+    /// WAL, since a crash before the install's end starts it again anyway.
+    fn fill_from(&self, path: &std::path::Path) -> Result<(), StorageError<NodeId>> {
+        let cf = self.store.cf(CF_STATE);
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
         let mut input =
             BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io_err)?);
+        let mut batch = WriteBatch::default();
         while let Some(k) = read_frame(&mut input, true).map_err(io_err)? {
             let v = read_frame(&mut input, false)
                 .map_err(io_err)?
                 .ok_or_else(|| io_err(Truncated))?;
             batch.put_cf(cf, k, v);
+            if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
+                let full = std::mem::take(&mut batch);
+                self.store.db().write_opt(full, &opts).map_err(io_err)?;
+            }
         }
+        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.store.db().flush_cf(cf).map_err(io_err)
+    }
+
+    /// Ends an install durably in one batch: the applied id and membership, the file as
+    /// the current snapshot, the marker gone; then removes earlier snapshots' files.
+    fn finish_install(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        file: &str,
+    ) -> Result<(), StorageError<NodeId>> {
+        let mut batch = WriteBatch::default();
         if let Some(l) = &meta.last_log_id {
             self.write_bookkeeping(&mut batch, l, Some(&meta.last_membership))?;
         }
+        self.put_current_snapshot(&mut batch, meta, file)?;
+        batch.delete_cf(self.store.cf(CF_RAFT_META), SNAPSHOT_INSTALLING);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)
+        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.remove_other_snapshots(file);
+        Ok(())
     }
 }
 
@@ -242,7 +407,14 @@ fn read_frame(input: &mut impl Read, at_start: bool) -> std::io::Result<Option<V
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && at_start => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("snapshot frame of {len} bytes: the file is damaged"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
     input.read_exact(&mut buf)?;
     Ok(Some(buf))
 }
@@ -378,18 +550,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| io_err(std::io::Error::other("no snapshot is being received")))?;
-        let this = self.clone();
-        let m = meta.clone();
-        let path = received.clone();
-        tokio::task::spawn_blocking(move || this.install_file(&m, &path))
-            .await
-            .map_err(io_err)??;
-        self.cache.invalidate_all();
+        // Under its final name first: the install's marker names the file it reads.
         let file = format!("{}.snap", meta.snapshot_id);
         tokio::fs::rename(&received, self.snapshot_dir().join(&file))
             .await
             .map_err(io_err)?;
-        self.save_snapshot(meta, &file)?;
+        let this = self.clone();
+        let m = meta.clone();
+        tokio::task::spawn_blocking(move || this.install_file(&m, &file))
+            .await
+            .map_err(io_err)??;
+        self.cache.invalidate_all();
         if let Some(l) = &meta.last_log_id {
             self.applied_tx.send_replace(l.index);
         }
@@ -417,5 +588,155 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+
+    /// Every pair of the state column family.
+    fn state_of(store: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        store
+            .db()
+            .iterator_cf(store.cf(CF_STATE), IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    /// A state machine whose state holds `pairs` values of 4 KiB (more than two install
+    /// batches in all), applied up to index 500.
+    fn source(dir: &std::path::Path, pairs: usize) -> StateMachine {
+        let sm = StateMachine::new(Store::open(dir).unwrap(), Default::default());
+        let cf = sm.store.cf(CF_STATE);
+        let mut batch = WriteBatch::default();
+        for i in 0..pairs {
+            let value = vec![(i % 251) as u8; 4096];
+            batch.put_cf(cf, format!("P\0pkg-{i:06}").as_bytes(), value);
+        }
+        let log_id = LogId::new(CommittedLeaderId::new(3, 1), 500);
+        let membership = StoredMembership::new(
+            Some(LogId::new(CommittedLeaderId::new(1, 1), 1)),
+            Membership::new(vec![[1, 2, 3].into()], None),
+        );
+        sm.write_bookkeeping(&mut batch, &log_id, Some(&membership))
+            .unwrap();
+        sm.store.db().write(batch).unwrap();
+        sm
+    }
+
+    /// A state machine with a state of its own, some of it not in `source`'s.
+    fn target(dir: &std::path::Path) -> StateMachine {
+        let sm = StateMachine::new(Store::open(dir).unwrap(), Default::default());
+        let cf = sm.store.cf(CF_STATE);
+        sm.store.db().put_cf(cf, b"P\0pkg-000001", b"old").unwrap();
+        sm.store.db().put_cf(cf, b"P\0only-here", b"old").unwrap();
+        let mut batch = WriteBatch::default();
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 20);
+        sm.write_bookkeeping(&mut batch, &log_id, None).unwrap();
+        sm.store.db().write(batch).unwrap();
+        sm
+    }
+
+    fn marker(sm: &StateMachine) -> Option<Vec<u8>> {
+        sm.store
+            .db()
+            .get_cf(sm.store.cf(CF_RAFT_META), SNAPSHOT_INSTALLING)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_received_snapshot_replaces_the_state_in_several_writes() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let src = source(a.path(), 3000);
+        let (meta, file) = src.write_snapshot_file().unwrap();
+        let bytes = std::fs::read(src.snapshot_dir().join(&file)).unwrap();
+        assert!(bytes.len() > 2 * INSTALL_BATCH_BYTES);
+
+        let mut dst = target(b.path());
+        let mut receiving = dst.begin_receiving_snapshot().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes)
+            .await
+            .unwrap();
+        let mut installs = dst.installs();
+        dst.install_snapshot(&meta, receiving).await.unwrap();
+
+        assert_eq!(state_of(&dst.store), state_of(&src.store));
+        assert!(!state_of(&dst.store).contains_key(b"P\0only-here".as_slice()));
+        let (applied, membership) = dst.applied_state().await.unwrap();
+        assert_eq!(applied, meta.last_log_id);
+        assert_eq!(membership, meta.last_membership);
+        assert_eq!(*dst.subscribe().borrow(), 500);
+        assert!(marker(&dst).is_none(), "the install's marker is removed");
+        assert!(installs.has_changed().unwrap(), "the install was announced");
+        assert!(!*installs.borrow_and_update(), "and its end");
+        let current = dst.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, meta);
+        let files: Vec<_> = std::fs::read_dir(dst.snapshot_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, [file], "only the current snapshot's file is kept");
+    }
+
+    #[test]
+    fn an_install_cut_short_by_a_crash_is_completed_at_the_next_start() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let src = source(a.path(), 1500);
+        let (meta, file) = src.write_snapshot_file().unwrap();
+        {
+            let dst = target(b.path());
+            std::fs::create_dir_all(dst.snapshot_dir()).unwrap();
+            std::fs::copy(
+                src.snapshot_dir().join(&file),
+                dst.snapshot_dir().join(&file),
+            )
+            .unwrap();
+            std::fs::write(dst.snapshot_dir().join("receiving-1.tmp"), b"left").unwrap();
+            // The crash: after the install began and wrote some pairs, before its end.
+            dst.begin_install(&meta, &file).unwrap();
+            let cf = dst.store.cf(CF_STATE);
+            dst.store
+                .db()
+                .put_cf(cf, b"P\0pkg-000000", b"partial")
+                .unwrap();
+            assert!(marker(&dst).is_some());
+        }
+
+        let dst = StateMachine::new(Store::open(b.path()).unwrap(), Default::default());
+        assert!(dst.finish_interrupted_install().unwrap());
+        assert_eq!(state_of(&dst.store), state_of(&src.store));
+        assert_eq!(dst.last_applied().unwrap(), meta.last_log_id);
+        assert_eq!(*dst.subscribe().borrow(), 500);
+        assert!(marker(&dst).is_none());
+        assert!(!dst.snapshot_dir().join("receiving-1.tmp").exists());
+        // Nothing left to complete.
+        assert!(!dst.finish_interrupted_install().unwrap());
+    }
+
+    #[test]
+    fn an_interrupted_install_whose_file_is_gone_stops_the_node() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let src = source(a.path(), 10);
+        let (meta, file) = src.write_snapshot_file().unwrap();
+        {
+            let dst = target(b.path());
+            std::fs::create_dir_all(dst.snapshot_dir()).unwrap();
+            dst.begin_install(&meta, &file).unwrap();
+        }
+        let dst = StateMachine::new(Store::open(b.path()).unwrap(), Default::default());
+        let err = dst.finish_interrupted_install().unwrap_err().to_string();
+        assert!(err.contains("is gone"), "{err}");
+        assert!(
+            marker(&dst).is_some(),
+            "the marker stays until it is dealt with"
+        );
     }
 }

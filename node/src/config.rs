@@ -62,6 +62,17 @@ pub struct Config {
     /// Largest request body accepted by the CodeArtifact API (JSON documents), in bytes.
     /// Default: 1 MiB.
     pub max_api_body_bytes: u64,
+    /// Writes on the package endpoints (publishes, tag and version changes) this node
+    /// works on at once; more wait their turn, in arrival order, for up to
+    /// `write_queue_ms`, and are then answered 503 with `Retry-After`. Past a point more
+    /// writes at once only queue deeper inside the node and the cluster (each upload's
+    /// bytes, pushes and Raft proposal), until they outlast their deadlines and are all
+    /// work lost; this keeps a burst of publishes to what the node gets through, and
+    /// turns the rest away before any of their work is done. Default: `64`.
+    pub max_concurrent_writes: u64,
+    /// How long a write waits for its turn (see `max_concurrent_writes`), in
+    /// milliseconds. Default: `2000`.
+    pub write_queue_ms: u64,
     /// Largest clock skew accepted on SigV4 requests, in seconds. Default: `900` (AWS's).
     pub sigv4_max_skew_secs: u64,
     /// Memory for recently read package bytes, in MiB: popular artifacts are served from
@@ -240,6 +251,8 @@ impl Default for Config {
             region: "local".to_owned(),
             max_body_bytes: 1 << 30,
             max_api_body_bytes: 1 << 20,
+            max_concurrent_writes: 64,
+            write_queue_ms: 2000,
             sigv4_max_skew_secs: 900,
             blob_cache_mib: 256,
             join: Vec::new(),
@@ -318,6 +331,9 @@ impl Config {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.node_id == 0 {
             return invalid("node_id must be at least 1");
+        }
+        if self.max_concurrent_writes == 0 || self.max_concurrent_writes > 1 << 20 {
+            return invalid("max_concurrent_writes must be between 1 and 1048576");
         }
         if self.default_account.len() != 12
             || !self.default_account.bytes().all(|b| b.is_ascii_digit())

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::auth::{self, TokenAuthError};
+use crate::metrics::WRITES_TURNED_AWAY;
 use crate::node::Node;
 use crate::registry::NodeRegistry;
 
@@ -217,6 +218,26 @@ async fn serve_format<F: Format>(
     // requests cost the leader a round trip. A write starts its round and goes on with the
     // upload meanwhile (see `registry::CatchUp`).
     let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    // A write takes a turn before any of its work starts (see
+    // `Config::max_concurrent_writes`), and holds it until it is answered.
+    let _turn = if write {
+        match write_turn(node).await {
+            Some(turn) => Some(turn),
+            None => {
+                node.metrics.inc(WRITES_TURNED_AWAY, &[("format", F::NAME)]);
+                return format_error(
+                    format,
+                    FormatError::Unavailable(format!(
+                        "this node is at its limit of {} writes at once; retry shortly",
+                        node.config.max_concurrent_writes
+                    )),
+                    request_id,
+                );
+            }
+        }
+    } else {
+        None
+    };
     let round = if write {
         Some(crate::registry::catch_up(node))
     } else {
@@ -279,6 +300,18 @@ async fn serve_format<F: Format>(
     match format.handle(route, body, &registry).await {
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
+    }
+}
+
+/// Waits up to `write_queue_ms` for a write's turn; `None` when it did not come.
+async fn write_turn(node: &Node) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(turn) = node.writes.clone().try_acquire_owned() {
+        return Some(turn);
+    }
+    let wait = Duration::from_millis(node.config.write_queue_ms);
+    match tokio::time::timeout(wait, node.writes.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => Some(turn),
+        _ => None,
     }
 }
 

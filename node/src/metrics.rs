@@ -27,8 +27,16 @@ pub(crate) const PULLS: &str = "granary_peer_blob_pulls_total";
 /// Read index rounds this node confirmed as the leader, by how (`lease`, `heartbeats`).
 pub(crate) const LEADER_READS: &str = "granary_leader_read_index_total";
 
+/// Writes on the package endpoints answered 503 because this node was at its limit of
+/// writes at once (`max_concurrent_writes`) for `write_queue_ms`, by format.
+pub(crate) const WRITES_TURNED_AWAY: &str = "granary_writes_turned_away_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        WRITES_TURNED_AWAY,
+        "Writes on the package endpoints answered 503 (Retry-After) because the node was at its limit of writes at once (max_concurrent_writes) for write_queue_ms, by format.",
+    ),
     (
         LEADER_READS,
         "Read index rounds confirmed as the leader: by its lease (recent acks of a quorum, no round trip) or by a round of heartbeats.",

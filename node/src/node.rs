@@ -73,6 +73,8 @@ pub struct Node {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) public_url: String,
     pub(crate) started: std::time::Instant,
+    /// Turns for writes on the package endpoints (see `Config::max_concurrent_writes`).
+    pub(crate) writes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Node {
@@ -328,6 +330,9 @@ pub async fn run_embedded(
         upstreams,
         metrics,
         public_url,
+        writes: Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_writes as usize,
+        )),
         config,
         started: std::time::Instant::now(),
     });

@@ -11,11 +11,26 @@
 //!                                                 The same load runs WARMUP (0) seconds
 //!                                                 first, not counted: a new node's
 //!                                                 memory and chunk cache fill then
+//! cluster-bench rate [SECONDS] [RATE] [KIB] [NODES] [WARMUP]
+//!                                                 the same publishes offered at RATE
+//!                                                 per second (open loop), whatever the
+//!                                                 cluster's answers: latency at that rate
 //! ```
+//!
+//! `publish` is a closed loop: each of CONCURRENCY clients sends its next publish when
+//! the last is answered, so it measures the most a cluster does with that many in
+//! flight, and its latency is mostly their queueing. `rate` sends publish N at N/RATE
+//! seconds whether or not earlier ones were answered, and times each from when it was
+//! due, not from when it went out (a late sender or a backed-up cluster counts against
+//! the cluster): a cluster that keeps up shows its latency at RATE, one that does not
+//! shows it growing.
 //!
 //! With `GRANARY_BENCH_LATENCIES=FILE`, `publish` also writes one line per counted publish:
 //! when it started (ms into the measured window), its latency (ms), and whether the node it
 //! went to led when the run started (1) or not (0).
+//!
+//! With `GRANARY_BENCH_CONFIG=TOML`, every node is given that configuration (keys as in
+//! `configs/single.toml`), to measure a setting.
 //!
 //! Both start a cluster (three nodes unless told otherwise) of the `granary` binary found as the tests find it
 //! (`GRANARY_BIN`, or next to this executable) and print one JSON line of results last.
@@ -26,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use granary_cluster_tests::bench::{arg, cpu_ms, percentile};
 use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, noise, npm_publish_body};
-use granary_cluster_tests::cluster::{Cluster, SETTLE_TIMEOUT};
+use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
 use serde_json::json;
 
@@ -98,13 +113,26 @@ async fn failover(trials: u64) {
     );
 }
 
-async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u64) {
-    // Every request body is built before the cluster starts (hashing and base64 cost the
-    // client, not the cluster): enough for 1,200 publishes/s (one node alone passes
-    // 1,000/s on this machine's fast minutes).
-    let count = ((warmup + seconds) * 1200) as usize;
+/// A cluster of `nodes` for a publish run, configured by `GRANARY_BENCH_CONFIG` if set.
+async fn start(nodes: u64) -> Cluster {
+    Cluster::start_with(
+        Seed::from_env(),
+        Options {
+            nodes: nodes as usize,
+            config_toml: std::env::var("GRANARY_BENCH_CONFIG").ok(),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// `count` publish bodies, each taken once. They are built before the cluster starts:
+/// hashing and base64 cost the client, not the cluster.
+type Bodies = Arc<Vec<std::sync::Mutex<Option<Vec<u8>>>>>;
+
+fn bodies(count: usize, kib: u64) -> Bodies {
     eprintln!("building {count} publish bodies of {kib} KiB");
-    let bodies: Arc<Vec<std::sync::Mutex<Option<Vec<u8>>>>> = Arc::new(
+    Arc::new(
         (0..count)
             .map(|i| {
                 std::sync::Mutex::new(Some(publish_body(
@@ -115,8 +143,14 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
                 )))
             })
             .collect(),
-    );
-    let cluster = Cluster::start(Seed::from_env(), nodes as usize).await;
+    )
+}
+
+async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u64) {
+    // Enough for 1,200 publishes/s (one node alone passes 1,000/s on this machine's fast
+    // minutes).
+    let bodies = bodies(((warmup + seconds) * 1200) as usize, kib);
+    let cluster = start(nodes).await;
     let repo = cluster.setup(1, "bench", "publish").await;
     let ids = cluster.ids();
     let clients = cluster.clients(&ids);
@@ -210,6 +244,115 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
     );
 }
 
+async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
+    assert!(rate > 0, "the rate must be at least 1 per second");
+    let count = ((warmup + seconds) * rate) as usize;
+    let bodies = bodies(count, kib);
+    let cluster = start(nodes).await;
+    let repo = cluster.setup(1, "bench", "publish").await;
+    let ids = cluster.ids();
+    let clients = cluster.clients(&ids);
+    cluster.wait_leader(&ids, SETTLE_TIMEOUT).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let first = Instant::now();
+    // Publishes due before `started` are the warm-up: sent, not counted.
+    let started = first + Duration::from_secs(warmup);
+    let cpu = tokio::spawn(cpu_per_publish(
+        cluster
+            .ids()
+            .iter()
+            .filter_map(|&id| cluster.node(id).pid())
+            .collect(),
+        acked.clone(),
+        started,
+        Duration::from_secs(seconds),
+    ));
+    let every = Duration::from_secs(1).div_f64(rate as f64);
+    let mut sent = Vec::with_capacity(count);
+    let mut most_in_flight = 0usize;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    for i in 0..count {
+        let due = first + every.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let body = bodies[i]
+            .lock()
+            .unwrap()
+            .take()
+            .expect("each body is sent once");
+        let client = clients[i % clients.len()].clone();
+        let (repo, acked, in_flight) = (repo.clone(), acked.clone(), in_flight.clone());
+        most_in_flight = most_in_flight.max(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
+        if i % rate as usize == 0 {
+            eprintln!(
+                "rate: {i} sent, {} in flight",
+                in_flight.load(Ordering::Relaxed)
+            );
+        }
+        sent.push(tokio::spawn(async move {
+            let resp = client
+                .npm_put(&repo, &format!("pkg-{}", i % 512), body)
+                .await;
+            let answer = resp.as_ref().ok().map(|r| r.status);
+            if let Ok(r) = &resp
+                && r.status != 201
+                && i % 97 == 0
+            {
+                eprintln!("rate: {} {}", r.status, String::from_utf8_lossy(&r.body));
+            }
+            let done = Instant::now();
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let counted = due >= started;
+            if counted && answer == Some(201) {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            (counted, answer, done, done.duration_since(due))
+        }));
+    }
+    let (mut lat, mut errors, mut last_done) = (Vec::new(), 0u64, started);
+    let mut failed = std::collections::BTreeMap::<String, u64>::new();
+    for s in sent {
+        let (counted, answer, done, took) = s.await.expect("publish task");
+        if !counted {
+            continue;
+        }
+        if answer == Some(201) {
+            lat.push(took.as_secs_f64() * 1e3);
+            last_done = last_done.max(done);
+        } else {
+            errors += 1;
+            let what = answer.map_or("no answer".to_owned(), |s| s.to_string());
+            *failed.entry(what).or_default() += 1;
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let wall = last_done.duration_since(started).as_secs_f64();
+    let (node_cpu, bench_cpu) = cpu
+        .await
+        .expect("cpu sampler")
+        .unwrap_or((f64::NAN, f64::NAN));
+    println!(
+        "{}",
+        json!({
+            "bench": "rate",
+            "nodes": nodes,
+            "warmup_seconds": warmup,
+            "seconds": wall,
+            "offered_per_second": rate,
+            "kib": kib,
+            "acknowledged": lat.len(),
+            "errors": errors,
+            "errors_by_status": failed,
+            "per_second": lat.len() as f64 / wall,
+            "most_in_flight": most_in_flight,
+            "p50_ms": percentile(&lat, 0.5),
+            "p99_ms": percentile(&lat, 0.99),
+            "max_ms": lat.last(),
+            "node_cpu_ms_per_publish": node_cpu,
+            "bench_cpu_ms_per_publish": bench_cpu,
+        })
+    );
+}
+
 /// CPU time (user + system) per acknowledged publish over the middle half of a run: of the
 /// nodes together, and of this load generator. The first quarter is left out (connections,
 /// caches and Raft batching settle), and the last (workers stop at different times).
@@ -237,9 +380,10 @@ async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("failover") => failover(arg(2, 20)).await,
         Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100), arg(5, 3), arg(6, 0)).await,
+        Some("rate") => rate(arg(2, 20), arg(3, 500), arg(4, 100), arg(5, 3), arg(6, 0)).await,
         _ => {
             eprintln!(
-                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP]"
+                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP] | rate [SECONDS] [RATE] [KIB] [NODES] [WARMUP]"
             );
             std::process::exit(2);
         }

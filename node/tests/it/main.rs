@@ -19,5 +19,7 @@ mod crash_restart;
 mod inproc;
 /// The AWS CLI configures npm; npm publishes and installs (issue #2's walk-through).
 mod npm_awscli;
+/// More writes at once than a node takes: turned away retryably, before any work.
+mod overload;
 /// Upstreams, external connections and origin controls through the AWS CLI.
 mod upstream_api;

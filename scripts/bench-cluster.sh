@@ -10,6 +10,10 @@
 #     the CPU time of the nodes (and of the load generator) per acknowledged publish over
 #     the middle half of the run; then the same load on one node alone, the reference (no
 #     replication, no Raft round trips).
+# (3) rate: the same publishes offered at a fixed rate (open loop: each is sent when it is
+#     due, answered or not, and timed from then), three nodes then one: the latency at
+#     that rate, and whether the cluster keeps up; and at OVERLOAD per second, more than
+#     it can do, to show it turns the excess away (503, Retry-After) and keeps working.
 # Results (one JSON line per run, and the logs) go to bench-out/cluster-<timestamp>/.
 # See docs/BENCHMARKS.md.
 #
@@ -18,6 +22,8 @@
 #   SECONDS_PER_RUN=20     duration of each publish run
 #   CONCURRENCY="8 16 64"  publish runs, one per concurrency (three nodes, then one)
 #   KIB=100                package size
+#   RATES="500"            open-loop runs, one per rate (publishes per second)
+#   OVERLOAD=700           an open-loop rate above what the cluster does ("" skips it)
 #   WARMUP=0               seconds of the same load before each publish run, not
 #                          counted (a new node's memory and chunk cache fill then)
 #   SKIP_BUILD=1           do not run cargo build
@@ -30,6 +36,8 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-20}
 CONCURRENCY=${CONCURRENCY:-"8 16 64"}
 KIB=${KIB:-100}
 WARMUP=${WARMUP:-0}
+RATES=${RATES:-500}
+OVERLOAD=${OVERLOAD-700}
 if [[ -z ${SKIP_BUILD:-} ]]; then
     cargo build --release -p granary-node --bin granary -p granary-cluster-tests --bin cluster-bench
 fi
@@ -43,6 +51,13 @@ for c in $CONCURRENCY; do
         echo "== publish: ${SECONDS_PER_RUN}s after ${WARMUP}s, concurrency $c, $KIB KiB, $nodes node(s)"
         target/release/cluster-bench publish "$SECONDS_PER_RUN" "$c" "$KIB" "$nodes" "$WARMUP" \
             2>"$OUT/publish-c$c-n$nodes.log" | tee "$OUT/publish-c$c-n$nodes.json"
+    done
+done
+for r in $RATES $OVERLOAD; do
+    for nodes in 3 1; do
+        echo "== rate: ${SECONDS_PER_RUN}s after ${WARMUP}s, $r per second offered, $KIB KiB, $nodes node(s)"
+        target/release/cluster-bench rate "$SECONDS_PER_RUN" "$r" "$KIB" "$nodes" "$WARMUP" \
+            2>"$OUT/rate-r$r-n$nodes.log" | tee "$OUT/rate-r$r-n$nodes.json"
     done
 done
 echo "== results in $OUT"

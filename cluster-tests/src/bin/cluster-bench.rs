@@ -27,7 +27,8 @@
 //!
 //! With `GRANARY_BENCH_LATENCIES=FILE`, `publish` also writes one line per counted publish:
 //! when it started (ms into the measured window), its latency (ms), and whether the node it
-//! went to led when the run started (1) or not (0).
+//! went to led when the run started (1) or not (0); `rate` writes when each was due and
+//! its latency from then.
 //!
 //! With `GRANARY_BENCH_CONFIG=TOML`, every node is given that configuration (keys as in
 //! `configs/single.toml`), to measure a setting.
@@ -270,10 +271,14 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
     let every = Duration::from_secs(1).div_f64(rate as f64);
     let mut sent = Vec::with_capacity(count);
     let mut most_in_flight = 0usize;
+    // How late the sender itself was (a slow load generator shows here, not as the
+    // cluster's latency alone).
+    let mut late = Vec::with_capacity(count);
     let in_flight = Arc::new(AtomicUsize::new(0));
     for i in 0..count {
         let due = first + every.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
+        late.push(due.elapsed().as_secs_f64() * 1e3);
         let body = bodies[i]
             .lock()
             .unwrap()
@@ -310,12 +315,19 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
     }
     let (mut lat, mut errors, mut last_done) = (Vec::new(), 0u64, started);
     let mut failed = std::collections::BTreeMap::<String, u64>::new();
-    for s in sent {
+    let mut lines = String::new();
+    for (i, s) in sent.into_iter().enumerate() {
         let (counted, answer, done, took) = s.await.expect("publish task");
         if !counted {
             continue;
         }
         if answer == Some(201) {
+            let due = (first + every.mul_f64(i as f64)).duration_since(started);
+            lines.push_str(&format!(
+                "{:.3},{:.3}\n",
+                due.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            ));
             lat.push(took.as_secs_f64() * 1e3);
             last_done = last_done.max(done);
         } else {
@@ -324,7 +336,13 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
             *failed.entry(what).or_default() += 1;
         }
     }
+    if let Ok(path) = std::env::var("GRANARY_BENCH_LATENCIES") {
+        // One line per acknowledged publish: when it was due (ms into the run) and its
+        // latency from then (ms).
+        std::fs::write(&path, lines).expect("writing the latencies");
+    }
     lat.sort_by(f64::total_cmp);
+    late.sort_by(f64::total_cmp);
     let wall = last_done.duration_since(started).as_secs_f64();
     let (node_cpu, bench_cpu) = cpu
         .await
@@ -344,6 +362,8 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
             "errors_by_status": failed,
             "per_second": lat.len() as f64 / wall,
             "most_in_flight": most_in_flight,
+            "sender_late_p99_ms": percentile(&late, 0.99),
+            "sender_late_max_ms": late.last(),
             "p50_ms": percentile(&lat, 0.5),
             "p99_ms": percentile(&lat, 0.99),
             "max_ms": lat.last(),

@@ -269,6 +269,14 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
         Duration::from_secs(seconds),
     ));
     let every = Duration::from_secs(1).div_f64(rate as f64);
+    let wall_start = std::time::SystemTime::now() + Duration::from_secs(warmup);
+    eprintln!(
+        "rate: the measured window starts at {} ms since the UNIX epoch",
+        wall_start
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
     let mut sent = Vec::with_capacity(count);
     let mut most_in_flight = 0usize;
     // How late the sender itself was (a slow load generator shows here, not as the

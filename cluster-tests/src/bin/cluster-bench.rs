@@ -161,16 +161,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
     // Publishes that start before `started` are the warm-up: sent, not counted.
     let started = Instant::now() + Duration::from_secs(warmup);
     let deadline = started + Duration::from_secs(seconds);
-    let cpu = tokio::spawn(cpu_per_publish(
-        cluster
-            .ids()
-            .iter()
-            .filter_map(|&id| cluster.node(id).pid())
-            .collect(),
-        acked.clone(),
-        started,
-        Duration::from_secs(seconds),
-    ));
+    let cpu = sample_cpu(&cluster, &acked, started, seconds);
     let mut workers = Vec::new();
     for w in 0..concurrency as usize {
         let node = w % clients.len();
@@ -258,16 +249,7 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
     let first = Instant::now();
     // Publishes due before `started` are the warm-up: sent, not counted.
     let started = first + Duration::from_secs(warmup);
-    let cpu = tokio::spawn(cpu_per_publish(
-        cluster
-            .ids()
-            .iter()
-            .filter_map(|&id| cluster.node(id).pid())
-            .collect(),
-        acked.clone(),
-        started,
-        Duration::from_secs(seconds),
-    ));
+    let cpu = sample_cpu(&cluster, &acked, started, seconds);
     let every = Duration::from_secs(1).div_f64(rate as f64);
     let wall_start = std::time::SystemTime::now() + Duration::from_secs(warmup);
     eprintln!(
@@ -379,6 +361,26 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
             "bench_cpu_ms_per_publish": bench_cpu,
         })
     );
+}
+
+/// Starts [`cpu_per_publish`] for the nodes of `cluster`, over a run of `seconds` from
+/// `started`.
+fn sample_cpu(
+    cluster: &Cluster,
+    acked: &Arc<AtomicU64>,
+    started: Instant,
+    seconds: u64,
+) -> tokio::task::JoinHandle<Option<(f64, f64)>> {
+    tokio::spawn(cpu_per_publish(
+        cluster
+            .ids()
+            .iter()
+            .filter_map(|&id| cluster.node(id).pid())
+            .collect(),
+        acked.clone(),
+        started,
+        Duration::from_secs(seconds),
+    ))
 }
 
 /// CPU time (user + system) per acknowledged publish over the middle half of a run: of the

@@ -253,13 +253,7 @@ async fn package_endpoints_reject_bad_tokens_and_bad_publishes() {
 
 #[test]
 fn body_over_the_configured_limit_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("small.toml");
-    std::fs::write(&cfg, "max_body_bytes = 65536\n").unwrap();
-    let server = Server::start_on(
-        &tmp.path().join("data"),
-        &["--config", cfg.to_str().unwrap()],
-    );
+    let (_tmp, server) = Server::start_with_config("max_body_bytes = 65536\n");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = server.client();

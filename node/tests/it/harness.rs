@@ -51,6 +51,19 @@ impl Server {
         s
     }
 
+    /// Starts a node on a fresh data directory with `toml` as its config file; the
+    /// directory lives as long as the returned one.
+    pub(crate) fn start_with_config(toml: &str) -> (tempfile::TempDir, Server) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = tmp.path().join("node.toml");
+        std::fs::write(&cfg, toml).expect("write the config");
+        let server = Server::start_on(
+            &tmp.path().join("data"),
+            &["--config", cfg.to_str().expect("a UTF-8 path")],
+        );
+        (tmp, server)
+    }
+
     /// Starts a node on `dir` (kept by the caller), with extra arguments.
     pub(crate) fn start_on(dir: &Path, extra: &[&str]) -> Server {
         Server::spawn(dir, extra, true)

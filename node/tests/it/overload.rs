@@ -5,24 +5,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{Server, fake_tgz, npm_publish_body};
 
-/// A node allowed one write at once, and a short wait for it.
-fn one_write_at_once() -> (tempfile::TempDir, Server) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("busy.toml");
-    std::fs::write(&cfg, "max_concurrent_writes = 1\nwrite_queue_ms = 200\n").unwrap();
-    let server = Server::start_on(
-        &tmp.path().join("data"),
-        &["--config", cfg.to_str().unwrap()],
-    );
-    (tmp, server)
-}
-
 /// While one publish's body is still arriving it holds the node's only turn: another
 /// write waits `write_queue_ms`, then gets npm's 503 with `Retry-After`, and changes
 /// nothing; once the first is answered, writes go through again.
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_past_the_limit_are_turned_away_retryably_and_change_nothing() {
-    let (_tmp, server) = one_write_at_once();
+    // One write at once, and a short wait for it.
+    let (_tmp, server) =
+        Server::start_with_config("max_concurrent_writes = 1\nwrite_queue_ms = 200\n");
     let c = server.client();
     let token = c.setup("busy", "repo").await;
     let auth = [("authorization", format!("Bearer {token}"))];

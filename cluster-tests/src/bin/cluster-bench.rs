@@ -211,10 +211,7 @@ async fn publish(seconds: u64, concurrency: u64, kib: u64, nodes: u64, warmup: u
     let wall = started.elapsed().as_secs_f64();
     let mut lat: Vec<f64> = each.iter().map(|(_, ms, _)| *ms).collect();
     lat.sort_by(f64::total_cmp);
-    let (node_cpu, bench_cpu) = cpu
-        .await
-        .expect("cpu sampler")
-        .unwrap_or((f64::NAN, f64::NAN));
+    let (node_cpu, bench_cpu) = cpu.await.expect("cpu sampler");
     println!(
         "{}",
         json!({
@@ -334,10 +331,7 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
     lat.sort_by(f64::total_cmp);
     late.sort_by(f64::total_cmp);
     let wall = last_done.duration_since(started).as_secs_f64();
-    let (node_cpu, bench_cpu) = cpu
-        .await
-        .expect("cpu sampler")
-        .unwrap_or((f64::NAN, f64::NAN));
+    let (node_cpu, bench_cpu) = cpu.await.expect("cpu sampler");
     println!(
         "{}",
         json!({
@@ -364,14 +358,14 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
 }
 
 /// Starts [`cpu_per_publish`] for the nodes of `cluster`, over a run of `seconds` from
-/// `started`.
+/// `started` (NaN where it has no answer).
 fn sample_cpu(
     cluster: &Cluster,
     acked: &Arc<AtomicU64>,
     started: Instant,
     seconds: u64,
-) -> tokio::task::JoinHandle<Option<(f64, f64)>> {
-    tokio::spawn(cpu_per_publish(
+) -> tokio::task::JoinHandle<(f64, f64)> {
+    let sampled = cpu_per_publish(
         cluster
             .ids()
             .iter()
@@ -380,7 +374,8 @@ fn sample_cpu(
         acked.clone(),
         started,
         Duration::from_secs(seconds),
-    ))
+    );
+    tokio::spawn(async move { sampled.await.unwrap_or((f64::NAN, f64::NAN)) })
 }
 
 /// CPU time (user + system) per acknowledged publish over the middle half of a run: of the

@@ -225,6 +225,9 @@ async fn serve_format<F: Format>(
             Some(turn) => Some(turn),
             None => {
                 node.metrics.inc(WRITES_TURNED_AWAY, &[("format", F::NAME)]);
+                // Read what the client is still sending, so that it reads the answer
+                // rather than a connection reset in the middle of its upload.
+                drain(req.into_body()).await;
                 return format_error(
                     format,
                     FormatError::Unavailable(format!(
@@ -301,6 +304,30 @@ async fn serve_format<F: Format>(
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
     }
+}
+
+/// Most of a refused request's body [`drain`] reads, and how long it takes for it.
+const DRAIN_BYTES: usize = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops a request body the answer does not need, up to [`DRAIN_BYTES`] and
+/// [`DRAIN_TIME`]: a client that is still uploading when it is answered early would
+/// otherwise have the connection reset under it (hyper closes a connection whose request
+/// body was left unread) and never see the answer. Past either bound the connection is
+/// closed after the answer all the same.
+async fn drain(mut body: Incoming) {
+    let read = async {
+        let mut left = DRAIN_BYTES;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            let n = frame.data_ref().map_or(0, |d| d.len());
+            if n >= left {
+                return;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Waits up to `write_queue_ms` for a write's turn; `None` when it did not come.

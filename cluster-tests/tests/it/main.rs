@@ -14,6 +14,8 @@ mod failover;
 mod membership;
 /// npm publish through one node, npm install through another, right away.
 mod npm_cli;
+/// A burst of publishes beyond what the nodes take at once: turned away retryably.
+mod overload;
 /// One node cut off with iptables: the majority serves, the isolated node refuses and
 /// serves nothing stale, then it heals and converges.
 mod partition;

@@ -437,6 +437,22 @@ pub(crate) fn npm_path(name: &str) -> String {
     name.replace('/', "%2f")
 }
 
+/// Runs npm with `home` as HOME (its `.npmrc`) and a private cache.
+pub(crate) fn npm_output(home: &Path, cwd: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("npm")
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("npm_config_cache", home.join("npm-cache"))
+        .env("npm_config_update_notifier", "false")
+        .env("npm_config_fund", "false")
+        .env("npm_config_audit", "false")
+        .env_remove("npm_config_registry")
+        .env_remove("NPM_CONFIG_REGISTRY")
+        .output()
+        .expect("run npm")
+}
+
 /// Sends a request exactly as written (no URL normalization), over HTTP/1.1; returns the
 /// status and the body. For paths a URL library would rewrite (`..`, `//`).
 pub(crate) fn raw_http(

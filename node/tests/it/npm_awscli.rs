@@ -3,7 +3,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::{ACCESS_KEY, REGION, SECRET_KEY, Server, require};
+use crate::harness::{ACCESS_KEY, REGION, SECRET_KEY, Server, npm_output, require};
 
 /// Runs the AWS CLI against the server with the admin's credentials and `home` as HOME.
 fn aws(server: &Server, home: &Path, args: &[&str]) -> String {
@@ -47,22 +47,6 @@ fn npm_login(server: &Server, home: &Path, domain: &str, repo: &str) {
         repo,
     ];
     aws(server, home, &args);
-}
-
-/// Runs npm with `home` as HOME (its `.npmrc`) and a private cache.
-fn npm_output(home: &Path, cwd: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("npm")
-        .args(args)
-        .current_dir(cwd)
-        .env("HOME", home)
-        .env("npm_config_cache", home.join("npm-cache"))
-        .env("npm_config_update_notifier", "false")
-        .env("npm_config_fund", "false")
-        .env("npm_config_audit", "false")
-        .env_remove("npm_config_registry")
-        .env_remove("NPM_CONFIG_REGISTRY")
-        .output()
-        .expect("run npm")
 }
 
 fn npm(home: &Path, cwd: &Path, args: &[&str]) -> String {

@@ -158,66 +158,83 @@ async fn serve_format<F: Format>(
     rest: &str,
     request_id: &str,
 ) -> Response<Body> {
+    // The body is read only by the format's handler; an answer given before it drains
+    // what the client is still sending (see `refuse`).
+    let (parts, body) = req.into_parts();
     let mut segments = rest.splitn(3, '/');
     let domain = segments.next().unwrap_or("");
     let repository = segments.next().unwrap_or("");
     let Some(inner) = segments.next() else {
-        return format_error(
+        return refuse(
             format,
+            body,
             FormatError::NotFound("Not found".into()),
             request_id,
-        );
+        )
+        .await;
     };
     if !segment_ok(domain) || !segment_ok(repository) {
-        return format_error(
+        return refuse(
             format,
+            body,
             FormatError::BadRequest("invalid domain or repository in the path".into()),
             request_id,
-        );
+        )
+        .await;
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if !path_is_safe(inner) {
-        return format_error(
+        return refuse(
             format,
+            body,
             FormatError::BadRequest(
                 "invalid path: empty, '.' or '..' segments are not allowed".into(),
             ),
             request_id,
-        );
+        )
+        .await;
     }
-    let mut authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
+    let mut authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
     if matches!(authenticated, Err(TokenAuthError::UnknownKey)) {
         // Perhaps signed with a key this node has not applied yet (it joined moments ago
         // and is still catching up): catch up with the leader and check once more.
         // Malformed and forged tokens are refused without costing the leader anything.
         if node.cluster.linearize().await.is_ok() {
-            authenticated = auth::authenticate_token(&node.state, req.headers(), domain, now);
+            authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
         }
     }
     let claims = match authenticated {
         Ok(c) => c,
         Err(TokenAuthError::Store(e)) => {
-            return format_error(format, FormatError::Internal(e.to_string()), request_id);
+            return refuse(
+                format,
+                body,
+                FormatError::Internal(e.to_string()),
+                request_id,
+            )
+            .await;
         }
         Err(TokenAuthError::WrongDomain(d)) => {
-            return format_error(
+            return refuse(
                 format,
+                body,
                 FormatError::Forbidden(format!(
                     "the authorization token is not valid for domain {d}"
                 )),
                 request_id,
-            );
+            )
+            .await;
         }
         Err(e) => {
             tracing::debug!(request_id, error = %e, "package request not authenticated");
-            return format_error(format, FormatError::Unauthorized, request_id);
+            return refuse(format, body, FormatError::Unauthorized, request_id).await;
         }
     };
     // Reads see every write acknowledged before them, on whichever node they land; a node
     // cut off from the leader answers 503 rather than stale metadata. Only authenticated
     // requests cost the leader a round trip. A write starts its round and goes on with the
     // upload meanwhile (see `registry::CatchUp`).
-    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let write = !matches!(parts.method, Method::GET | Method::HEAD);
     // A write takes a turn before any of its work starts (see
     // `Config::max_concurrent_writes`), and holds it until it is answered.
     let _turn = if write {
@@ -225,17 +242,16 @@ async fn serve_format<F: Format>(
             Some(turn) => Some(turn),
             None => {
                 node.metrics.inc(WRITES_TURNED_AWAY, &[("format", F::NAME)]);
-                // Read what the client is still sending, so that it reads the answer
-                // rather than a connection reset in the middle of its upload.
-                drain(req.into_body()).await;
-                return format_error(
+                return refuse(
                     format,
+                    body,
                     FormatError::Unavailable(format!(
                         "this node is at its limit of {} writes at once; retry shortly",
                         node.config.max_concurrent_writes
                     )),
                     request_id,
-                );
+                )
+                .await;
             }
         }
     } else {
@@ -245,7 +261,13 @@ async fn serve_format<F: Format>(
         Some(crate::registry::catch_up(node))
     } else {
         if let Err(e) = node.cluster.linearize().await {
-            return format_error(format, FormatError::Unavailable(e.to_string()), request_id);
+            return refuse(
+                format,
+                body,
+                FormatError::Unavailable(e.to_string()),
+                request_id,
+            )
+            .await;
         }
         None
     };
@@ -253,27 +275,36 @@ async fn serve_format<F: Format>(
     if let (Ok(None), Some(round)) = (&found, &round) {
         // Perhaps created a moment ago through another node: look again once caught up.
         if let Err(e) = round.clone().await {
-            return format_error(format, FormatError::Unavailable(e), request_id);
+            return refuse(format, body, FormatError::Unavailable(e), request_id).await;
         }
         found = node.state.repository_cached(domain, repository);
     }
     match found {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return format_error(
+            return refuse(
                 format,
+                body,
                 FormatError::NotFound(format!(
                     "repository {repository} not found in domain {domain}"
                 )),
                 request_id,
-            );
+            )
+            .await;
         }
-        Err(e) => return format_error(format, FormatError::Internal(e.to_string()), request_id),
+        Err(e) => {
+            return refuse(
+                format,
+                body,
+                FormatError::Internal(e.to_string()),
+                request_id,
+            )
+            .await;
+        }
     }
-    let (parts, body) = req.into_parts();
     let route = match format.route(&parts, inner) {
         Ok(r) => r,
-        Err(e) => return format_error(format, e, request_id),
+        Err(e) => return refuse(format, body, e, request_id).await,
     };
     // Every principal with a token for the domain may read and publish until policies
     // (a later change) narrow it; the action is still computed so that check has a place.
@@ -304,6 +335,21 @@ async fn serve_format<F: Format>(
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
     }
+}
+
+/// Answers `err` to a request whose body was not read, after reading what the client
+/// may still be sending (see [`drain`]): an early 401 or 503 to `npm publish` of a large
+/// package then reaches npm as such, not as a connection reset.
+async fn refuse<F: Format>(
+    format: &F,
+    body: Incoming,
+    err: FormatError,
+    request_id: &str,
+) -> Response<Body> {
+    if !http_body::Body::is_end_stream(&body) {
+        drain(body).await;
+    }
+    format_error(format, err, request_id)
 }
 
 /// Most of a refused request's body [`drain`] reads, and how long it takes for it.

@@ -273,3 +273,39 @@ fn body_over_the_configured_limit_is_refused() {
         assert!(npm_versions(&c, &token, "huge").await.is_none());
     });
 }
+
+/// A large upload refused before its body is read (a bad token, a repository that does
+/// not exist) gets its answer, not a connection reset in the middle of the upload: what
+/// `npm publish` with an expired token needs to tell its user to log in again.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_uploads_refused_early_get_their_answer() {
+    let server = Server::start();
+    let c = server.client();
+    let token = c.setup("bad", "repo").await;
+    let body = npm_publish_body("big", "1.0.0", &fake_tgz(9, 9 << 20), json!({}))
+        .to_string()
+        .into_bytes();
+    // Several times each: without the server reading the rest, whether the client sees
+    // the answer or a reset depends on timing.
+    for _ in 0..4 {
+        let r = c
+            .raw(
+                "PUT",
+                "/npm/bad/repo/big",
+                &[("authorization", "Bearer not-a-token".to_owned())],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        let r = c
+            .raw(
+                "PUT",
+                "/npm/bad/nosuchrepo/big",
+                &[("authorization", format!("Bearer {token}"))],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    assert!(npm_versions(&c, &token, "big").await.is_none());
+}

@@ -19,7 +19,7 @@ use crate::api;
 use crate::auth::{self, TokenAuthError};
 use crate::metrics::WRITES_TURNED_AWAY;
 use crate::node::Node;
-use crate::registry::NodeRegistry;
+use crate::registry::{CatchUp, NodeRegistry};
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
@@ -158,152 +158,18 @@ async fn serve_format<F: Format>(
     rest: &str,
     request_id: &str,
 ) -> Response<Body> {
-    // The body is read only by the format's handler; an answer given before it drains
-    // what the client is still sending (see `refuse`).
+    // The body is read only by the format's handler; a request answered before it
+    // drains what the client is still sending (see `refuse`).
     let (parts, body) = req.into_parts();
-    let mut segments = rest.splitn(3, '/');
-    let domain = segments.next().unwrap_or("");
-    let repository = segments.next().unwrap_or("");
-    let Some(inner) = segments.next() else {
-        return refuse(
-            format,
-            body,
-            FormatError::NotFound("Not found".into()),
-            request_id,
-        )
-        .await;
-    };
-    if !segment_ok(domain) || !segment_ok(repository) {
-        return refuse(
-            format,
-            body,
-            FormatError::BadRequest("invalid domain or repository in the path".into()),
-            request_id,
-        )
-        .await;
-    }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if !path_is_safe(inner) {
-        return refuse(
-            format,
-            body,
-            FormatError::BadRequest(
-                "invalid path: empty, '.' or '..' segments are not allowed".into(),
-            ),
-            request_id,
-        )
-        .await;
-    }
-    let mut authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
-    if matches!(authenticated, Err(TokenAuthError::UnknownKey)) {
-        // Perhaps signed with a key this node has not applied yet (it joined moments ago
-        // and is still catching up): catch up with the leader and check once more.
-        // Malformed and forged tokens are refused without costing the leader anything.
-        if node.cluster.linearize().await.is_ok() {
-            authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
-        }
-    }
-    let claims = match authenticated {
-        Ok(c) => c,
-        Err(TokenAuthError::Store(e)) => {
-            return refuse(
-                format,
-                body,
-                FormatError::Internal(e.to_string()),
-                request_id,
-            )
-            .await;
-        }
-        Err(TokenAuthError::WrongDomain(d)) => {
-            return refuse(
-                format,
-                body,
-                FormatError::Forbidden(format!(
-                    "the authorization token is not valid for domain {d}"
-                )),
-                request_id,
-            )
-            .await;
-        }
-        Err(e) => {
-            tracing::debug!(request_id, error = %e, "package request not authenticated");
-            return refuse(format, body, FormatError::Unauthorized, request_id).await;
-        }
-    };
-    // Reads see every write acknowledged before them, on whichever node they land; a node
-    // cut off from the leader answers 503 rather than stale metadata. Only authenticated
-    // requests cost the leader a round trip. A write starts its round and goes on with the
-    // upload meanwhile (see `registry::CatchUp`).
-    let write = !matches!(parts.method, Method::GET | Method::HEAD);
-    // A write takes a turn before any of its work starts (see
-    // `Config::max_concurrent_writes`), and holds it until it is answered.
-    let _turn = if write {
-        match write_turn(node).await {
-            Some(turn) => Some(turn),
-            None => {
-                node.metrics.inc(WRITES_TURNED_AWAY, &[("format", F::NAME)]);
-                return refuse(
-                    format,
-                    body,
-                    FormatError::Unavailable(format!(
-                        "this node is at its limit of {} writes at once; retry shortly",
-                        node.config.max_concurrent_writes
-                    )),
-                    request_id,
-                )
-                .await;
-            }
-        }
-    } else {
-        None
-    };
-    let round = if write {
-        Some(crate::registry::catch_up(node))
-    } else {
-        if let Err(e) = node.cluster.linearize().await {
-            return refuse(
-                format,
-                body,
-                FormatError::Unavailable(e.to_string()),
-                request_id,
-            )
-            .await;
-        }
-        None
-    };
-    let mut found = node.state.repository_cached(domain, repository);
-    if let (Ok(None), Some(round)) = (&found, &round) {
-        // Perhaps created a moment ago through another node: look again once caught up.
-        if let Err(e) = round.clone().await {
-            return refuse(format, body, FormatError::Unavailable(e), request_id).await;
-        }
-        found = node.state.repository_cached(domain, repository);
-    }
-    match found {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return refuse(
-                format,
-                body,
-                FormatError::NotFound(format!(
-                    "repository {repository} not found in domain {domain}"
-                )),
-                request_id,
-            )
-            .await;
-        }
-        Err(e) => {
-            return refuse(
-                format,
-                body,
-                FormatError::Internal(e.to_string()),
-                request_id,
-            )
-            .await;
-        }
-    }
-    let route = match format.route(&parts, inner) {
-        Ok(r) => r,
+    let Admitted {
+        domain,
+        repository,
+        username,
+        round,
+        route,
+        turn: _turn,
+    } = match admit(node, format, &parts, rest, request_id).await {
+        Ok(admitted) => admitted,
         Err(e) => return refuse(format, body, e, request_id).await,
     };
     // Every principal with a token for the domain may read and publish until policies
@@ -320,14 +186,7 @@ async fn serve_format<F: Format>(
             repository: repository.to_owned(),
             base_url: format!("{}/{}/{domain}/{repository}/", node.public_url, F::NAME),
         },
-        Caller {
-            username: claims
-                .principal
-                .rsplit('/')
-                .next()
-                .unwrap_or("aws")
-                .to_owned(),
-        },
+        Caller { username },
         format.upstream(),
     )
     .after(round);
@@ -335,6 +194,126 @@ async fn serve_format<F: Format>(
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
     }
+}
+
+/// A package request that may go to its format's handler.
+struct Admitted<'a, R> {
+    domain: &'a str,
+    repository: &'a str,
+    /// The caller, as the format names it.
+    username: String,
+    /// A write's catch-up round, started (see `registry::CatchUp`).
+    round: Option<CatchUp>,
+    route: R,
+    /// A write's turn (see `Config::max_concurrent_writes`), held until it is answered.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Everything a package request must pass before its format sees it: a well-formed
+/// path, a token for the domain, a write's turn, reads caught up, the repository, a
+/// route. Reads nothing of the body.
+async fn admit<'a, F: Format>(
+    node: &Arc<Node>,
+    format: &F,
+    parts: &http::request::Parts,
+    rest: &'a str,
+    request_id: &str,
+) -> Result<Admitted<'a, F::Route>, FormatError> {
+    let mut segments = rest.splitn(3, '/');
+    let domain = segments.next().unwrap_or("");
+    let repository = segments.next().unwrap_or("");
+    let Some(inner) = segments.next() else {
+        return Err(FormatError::NotFound("Not found".into()));
+    };
+    if !segment_ok(domain) || !segment_ok(repository) {
+        return Err(FormatError::BadRequest(
+            "invalid domain or repository in the path".into(),
+        ));
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if !path_is_safe(inner) {
+        return Err(FormatError::BadRequest(
+            "invalid path: empty, '.' or '..' segments are not allowed".into(),
+        ));
+    }
+    let mut authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
+    if matches!(authenticated, Err(TokenAuthError::UnknownKey)) {
+        // Perhaps signed with a key this node has not applied yet (it joined moments ago
+        // and is still catching up): catch up with the leader and check once more.
+        // Malformed and forged tokens are refused without costing the leader anything.
+        if node.cluster.linearize().await.is_ok() {
+            authenticated = auth::authenticate_token(&node.state, &parts.headers, domain, now);
+        }
+    }
+    let claims = match authenticated {
+        Ok(c) => c,
+        Err(TokenAuthError::Store(e)) => return Err(FormatError::Internal(e.to_string())),
+        Err(TokenAuthError::WrongDomain(d)) => {
+            return Err(FormatError::Forbidden(format!(
+                "the authorization token is not valid for domain {d}"
+            )));
+        }
+        Err(e) => {
+            tracing::debug!(request_id, error = %e, "package request not authenticated");
+            return Err(FormatError::Unauthorized);
+        }
+    };
+    // A write takes a turn before any of its work starts (see
+    // `Config::max_concurrent_writes`), and holds it until it is answered.
+    let write = !matches!(parts.method, Method::GET | Method::HEAD);
+    let turn = if write {
+        let Some(turn) = write_turn(node).await else {
+            node.metrics.inc(WRITES_TURNED_AWAY, &[("format", F::NAME)]);
+            return Err(FormatError::Unavailable(format!(
+                "this node is at its limit of {} writes at once; retry shortly",
+                node.config.max_concurrent_writes
+            )));
+        };
+        Some(turn)
+    } else {
+        None
+    };
+    // Reads see every write acknowledged before them, on whichever node they land; a node
+    // cut off from the leader answers 503 rather than stale metadata. Only authenticated
+    // requests cost the leader a round trip. A write starts its round and goes on with the
+    // upload meanwhile (see `registry::CatchUp`).
+    let round = if write {
+        Some(crate::registry::catch_up(node))
+    } else {
+        if let Err(e) = node.cluster.linearize().await {
+            return Err(FormatError::Unavailable(e.to_string()));
+        }
+        None
+    };
+    let mut found = node.state.repository_cached(domain, repository);
+    if let (Ok(None), Some(round)) = (&found, &round) {
+        // Perhaps created a moment ago through another node: look again once caught up.
+        round.clone().await.map_err(FormatError::Unavailable)?;
+        found = node.state.repository_cached(domain, repository);
+    }
+    match found {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(FormatError::NotFound(format!(
+                "repository {repository} not found in domain {domain}"
+            )));
+        }
+        Err(e) => return Err(FormatError::Internal(e.to_string())),
+    }
+    let route = format.route(parts, inner)?;
+    Ok(Admitted {
+        domain,
+        repository,
+        username: claims
+            .principal
+            .rsplit('/')
+            .next()
+            .unwrap_or("aws")
+            .to_owned(),
+        round,
+        route,
+        turn,
+    })
 }
 
 /// Answers `err` to a request whose body was not read, after reading what the client

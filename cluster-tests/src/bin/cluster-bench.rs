@@ -293,29 +293,25 @@ async fn rate(seconds: u64, rate: u64, kib: u64, nodes: u64, warmup: u64) {
             }
             let done = Instant::now();
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            let counted = due >= started;
-            if counted && answer == Some(201) {
+            if due >= started && answer == Some(201) {
                 acked.fetch_add(1, Ordering::Relaxed);
             }
-            (counted, answer, done, done.duration_since(due))
+            (due, answer, done)
         }));
     }
     let (mut lat, mut errors, mut last_done) = (Vec::new(), 0u64, started);
     let mut failed = std::collections::BTreeMap::<String, u64>::new();
     let mut lines = String::new();
-    for (i, s) in sent.into_iter().enumerate() {
-        let (counted, answer, done, took) = s.await.expect("publish task");
-        if !counted {
+    for s in sent {
+        let (due, answer, done) = s.await.expect("publish task");
+        if due < started {
             continue;
         }
         if answer == Some(201) {
-            let due = (first + every.mul_f64(i as f64)).duration_since(started);
-            lines.push_str(&format!(
-                "{:.3},{:.3}\n",
-                due.as_secs_f64() * 1e3,
-                took.as_secs_f64() * 1e3
-            ));
-            lat.push(took.as_secs_f64() * 1e3);
+            let took = done.duration_since(due).as_secs_f64() * 1e3;
+            let at = due.duration_since(started).as_secs_f64() * 1e3;
+            lines.push_str(&format!("{at:.3},{took:.3}\n"));
+            lat.push(took);
             last_done = last_done.max(done);
         } else {
             errors += 1;

@@ -91,9 +91,8 @@ async fn a_burst_beyond_the_write_limit_is_turned_away_retryably_and_loses_nothi
 
     // Retried as a client retries, each goes through.
     for p in turned_away {
-        let node = &clients[ids.iter().position(|&id| id == p.via).expect("its node")];
         publish_acked(
-            node,
+            &cluster.client(p.via),
             &repo,
             &oracle,
             &p.package,

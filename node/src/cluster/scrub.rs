@@ -160,7 +160,6 @@ async fn pass(
         if cancel.is_cancelled() {
             return None;
         }
-
         let started = tokio::time::Instant::now();
         let store = blobs.clone();
         let d = digest.clone();

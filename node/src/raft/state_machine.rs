@@ -152,12 +152,13 @@ impl StateMachine {
             return Ok(false);
         };
         let install: Install = serde_json::from_slice(&raw).map_err(io_err)?;
-        if !dir.join(&install.file).exists() {
+        let path = dir.join(&install.file);
+        if !path.exists() {
             return Err(io_err(std::io::Error::other(format!(
                 "a snapshot install was interrupted and its file {} is gone, so this node's \
                  state is incomplete: remove the node from the cluster, empty its data \
                  directory and add it again",
-                dir.join(&install.file).display()
+                path.display()
             ))));
         }
         tracing::warn!(
@@ -223,11 +224,16 @@ impl StateMachine {
     ) -> Result<(), StorageError<NodeId>> {
         let mut batch = WriteBatch::default();
         self.put_current_snapshot(&mut batch, meta, file)?;
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.write_synced(batch)?;
         self.remove_other_snapshots(file);
         Ok(())
+    }
+
+    /// Writes `batch` and syncs RocksDB's log before returning.
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError<NodeId>> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.store.db().write_opt(batch, &opts).map_err(io_err)
     }
 
     /// Records `file` as the current snapshot in `batch`.
@@ -349,9 +355,7 @@ impl StateMachine {
             [0u8].as_slice(),
             [0xffu8; 8].as_slice(),
         );
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)
+        self.write_synced(batch)
     }
 
     /// Writes the pairs of a snapshot file into the state, a few MiB at a time, then
@@ -391,9 +395,7 @@ impl StateMachine {
         }
         self.put_current_snapshot(&mut batch, meta, file)?;
         batch.delete_cf(self.store.cf(CF_RAFT_META), SNAPSHOT_INSTALLING);
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.store.db().write_opt(batch, &opts).map_err(io_err)?;
+        self.write_synced(batch)?;
         self.remove_other_snapshots(file);
         Ok(())
     }

@@ -98,6 +98,8 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Background checks of the package bytes on this node's disk.
     pub scrub: ScrubConfig,
+    /// Removing the package bytes nothing refers to any more.
+    pub blob_gc: BlobGcConfig,
     /// Repository actors.
     pub actors: ActorConfig,
     /// Base URLs of the public registries external connections reach, by connection name.
@@ -225,6 +227,25 @@ pub struct ScrubConfig {
     pub tranquility: u32,
 }
 
+/// The blob collector: a background pass that removes the package bytes no package
+/// version refers to any more (after an unpublish, a repository's or a domain's
+/// deletion, a refused publish) and gives their disk space back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlobGcConfig {
+    /// Seconds between passes. A blob is removed once passes at least this far apart
+    /// have found it unreferenced, with no write looking at it in between, so this is
+    /// also the grace a publish has between finding its bytes stored already and its
+    /// metadata being committed: keep it well above the longest push of a package to a
+    /// peer. Segment files at most half of which still hold live blobs are compacted in
+    /// the same pass. `0` turns the collector off. Default: `3600`.
+    pub interval_secs: u64,
+    /// Size at which a blob segment file is closed and the next started, in MiB. Space is
+    /// given back a segment at a time, so smaller segments give it back sooner, at the
+    /// cost of more files. Default: `1024`.
+    pub segment_mib: u64,
+}
+
 /// Repository actor lifecycle.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -261,6 +282,7 @@ impl Default for Config {
             peer_tls: None,
             raft: RaftConfig::default(),
             scrub: ScrubConfig::default(),
+            blob_gc: BlobGcConfig::default(),
             actors: ActorConfig::default(),
             external_connections: Default::default(),
             upstream: UpstreamConfig::default(),
@@ -285,6 +307,15 @@ impl Default for ScrubConfig {
         ScrubConfig {
             interval_secs: 7 * 24 * 3600,
             tranquility: 4,
+        }
+    }
+}
+
+impl Default for BlobGcConfig {
+    fn default() -> Self {
+        BlobGcConfig {
+            interval_secs: 3600,
+            segment_mib: crate::store::segments::SEGMENT_BYTES >> 20,
         }
     }
 }
@@ -393,6 +424,9 @@ impl Config {
         if self.scrub.tranquility > 1000 {
             return invalid("scrub.tranquility must be at most 1000");
         }
+        if !(1..=65536).contains(&self.blob_gc.segment_mib) {
+            return invalid("blob_gc.segment_mib must be between 1 and 65536");
+        }
         Ok(())
     }
 
@@ -484,6 +518,9 @@ mod tests {
             }
         }
         assert!(seen >= 1, "no configs found in {}", dir.display());
+        // `single.toml` documents every key at its default.
+        let single = Config::load(&dir.join("single.toml")).unwrap();
+        assert_eq!(format!("{single:?}"), format!("{:?}", Config::default()));
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -31,8 +31,36 @@ pub(crate) const LEADER_READS: &str = "granary_leader_read_index_total";
 /// writes at once (`max_concurrent_writes`) for `write_queue_ms`, by format.
 pub(crate) const WRITES_TURNED_AWAY: &str = "granary_writes_turned_away_total";
 
+/// Blobs the collector removed from this node (no package version referred to them).
+pub(crate) const BLOBS_COLLECTED: &str = "granary_blobs_collected_total";
+
+/// Blob segment files the collector deleted after moving their live blobs out.
+pub(crate) const SEGMENTS_COMPACTED: &str = "granary_blob_segments_compacted_total";
+
+/// Bytes of the blob segment files the collector deleted.
+pub(crate) const BLOB_BYTES_RECLAIMED: &str = "granary_blob_bytes_reclaimed_total";
+
+/// Passes of the blob collector that completed.
+pub(crate) const BLOB_GC_PASSES: &str = "granary_blob_gc_passes_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        BLOBS_COLLECTED,
+        "Blobs removed from this node by the collector: no package version referred to them for a whole blob_gc.interval_secs.",
+    ),
+    (
+        SEGMENTS_COMPACTED,
+        "Blob segment files deleted by the collector once their live blobs were written elsewhere.",
+    ),
+    (
+        BLOB_BYTES_RECLAIMED,
+        "Bytes of the blob segment files the collector deleted (given back to the file system once no reader holds them).",
+    ),
+    (
+        BLOB_GC_PASSES,
+        "Passes of the blob collector that completed.",
+    ),
     (
         WRITES_TURNED_AWAY,
         "Writes on the package endpoints answered 503 (Retry-After) because the node was at its limit of writes at once (max_concurrent_writes) for write_queue_ms, by format.",

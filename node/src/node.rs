@@ -224,9 +224,10 @@ pub async fn run_embedded(
         installs,
     );
     let blobs = BlobStore::new(
-        Arc::new(RocksBlobBackend::open(
+        Arc::new(RocksBlobBackend::open_sized(
             store.clone(),
             &config.data_dir.join("blobs"),
+            config.blob_gc.segment_mib << 20,
         )?),
         (config.blob_cache_mib << 20) as usize,
     );
@@ -316,6 +317,14 @@ pub async fn run_embedded(
         config.scrub.clone(),
         config.data_dir.clone(),
         scrub_repair,
+        cancel.clone(),
+    );
+    crate::cluster::gc::spawn(
+        blobs.clone(),
+        state.clone(),
+        cluster.clone(),
+        config.blob_gc.clone(),
+        metrics.clone(),
         cancel.clone(),
     );
     let upstreams = crate::upstream::Upstreams::new(public_docs, metrics.clone());

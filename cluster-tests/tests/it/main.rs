@@ -10,6 +10,9 @@ mod common;
 mod damaged_disk;
 /// SIGKILL of the leader during a publish burst through every node.
 mod failover;
+/// Unpublished versions and a deleted repository: their bytes collected on every node,
+/// segments compacted, nothing referenced lost.
+mod gc;
 /// A fourth node joins under load and is promoted; another is removed with the CLI.
 mod membership;
 /// npm publish through one node, npm install through another, right away.

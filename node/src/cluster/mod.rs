@@ -12,6 +12,7 @@
 //! ```
 
 pub(crate) mod blobs;
+pub(crate) mod gc;
 pub(crate) mod peer_http;
 pub(crate) mod peers;
 pub(crate) mod scrub;
@@ -374,10 +375,26 @@ impl Cluster {
     /// With `read_consistency = "local"` it only waits out a snapshot being installed
     /// (then the state is partly old, partly new), as every read does.
     pub(crate) async fn linearize(&self) -> Result<(), ReadError> {
+        self.read_point(self.consistency == ReadConsistency::Local)
+            .await
+    }
+
+    /// As [`Cluster::linearize`] in the default mode, whatever this node's: for a
+    /// background task that must see every committed write (the blob collector).
+    pub(crate) async fn linearize_strictly(&self) -> Result<(), ReadError> {
+        self.read_point(false).await
+    }
+
+    /// Watches snapshot installs on this node (`true` while one runs).
+    pub(crate) fn installs(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.installs.clone()
+    }
+
+    async fn read_point(&self, local: bool) -> Result<(), ReadError> {
         let arrived = Instant::now();
         let deadline = arrived + READ_DEADLINE;
         self.wait_installed(deadline).await?;
-        if self.consistency == ReadConsistency::Local || self.sole_voter_leading() {
+        if local || self.sole_voter_leading() {
             return Ok(());
         }
         let index = {

@@ -240,14 +240,27 @@ impl StateView {
         Ok(found)
     }
 
-    /// The SHA-256 of every asset any version refers to (for blob anti-entropy).
+    /// The SHA-256 of every asset any version refers to, sorted, without repeats: what
+    /// anti-entropy fetches, the scrub checks and the blob collector keeps.
     pub fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
-        let mut out: Vec<String> = self
-            .scan::<VersionRecord>("version", &[keys::VERSION])?
-            .into_iter()
-            .flat_map(|(_, v)| v.assets.into_iter().map(|a| a.hashes.sha256))
-            .collect();
-        out.sort();
+        // One version decoded at a time (one RocksDB snapshot for the whole scan): the
+        // state may hold far more versions than fit in memory at once, decoded.
+        let prefix = [keys::VERSION];
+        let cf = self.store.cf(CF_STATE);
+        let iter = self.store.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let version: VersionRecord = decode("version", &v)?;
+            out.extend(version.assets.into_iter().map(|a| a.hashes.sha256));
+        }
+        out.sort_unstable();
         out.dedup();
         Ok(out)
     }

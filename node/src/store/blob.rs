@@ -13,8 +13,14 @@
 //! see [`super::segments`]), and the meta record (`sha256 → where the chunks are, size,
 //! hashes`) is written last, once the chunks are durable (see [`super::segments`]). If
 //! the blob already existed, the new chunks are left unreferenced. Nothing holds a whole
-//! artifact in memory: one chunk at a time, in and out. Reference counting and garbage
-//! collection of unreferenced blobs belong to the state machine, not here.
+//! artifact in memory: one chunk at a time, in and out.
+//!
+//! Which blobs are referenced is the state machine's to say; the collector
+//! (`cluster::gc`) asks it, then has the store remove what stayed unreferenced for a
+//! whole grace period ([`BlobStore::collect`]) and compact the segments left mostly
+//! dead ([`BlobStore::compact`]). A blob a write has looked at or stored since it was
+//! found unreferenced ([`BlobStore::has`], [`Written::commit`]) is not removed: the
+//! write is about to refer to it.
 //!
 //! Blobs stored before segment files existed keep their chunks in the `blobs` column
 //! family under a data id; they are read from there.
@@ -36,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::chunk_cache::{ChunkCache, ChunkKey};
-use super::segments::{CommitRequest, Extent, JournalHead, MetaSink, Segments};
+use super::segments::{CommitRequest, Extent, Hold, JournalHead, MetaSink, Segments};
 use super::{CF_BLOB_META, CF_BLOBS, Store, StoreError};
 
 /// Size of one stored chunk.
@@ -70,7 +76,7 @@ fn is_zero(n: &u32) -> bool {
 
 impl BlobMeta {
     /// Whether two records of a blob name the same stored bytes.
-    fn same_place(&self, other: &BlobMeta) -> bool {
+    pub(crate) fn same_place(&self, other: &BlobMeta) -> bool {
         self.extents == other.extents && self.data_id == other.data_id
     }
 
@@ -122,11 +128,15 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     /// chunk, not written with [`BlobBackend::put_chunk`]), then records the blob,
     /// durably. Resolves to the meta recorded, which places `whole`, or to `None` (and
     /// records nothing) if a blob with this digest exists already.
+    ///
+    /// With `replaces`, the blob is being moved out of a segment being compacted: its
+    /// record is replaced only if it is still `replaces` (else `None`).
     fn commit(
         &self,
         sha256: [u8; 32],
         meta: BlobMeta,
         whole: Option<Bytes>,
+        replaces: Option<BlobMeta>,
     ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>>;
     /// Gives up the chunks of an abandoned or duplicate upload, where the backend can.
     fn discard(&self, extents: &[Extent]);
@@ -142,6 +152,32 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     /// Drops the record of a blob whose bytes here failed their check, if it still names
     /// the same bytes as `bad` (a copy committed since stays). Returns whether it did.
     fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError>;
+    /// Calls `f` with every blob's record, in key order.
+    fn each_meta(&self, f: &mut dyn FnMut([u8; 32], BlobMeta)) -> Result<(), StoreError>;
+    /// Removes, durably, the records of these blobs that still name the same bytes (and
+    /// the chunks of the older layout's). Returns those removed.
+    fn remove(
+        &self,
+        blobs: Vec<([u8; 32], BlobMeta)>,
+    ) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError>;
+    /// Keeps the segments an upload about to write chunks will use from compaction.
+    fn hold(&self) -> Option<Hold> {
+        None
+    }
+    /// Segments that may be compacted, with their sizes (see [`Segments::compactable`]).
+    fn compactable(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Makes every record written so far durable.
+    fn sync_records(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Deletes a compacted segment (see [`Segments::retire`]).
+    fn retire(&self, _segment: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Closes the segments retired by the last pass (see [`Segments::release_retired`]).
+    fn release_retired(&self) {}
 }
 
 fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
@@ -172,6 +208,10 @@ impl MetaSink for RocksMetaSink {
     fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
         let cf = self.0.cf(CF_BLOB_META);
         Ok(self.0.db().get_pinned_cf(cf, key)?.is_some())
+    }
+
+    fn current(&self, key: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
+        self.get(key)
     }
 
     fn record(
@@ -223,8 +263,18 @@ impl RocksMetaSink {
 
 impl RocksBlobBackend {
     /// Opens the segment files under `dir` and starts the committer.
+    #[cfg(test)]
     pub(crate) fn open(store: Store, dir: &std::path::Path) -> Result<Self, StoreError> {
-        let segments = Arc::new(Segments::open(dir, super::segments::SEGMENT_BYTES)?);
+        Self::open_sized(store, dir, super::segments::SEGMENT_BYTES)
+    }
+
+    /// As [`RocksBlobBackend::open`], with segments closed at `segment_bytes`.
+    pub(crate) fn open_sized(
+        store: Store,
+        dir: &std::path::Path,
+        segment_bytes: u64,
+    ) -> Result<Self, StoreError> {
+        let segments = Arc::new(Segments::open(dir, segment_bytes)?);
         let (tx, thread) =
             super::segments::spawn_committer(segments.clone(), RocksMetaSink(store.clone()))?;
         Ok(RocksBlobBackend {
@@ -257,6 +307,7 @@ impl BlobBackend for RocksBlobBackend {
         sha256: [u8; 32],
         meta: BlobMeta,
         whole: Option<Bytes>,
+        replaces: Option<BlobMeta>,
     ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>> {
         const STOPPED: &str = "the blob committer stopped";
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -266,6 +317,7 @@ impl BlobBackend for RocksBlobBackend {
             meta,
             whole,
             reply,
+            replaces,
         };
         let sent = self
             .committer
@@ -332,6 +384,85 @@ impl BlobBackend for RocksBlobBackend {
             _ => Ok(false),
         }
     }
+
+    fn each_meta(&self, f: &mut dyn FnMut([u8; 32], BlobMeta)) -> Result<(), StoreError> {
+        let cf = self.store.cf(CF_BLOB_META);
+        for item in self
+            .store
+            .db()
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            // Beside the blobs' 32-byte keys: the journal's.
+            let Ok(key) = <[u8; 32]>::try_from(&k[..]) else {
+                continue;
+            };
+            let meta = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("blob meta: {e}")))?;
+            f(key, meta);
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        blobs: Vec<([u8; 32], BlobMeta)>,
+    ) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError> {
+        // Only the collector removes records, and the committer writes one only where
+        // none is (or, moving a blob, where this same collector's pass left it): between
+        // the read below and the write, a record can only have been dropped as damaged,
+        // which the write then drops again, harmlessly.
+        let (meta_cf, chunks_cf) = (self.store.cf(CF_BLOB_META), self.store.cf(CF_BLOBS));
+        let mut batch = WriteBatch::default();
+        let mut removed = Vec::new();
+        for (key, meta) in blobs {
+            if !self.meta(&key)?.is_some_and(|m| m.same_place(&meta)) {
+                continue;
+            }
+            batch.delete_cf(meta_cf, key);
+            if let Some(id) = &meta.data_id {
+                for i in 0..meta.chunks {
+                    batch.delete_cf(chunks_cf, chunk_key(id, i));
+                }
+            }
+            removed.push((key, meta));
+        }
+        if !removed.is_empty() {
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            self.store.db().write_opt(batch, &opts)?;
+        }
+        Ok(removed)
+    }
+
+    fn hold(&self) -> Option<Hold> {
+        Some(self.segments.hold())
+    }
+
+    fn compactable(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        // Recovery reads the journal from its head's segment on (every segment of it,
+        // with no head recorded yet).
+        let sink = RocksMetaSink(self.store.clone());
+        let from = sink.journal_head()?.map_or(0, |h| h.segment);
+        let journal = sink
+            .journal_segments()?
+            .into_iter()
+            .filter(|id| *id >= from)
+            .collect();
+        self.segments.compactable(&journal)
+    }
+
+    fn sync_records(&self) -> Result<(), StoreError> {
+        Ok(self.store.db().flush_wal(true)?)
+    }
+
+    fn retire(&self, segment: u32) -> Result<(), StoreError> {
+        self.segments.retire(segment)
+    }
+
+    fn release_retired(&self) {
+        self.segments.release_retired();
+    }
 }
 
 /// Blobs in memory, for tests: can be told to fail writes.
@@ -373,16 +504,23 @@ impl BlobBackend for MemBlobBackend {
         sha256: [u8; 32],
         mut meta: BlobMeta,
         whole: Option<Bytes>,
+        replaces: Option<BlobMeta>,
     ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>> {
         let result = self.check().and_then(|()| {
-            if self.meta(&sha256)?.is_some() {
+            let current = self.meta(&sha256)?;
+            let wanted = match &replaces {
+                Some(old) => current.is_some_and(|m| m.same_place(old)),
+                None => current.is_none(),
+            };
+            if !wanted {
                 return Ok(None);
             }
             if let Some(whole) = whole.filter(|w| !w.is_empty()) {
                 meta.extents = vec![self.put_chunk(&whole)?];
             }
             let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
-            Ok(metas.insert(sha256, meta.clone()).is_none().then_some(meta))
+            let before = metas.insert(sha256, meta.clone());
+            Ok((before.is_none() || replaces.is_some()).then_some(meta))
         });
         Box::pin(async move { result })
     }
@@ -424,6 +562,40 @@ impl BlobBackend for MemBlobBackend {
             }
             _ => Ok(false),
         }
+    }
+
+    fn each_meta(&self, f: &mut dyn FnMut([u8; 32], BlobMeta)) -> Result<(), StoreError> {
+        let metas: std::collections::BTreeMap<_, _> = self
+            .metas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .into_iter()
+            .collect();
+        for (k, m) in metas {
+            f(k, m);
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        blobs: Vec<([u8; 32], BlobMeta)>,
+    ) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError> {
+        self.check()?;
+        let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+        let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = Vec::new();
+        for (key, meta) in blobs {
+            if metas.get(&key).is_some_and(|m| m.same_place(&meta)) {
+                metas.remove(&key);
+                for e in &meta.extents {
+                    chunks.remove(&e.offset);
+                }
+                removed.push((key, meta));
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -495,9 +667,48 @@ pub(crate) enum ReplicaCheck {
 pub(crate) struct BlobStore {
     backend: Arc<dyn BlobBackend>,
     cache: Arc<ChunkCache>,
-    /// Decoded meta records of recently read blobs. A blob's meta never changes once
-    /// written (the digest names the content), so entries need no invalidation.
+    /// Decoded meta records of recently read blobs. A blob's record changes only when
+    /// the collector removes or moves it, which updates this too.
     metas: MetaCache,
+    /// Blobs found unreferenced, and when each was first found so (see
+    /// [`BlobStore::collect`]).
+    candidates: Candidates,
+}
+
+/// Blobs found unreferenced by the collector, each with when it was first found so.
+type Candidates = Arc<Mutex<HashMap<[u8; 32], std::time::Instant>>>;
+
+/// A write is about to refer to this blob (it looked for it, or stored it): it is no
+/// longer a candidate for removal. Taken under the lock [`BlobStore::collect`] removes
+/// blobs under, so a blob is either removed before this (and the write finds it missing)
+/// or not at all in that pass.
+fn touch(candidates: &Candidates, sha: &[u8; 32]) {
+    let mut candidates = candidates.lock().unwrap_or_else(|p| p.into_inner());
+    if !candidates.is_empty() {
+        candidates.remove(sha);
+    }
+}
+
+/// What one [`BlobStore::collect`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Collected {
+    /// Records removed.
+    pub(crate) removed: usize,
+    /// Bytes of the blobs removed.
+    pub(crate) removed_bytes: u64,
+    /// Blobs unreferenced but not yet for a whole grace period (or touched since).
+    pub(crate) candidates: usize,
+}
+
+/// What one [`BlobStore::compact`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Compacted {
+    /// Segment files deleted.
+    pub(crate) segments: usize,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+    /// Live blobs written again elsewhere first.
+    pub(crate) moved: usize,
 }
 
 /// Decoded meta records by key, shared by a store and its uploads.
@@ -543,8 +754,13 @@ pub(crate) struct Written {
     backend: Arc<dyn BlobBackend>,
     cache: Arc<ChunkCache>,
     metas: MetaCache,
+    candidates: Candidates,
     sha: [u8; 32],
     meta: BlobMeta,
+    /// Moving a blob out of a segment being compacted: the record it replaces.
+    replaces: Option<BlobMeta>,
+    /// Keeps the segments its chunks are in from compaction until it is committed.
+    _hold: Option<Hold>,
 }
 
 impl Written {
@@ -566,9 +782,12 @@ impl Written {
     /// Makes the blob durable and records it; a blob stored already keeps its first copy.
     pub(crate) async fn commit(self) -> Result<BlobInfo, BlobError> {
         let extents = self.meta.extents.clone();
+        if self.replaces.is_none() {
+            touch(&self.candidates, &self.sha);
+        }
         match self
             .backend
-            .commit(self.sha, self.meta, self.whole.clone())
+            .commit(self.sha, self.meta, self.whole.clone(), self.replaces)
             .await?
         {
             // A new package is read again at once (pushed to peers, often installed), and
@@ -612,6 +831,7 @@ impl BlobStore {
             backend,
             cache: Arc::new(ChunkCache::new(cache_bytes)),
             metas: Default::default(),
+            candidates: Default::default(),
         }
     }
 
@@ -678,6 +898,7 @@ impl BlobStore {
         });
         let mut buf = BytesMut::with_capacity(capacity);
         let mut extents = Vec::new();
+        let mut hold = None;
         // The chunk of a blob that fits in one, as the cache keeps it.
         let mut whole = None;
         let result: Result<(), BlobError> = async {
@@ -700,6 +921,9 @@ impl BlobStore {
                     let take = (CHUNK_SIZE - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == CHUNK_SIZE {
+                        if hold.is_none() {
+                            hold = self.backend.hold();
+                        }
                         let at = self.write_chunk(buf.split().freeze(), extents.len())?;
                         extents.push(at);
                         buf.reserve(CHUNK_SIZE);
@@ -770,8 +994,11 @@ impl BlobStore {
             backend: self.backend.clone(),
             cache: self.cache.clone(),
             metas: self.metas.clone(),
+            candidates: self.candidates.clone(),
             sha,
             meta,
+            replaces: None,
+            _hold: hold,
         })
     }
 
@@ -804,9 +1031,16 @@ impl BlobStore {
     }
 
     /// Whether the blob is stored here.
+    ///
+    /// Asked before a write refers to a blob stored already (a publish of bytes stored
+    /// before, a peer's push), so it also keeps the blob from the collector: see
+    /// [`touch`].
     pub(crate) fn has(&self, sha256: &str) -> Result<bool, StoreError> {
         match parse_sha256(sha256) {
-            Some(sha) => Ok(self.meta(&sha)?.is_some()),
+            Some(sha) => {
+                touch(&self.candidates, &sha);
+                Ok(self.meta(&sha)?.is_some())
+            }
             None => Ok(false),
         }
     }
@@ -855,6 +1089,13 @@ impl BlobStore {
             };
             return Ok(Some((info, crc32c, granary_format::body::full(chunk))));
         }
+        Ok(Some((info, crc32c, self.parts_of(sha, meta, true))))
+    }
+
+    /// A body streaming the parts `meta` names, checked against its CRC32C as they go
+    /// (see [`BlobStore::open_copy`]); with `cached`, through the chunk cache, else read
+    /// from disk and left out of both caches (a one-off read).
+    fn parts_of(&self, sha: [u8; 32], meta: Arc<BlobMeta>, cached: bool) -> Body {
         let backend = self.backend.clone();
         let cache = self.cache.clone();
         let metas = self.metas.clone();
@@ -872,6 +1113,7 @@ impl BlobStore {
                 let key = meta.cache_key(i);
                 let chunk = match cache.get(&key) {
                     Some(c) => Ok(Some(c)),
+                    None if !cached => backend.part_uncached(&meta, i),
                     None => backend.part(&meta, i).inspect(|c| {
                         if let Some(c) = c {
                             cache.insert(key, c.clone());
@@ -903,8 +1145,131 @@ impl BlobStore {
                 Some((Ok(http_body::Frame::data(chunk)), (i + 1, crc)))
             }
         });
-        let body = http_body_util::StreamBody::new(stream.boxed());
-        Ok(Some((info, crc32c, BodyExt::boxed_unsync(body))))
+        BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream.boxed()))
+    }
+
+    /// Removes the blobs no longer referenced: `referenced` is every blob the state
+    /// refers to, read (linearizably) before this is called. A blob not in it becomes a
+    /// candidate; one that is still a candidate after `grace` (not referenced again, not
+    /// looked for or stored by a write meanwhile: see [`touch`]) is removed, durably.
+    /// The grace covers a publish that found its bytes stored before the state was read
+    /// and whose metadata commits after: it must be shorter than the grace. Blocking.
+    pub(crate) fn collect(
+        &self,
+        referenced: &std::collections::HashSet<[u8; 32]>,
+        grace: std::time::Duration,
+    ) -> Result<Collected, StoreError> {
+        let mut unreferenced = Vec::new();
+        self.backend.each_meta(&mut |key, meta| {
+            if !referenced.contains(&key) {
+                unreferenced.push((key, meta));
+            }
+        })?;
+        let now = std::time::Instant::now();
+        let mut candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
+        let found: std::collections::HashSet<[u8; 32]> =
+            unreferenced.iter().map(|(k, _)| *k).collect();
+        candidates.retain(|k, _| found.contains(k));
+        let mut due = Vec::new();
+        for (key, meta) in unreferenced {
+            match candidates.get(&key) {
+                None => {
+                    candidates.insert(key, now);
+                }
+                Some(since) if now.duration_since(*since) >= grace => due.push((key, meta)),
+                Some(_) => {}
+            }
+        }
+        // Under the candidates' lock: a write touching one of these waits until it is
+        // removed, and then finds it missing.
+        let removed = self.backend.remove(due)?;
+        let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
+        for (key, _) in &removed {
+            candidates.remove(key);
+            metas.remove(key);
+        }
+        Ok(Collected {
+            removed: removed.len(),
+            removed_bytes: removed.iter().map(|(_, m)| m.info.size).sum(),
+            candidates: candidates.len(),
+        })
+    }
+
+    /// Compacts the segments at most half of whose bytes are still named by a record:
+    /// their live blobs are written again (as new uploads are, checked against their
+    /// CRC32C), the new records made durable, and the files deleted. First closes the
+    /// files the last compaction deleted, which readers may have used until now.
+    pub(crate) async fn compact(&self) -> Result<Compacted, StoreError> {
+        self.backend.release_retired();
+        let sizes: HashMap<u32, u64> = self.backend.compactable()?.into_iter().collect();
+        if sizes.is_empty() {
+            return Ok(Compacted::default());
+        }
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        self.backend.each_meta(&mut |_, meta| {
+            for e in &meta.extents {
+                if sizes.contains_key(&e.segment) {
+                    *live.entry(e.segment).or_default() += u64::from(e.len);
+                }
+            }
+        })?;
+        let chosen: HashMap<u32, u64> = sizes
+            .into_iter()
+            .filter(|(id, size)| live.get(id).copied().unwrap_or(0).saturating_mul(2) <= *size)
+            .collect();
+        if chosen.is_empty() {
+            return Ok(Compacted::default());
+        }
+        let mut to_move = Vec::new();
+        self.backend.each_meta(&mut |key, meta| {
+            if meta.extents.iter().any(|e| chosen.contains_key(&e.segment)) {
+                to_move.push((key, meta));
+            }
+        })?;
+        let mut done = Compacted::default();
+        for (key, meta) in to_move {
+            match self.relocate(key, meta).await {
+                Ok(()) => done.moved += 1,
+                // Damaged bytes drop their record (a peer's copy is fetched again); any
+                // other failure keeps the segment, checked below.
+                Err(e) => tracing::warn!(
+                    sha256 = %hex::encode(key),
+                    error = %e,
+                    "compaction could not move a blob; its segment stays"
+                ),
+            }
+        }
+        self.backend.sync_records()?;
+        // Only segments no record names any more are deleted.
+        let mut named = std::collections::HashSet::new();
+        self.backend.each_meta(&mut |_, meta| {
+            named.extend(meta.extents.iter().map(|e| e.segment));
+        })?;
+        let mut retired: Vec<(u32, u64)> = chosen
+            .into_iter()
+            .filter(|(id, _)| !named.contains(id))
+            .collect();
+        retired.sort_unstable();
+        for (id, size) in retired {
+            self.backend.retire(id)?;
+            done.segments += 1;
+            done.bytes += size;
+        }
+        Ok(done)
+    }
+
+    /// Writes a blob again outside the segments being compacted, replacing its record if
+    /// that still names `meta`'s place.
+    async fn relocate(&self, sha: [u8; 32], meta: BlobMeta) -> Result<(), BlobError> {
+        let check = match meta.crc32c {
+            Some(crc) => ReplicaCheck::Crc32c(crc),
+            None => ReplicaCheck::Sha256,
+        };
+        let info = meta.info.clone();
+        let body = self.parts_of(sha, Arc::new(meta.clone()), false);
+        let mut written = self.write(body, u64::MAX, Some((&info, check))).await?;
+        written.replaces = Some(meta);
+        written.commit().await.map(|_| ())
     }
 
     /// Reads a blob back from disk (not from the cache) and checks it: against the CRC32C
@@ -1267,7 +1632,7 @@ mod tests {
             };
             let sha = parse_sha256(&meta.info.hashes.sha256).unwrap();
             backend
-                .commit(sha, meta, Some(bytes.clone()))
+                .commit(sha, meta, Some(bytes.clone()), None)
                 .await
                 .unwrap();
         }
@@ -1298,7 +1663,7 @@ mod tests {
         };
         let sha = parse_sha256(&meta.info.hashes.sha256).unwrap();
         let stored = backend
-            .commit(sha, meta, Some(data))
+            .commit(sha, meta, Some(data), None)
             .await
             .unwrap()
             .unwrap();
@@ -1441,6 +1806,168 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    fn key_of(info: &BlobInfo) -> [u8; 32] {
+        parse_sha256(&info.hashes.sha256).unwrap()
+    }
+
+    /// A blob is removed once two passes a grace apart found it unreferenced; one that
+    /// is referenced again, or that a write looked for or stored in between, stays.
+    #[tokio::test]
+    async fn only_blobs_unreferenced_for_a_whole_grace_are_removed() {
+        let store = BlobStore::new(Arc::new(MemBlobBackend::default()), 1 << 20);
+        let mut infos = Vec::new();
+        for i in 0..5u8 {
+            let data = vec![i; 1000 + usize::from(i)];
+            infos.push(store.put(body::full(data), u64::MAX).await.unwrap());
+        }
+        let [kept, looked_for, referenced_again, restored, dead] =
+            infos.clone().try_into().unwrap();
+        let mut referenced = std::collections::HashSet::from([key_of(&kept)]);
+        let grace = std::time::Duration::ZERO;
+
+        let first = store.collect(&referenced, grace).unwrap();
+        assert_eq!((first.removed, first.candidates), (0, 4), "{first:?}");
+        // Between the passes: a write asks for one (as a push does), another is
+        // referenced again, a third is uploaded again.
+        assert!(store.has(&looked_for.hashes.sha256).unwrap());
+        referenced.insert(key_of(&referenced_again));
+        store
+            .put(body::full(vec![3u8; 1003]), u64::MAX)
+            .await
+            .unwrap();
+        let second = store.collect(&referenced, grace).unwrap();
+        assert_eq!(second.removed, 1, "{second:?}");
+        assert_eq!(second.removed_bytes, dead.size);
+        assert!(!store.has(&dead.hashes.sha256).unwrap());
+        for info in [&kept, &looked_for, &referenced_again, &restored] {
+            assert_eq!(
+                store.read_all(&info.hashes.sha256).await.unwrap().len() as u64,
+                info.size
+            );
+        }
+        // The two touched ones are candidates again, removed a grace later.
+        assert_eq!(second.candidates, 2);
+        let third = store.collect(&referenced, grace).unwrap();
+        assert_eq!((third.removed, third.candidates), (2, 0), "{third:?}");
+
+        // Within a long grace nothing goes.
+        referenced.clear();
+        let long = std::time::Duration::from_secs(3600);
+        store.collect(&referenced, long).unwrap();
+        assert_eq!(store.collect(&referenced, long).unwrap().removed, 0);
+        // Bytes removed and uploaded again are stored again.
+        let dead_bytes = vec![4u8; 1004];
+        let again = store
+            .put(body::full(dead_bytes.clone()), u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(again, dead);
+        assert_eq!(
+            &store.read_all(&dead.hashes.sha256).await.unwrap()[..],
+            &dead_bytes[..]
+        );
+    }
+
+    /// Total size of the segment files under `dir`.
+    fn segment_bytes(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    /// Removing most blobs and compacting gives the space back, a segment at a time:
+    /// live blobs (in chunks and whole) are moved out first and read back identical,
+    /// also after a restart, and removed ones stay removed.
+    #[tokio::test]
+    async fn compaction_gives_space_back_and_keeps_every_live_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs_dir = dir.path().join("blobs");
+        let open = || {
+            let store = Store::open(dir.path()).unwrap();
+            let backend = RocksBlobBackend::open_sized(store, &blobs_dir, 1 << 20).unwrap();
+            BlobStore::new(Arc::new(backend), 1 << 20)
+        };
+        let store = open();
+        // Chunked blobs (two chunks each) and whole ones (kept in the journal), enough
+        // of both to fill several 1 MiB segments.
+        let mut all = Vec::new();
+        for i in 0..24u64 {
+            let len = if i % 2 == 0 {
+                CHUNK_SIZE + 40_000
+            } else {
+                90_000
+            };
+            let data = sample_seeded(len, i);
+            let info = store.put(body::full(data.clone()), u64::MAX).await.unwrap();
+            all.push((info, data));
+        }
+        let before = segment_bytes(&blobs_dir);
+        // One in four stays.
+        let live: Vec<_> = all.iter().step_by(4).cloned().collect();
+        let referenced: std::collections::HashSet<_> =
+            live.iter().map(|(i, _)| key_of(i)).collect();
+        let grace = std::time::Duration::ZERO;
+        store.collect(&referenced, grace).unwrap();
+        let collected = store.collect(&referenced, grace).unwrap();
+        assert_eq!(collected.removed, 18);
+        // New writes after the removal move the appended segment and the journal's head
+        // on, so that the segments holding the dead are below both.
+        let mut later = Vec::new();
+        for i in 100..108u64 {
+            let len = if i % 2 == 0 {
+                CHUNK_SIZE + 40_000
+            } else {
+                90_000
+            };
+            let data = sample_seeded(len, i);
+            later.push((
+                store.put(body::full(data.clone()), u64::MAX).await.unwrap(),
+                data,
+            ));
+        }
+        let compacted = store.compact().await.unwrap();
+        assert!(compacted.segments >= 2, "{compacted:?}");
+        assert!(compacted.moved >= 1, "{compacted:?}");
+        // The deleted files' space is back once the next pass releases them.
+        store.compact().await.unwrap();
+        let after = segment_bytes(&blobs_dir);
+        // Three segments of the first five went (4.7 MB before, 2.8 MB of it deleted,
+        // 1.6 MB written since).
+        assert!(compacted.bytes >= 2 << 20, "{compacted:?}");
+        assert!(
+            after < before,
+            "{before} bytes before, {after} after, {compacted:?}"
+        );
+        let check = |store: BlobStore| {
+            let (live, later, all) = (live.clone(), later.clone(), all.clone());
+            async move {
+                for (info, data) in live.iter().chain(&later) {
+                    let back = store.read_all(&info.hashes.sha256).await.unwrap();
+                    assert!(back[..] == data[..], "blob {} differs", info.hashes.sha256);
+                }
+                for (info, _) in all.iter().filter(|b| !live.contains(b)) {
+                    assert!(!store.has(&info.hashes.sha256).unwrap());
+                }
+            }
+        };
+        check(store.clone()).await;
+        drop(store);
+        check(open()).await;
+    }
+
+    fn sample_seeded(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
     }
 
     #[tokio::test]

@@ -38,9 +38,18 @@
 //!   pages that are read (RocksDB's tables). Dropped pages are reused for the next writes
 //!   at once, so a node's memory does not grow with what it stores. A reader finds them
 //!   on disk.
-//! - Segments are only appended to; nothing deletes a blob yet, so none is compacted.
+//! - **Compaction** (driven by the blob collector, `cluster::gc`): a segment most of whose
+//!   bytes no record names any more is emptied by writing its live blobs again (a new
+//!   record replaces the old only if the blob is still recorded there), making those
+//!   records durable, and deleting the file. Only segments no write may still go to are
+//!   candidates: below the segment appended to and below the segment any upload in
+//!   flight started in ([`Segments::hold`]), and no journal segment recovery reads (from
+//!   the head's on). Recovery skips a record whose chunks were in a deleted segment: its
+//!   blob was removed, or moved and recorded again. A deleted segment's open file stays
+//!   with readers that looked up its blobs before the move until the next pass releases
+//!   it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -112,6 +121,30 @@ pub(crate) struct Segments {
     active: Mutex<Active>,
     files: RwLock<HashMap<u32, Arc<File>>>,
     poisoned: RwLock<HashSet<u32>>,
+    /// Uploads in flight, by the segment each started in (see [`Segments::hold`]).
+    holds: Arc<Mutex<BTreeMap<u32, usize>>>,
+    /// Segments deleted whose open files readers may still use, until the next
+    /// [`Segments::release_retired`].
+    retired: Mutex<Vec<u32>>,
+}
+
+/// An upload in flight: no segment from the one it started in on is compacted while
+/// this lives.
+pub(crate) struct Hold {
+    holds: Arc<Mutex<BTreeMap<u32, usize>>>,
+    floor: u32,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = holds.get_mut(&self.floor) {
+            *n -= 1;
+            if *n == 0 {
+                holds.remove(&self.floor);
+            }
+        }
+    }
 }
 
 fn segment_name(id: u32) -> String {
@@ -152,7 +185,109 @@ impl Segments {
             }),
             files: RwLock::new(HashMap::new()),
             poisoned: Default::default(),
+            holds: Default::default(),
+            retired: Default::default(),
         })
+    }
+
+    /// Holds every segment from the one appended to now on, for an upload about to write
+    /// its chunks: they all go to that segment or later ones, and none of those is
+    /// compacted until the hold is dropped (after the upload's commit, or its failure).
+    pub(crate) fn hold(&self) -> Hold {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let floor = active.id;
+        *self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(floor)
+            .or_default() += 1;
+        Hold {
+            holds: self.holds.clone(),
+            floor,
+        }
+    }
+
+    /// The segments that may be compacted, with their sizes: every segment file below
+    /// the segment appended to and below the one any upload in flight started in, but
+    /// those in `journal` (the journal's segments recovery reads: the head's and later).
+    pub(crate) fn compactable(
+        &self,
+        journal: &HashSet<u32>,
+    ) -> Result<Vec<(u32, u64)>, StoreError> {
+        let mut below = self.active.lock().unwrap_or_else(|p| p.into_inner()).id;
+        if let Some((&floor, _)) = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_key_value()
+        {
+            below = below.min(floor);
+        }
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io(self.dir.display(), e))? {
+            let entry = entry.map_err(|e| io(self.dir.display(), e))?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if id < below && !retired.contains(&id) && !journal.contains(&id) {
+                let len = entry.metadata().map_err(|e| io(segment_name(id), e))?.len();
+                out.push((id, len));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Deletes a segment whose live blobs were all moved (and their new records made
+    /// durable). A reader that looked up one of its blobs before the move still reads
+    /// it through the open file, until [`Segments::release_retired`].
+    pub(crate) fn retire(&self, id: u32) -> Result<(), StoreError> {
+        // Open before the name goes, so that readers find it until released.
+        self.file(id)?;
+        let path = self.dir.join(segment_name(id));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(path.display(), e)),
+        }
+        sync_dir(&self.dir)?;
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id);
+        Ok(())
+    }
+
+    /// Closes the files of the segments retired so far; their space goes back to the
+    /// file system once no reader holds them.
+    pub(crate) fn release_retired(&self) {
+        let ids = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        let mut poisoned = self.poisoned.write().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            files.remove(&id);
+            poisoned.remove(&id);
+        }
+    }
+
+    /// Whether segment `id` is on disk (or still open for readers after it was retired).
+    fn exists(&self, id: u32) -> bool {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+            || self.dir.join(segment_name(id)).exists()
     }
 
     fn create(dir: &Path, id: u32) -> Result<File, StoreError> {
@@ -308,6 +443,9 @@ pub(crate) struct CommitRequest {
     pub(crate) whole: Option<Bytes>,
     /// The meta recorded, or `None` if a blob with this key existed already.
     pub(crate) reply: tokio::sync::oneshot::Sender<Result<Option<BlobMeta>, StoreError>>,
+    /// A blob moved out of a segment being compacted: the record it replaces. The new one
+    /// is written only if the blob is still recorded there (not removed, or moved, since).
+    pub(crate) replaces: Option<BlobMeta>,
 }
 
 /// Where the journal has been recorded up to: segment and offset after the last record
@@ -324,6 +462,8 @@ pub(crate) struct JournalHead {
 pub(crate) trait MetaSink: Send + 'static {
     /// Whether `key` is recorded.
     fn exists(&self, key: &[u8; 32]) -> Result<bool, StoreError>;
+    /// The record of `key`, if any.
+    fn current(&self, key: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError>;
     /// Records every pair and the journal head in one write, synced only if `sync`: the
     /// journal holds every record durably already.
     fn record(
@@ -520,10 +660,18 @@ fn commit_group(
     let mut records = Vec::new();
     let mut seen = HashSet::new();
     for r in &group {
-        let outcome = match sink.exists(&r.key) {
-            Ok(true) => Ok(Outcome::Stored),
-            Ok(false) if !seen.insert(r.key) => Ok(Outcome::Shared),
-            Ok(false) => serde_json::to_vec(&r.meta)
+        // A blob moved by compaction replaces its record only where that still names the
+        // place it was moved from; any other request writes only a missing record.
+        let wanted = match &r.replaces {
+            Some(old) => sink
+                .current(&r.key)
+                .map(|m| m.is_some_and(|m| m.same_place(old))),
+            None => sink.exists(&r.key).map(|stored| !stored),
+        };
+        let outcome = match wanted {
+            Ok(false) => Ok(Outcome::Stored),
+            Ok(true) if !seen.insert(r.key) => Ok(Outcome::Shared),
+            Ok(true) => serde_json::to_vec(&r.meta)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
                 .and_then(|meta| Record::new(&r.key, &meta, r.whole.clone()))
                 .map(|record| {
@@ -703,6 +851,10 @@ fn read_record(file: &File, size: u64, offset: u64, id: u32) -> Result<Option<Fo
 /// Records every blob of the journal beyond the recorded head that `blob_meta` lacks
 /// (written before a crash that lost RocksDB's unsynced writes), then the new head,
 /// synced. Returns how many it recorded.
+///
+/// A record naming chunks in a segment that is gone is skipped: its blob was collected
+/// and its segment compacted after the record was written (on a node that committed
+/// nothing since, so the head had not moved past it).
 pub(crate) fn recover(segments: &Segments, sink: &impl MetaSink) -> Result<usize, StoreError> {
     let head = sink.journal_head()?;
     let mut pairs = Vec::new();
@@ -717,7 +869,12 @@ pub(crate) fn recover(segments: &Segments, sink: &impl MetaSink) -> Result<usize
         let file = segments.file(id)?;
         let size = file.metadata().map_err(|e| io(segment_name(id), e))?.len();
         while let Some(found) = read_record(&file, size, offset, id)? {
-            if !keys.contains(&found.key) && !sink.exists(&found.key)? {
+            let whole = found
+                .meta
+                .extents
+                .iter()
+                .all(|e| segments.exists(e.segment));
+            if whole && !keys.contains(&found.key) && !sink.exists(&found.key)? {
                 keys.insert(found.key);
                 let value = serde_json::to_vec(&found.meta)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -795,6 +952,9 @@ mod tests {
             assert_ne!(Some(*key), self.panic_on, "injected");
             Ok(self.live.lock().unwrap().metas.contains_key(key))
         }
+        fn current(&self, key: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
+            Ok(self.meta(key))
+        }
         fn record(
             &self,
             pairs: Vec<([u8; 32], Vec<u8>)>,
@@ -863,6 +1023,7 @@ mod tests {
             },
             whole: Some(Bytes::copy_from_slice(bytes)),
             reply,
+            replaces: None,
         })
         .unwrap();
         rx.await.unwrap()
@@ -952,6 +1113,7 @@ mod tests {
             meta: meta(1_200_000, extents),
             whole: None,
             reply,
+            replaces: None,
         })
         .unwrap();
         rx.await.unwrap().unwrap().unwrap();
@@ -1041,6 +1203,7 @@ mod tests {
                 meta: meta(bytes.len() as u64, extents),
                 whole,
                 reply,
+                replaces: None,
             })
             .unwrap();
             waits.push(rx);
@@ -1081,6 +1244,7 @@ mod tests {
                 meta: meta(5, Vec::new()),
                 whole: Some(Bytes::from_static(b"bytes")),
                 reply,
+                replaces: None,
             });
             answers.push(rx);
         }
@@ -1114,6 +1278,7 @@ mod tests {
             meta: meta(500, vec![large]),
             whole: None,
             reply,
+            replaces: None,
         })
         .unwrap();
         rx.await.unwrap().unwrap().unwrap();
@@ -1159,6 +1324,114 @@ mod tests {
         assert_eq!(read_blob(&segs, &again, 1), small);
         // Nothing left to recover.
         assert_eq!(recover(&segs, &again).unwrap(), 0);
+    }
+
+    /// A blob collected and its segment compacted on a node that committed nothing
+    /// since, so that its record is still after the journal's head: a crash then loses
+    /// the unsynced records, and recovery must not record the blob again, naming a
+    /// segment that is gone.
+    #[tokio::test]
+    async fn recovery_skips_a_record_whose_segment_was_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let sink = MemSink::default();
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        let chunk = segs.append(&[2u8; 500]).unwrap();
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(CommitRequest {
+            segments: HashSet::from([chunk.segment]),
+            key: key(2),
+            meta: meta(500, vec![chunk]),
+            whole: None,
+            reply,
+            replaces: None,
+        })
+        .unwrap();
+        rx.await.unwrap().unwrap().unwrap();
+        commit_whole(&tx, 3, b"small").await.unwrap().unwrap();
+        drop(tx);
+        handle.join().unwrap();
+        segs.retire(chunk.segment).unwrap();
+        assert!(!dir.path().join(segment_name(chunk.segment)).exists());
+
+        let crashed = sink.crashed();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        assert_eq!(recover(&segs, &crashed).unwrap(), 1);
+        assert!(!crashed.exists(&key(2)).unwrap(), "its chunks are gone");
+        assert_eq!(read_blob(&segs, &crashed, 3), b"small");
+    }
+
+    /// Compaction never takes a segment an upload in flight may still be writing to or
+    /// commit against, the segment appended to, or a journal segment recovery reads;
+    /// a retired segment stays readable through its open file until released.
+    #[test]
+    fn only_segments_below_every_write_are_compactable() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Segments::open(dir.path(), 100).unwrap();
+        let first = segs.append(&[1u8; 100]).unwrap();
+        let held = segs.hold();
+        let second = segs.append(&[2u8; 100]).unwrap();
+        let third = segs.append(&[3u8; 100]).unwrap();
+        let _ = segs.append(&[4u8; 100]).unwrap();
+        assert_eq!(
+            (first.segment, second.segment, third.segment),
+            (1, 2, 3),
+            "one chunk per segment"
+        );
+        // The hold was taken while segment 1 was appended to.
+        let none = HashSet::new();
+        assert_eq!(segs.compactable(&none).unwrap(), vec![]);
+        drop(held);
+        let ids = |v: Vec<(u32, u64)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(segs.compactable(&none).unwrap()), vec![1, 2, 3]);
+        let journal = HashSet::from([2]);
+        assert_eq!(ids(segs.compactable(&journal).unwrap()), vec![1, 3]);
+        assert_eq!(segs.compactable(&none).unwrap()[0], (1, 100));
+
+        segs.retire(2).unwrap();
+        assert!(!dir.path().join(segment_name(2)).exists());
+        assert_eq!(&segs.read(&second).unwrap()[..], &[2u8; 100][..]);
+        assert_eq!(ids(segs.compactable(&none).unwrap()), vec![1, 3]);
+        segs.release_retired();
+        assert!(segs.read(&second).is_err());
+        assert!(!segs.exists(2) && segs.exists(1));
+    }
+
+    /// A blob moved out of a segment replaces its record only while that still names the
+    /// place it was moved from.
+    #[tokio::test]
+    async fn a_move_replaces_only_the_record_it_was_made_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
+        let sink = MemSink::default();
+        let (tx, handle) = spawn_committer(segs.clone(), sink.clone()).unwrap();
+        commit_whole(&tx, 1, b"bytes").await.unwrap().unwrap();
+        let old = sink.meta(&key(1)).unwrap();
+        let moved = |replaces: BlobMeta| {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            tx.send(CommitRequest {
+                segments: HashSet::new(),
+                key: key(1),
+                meta: BlobMeta {
+                    extents: Vec::new(),
+                    ..old.clone()
+                },
+                whole: Some(Bytes::from_static(b"bytes")),
+                reply,
+                replaces: Some(replaces),
+            })
+            .unwrap();
+            rx
+        };
+        let new = moved(old.clone()).await.unwrap().unwrap().unwrap();
+        assert_ne!(new.extents, old.extents);
+        assert_eq!(sink.meta(&key(1)).unwrap(), new);
+        // Moved again from where it no longer is: nothing written.
+        assert!(moved(old.clone()).await.unwrap().unwrap().is_none());
+        assert_eq!(sink.meta(&key(1)).unwrap(), new);
+        assert_eq!(read_blob(&segs, &sink, 1), b"bytes");
+        drop(tx);
+        handle.join().unwrap();
     }
 
     /// A group with nothing new to record writes nothing, first thing after a start too
@@ -1208,6 +1481,7 @@ mod tests {
             meta: meta(3, Vec::new()),
             whole: Some(Bytes::from_static(b"bad")),
             reply,
+            replaces: None,
         })
         .unwrap();
         assert!(rx.await.is_err(), "the panicking group gets no answer");

@@ -354,3 +354,146 @@ fn npm_cli_tags_deprecate_whoami_ping_unpublish() {
     );
     assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
 }
+
+/// Counter `name` (no labels) from the node's `/metrics`.
+async fn counter(server: &Server, name: &str) -> u64 {
+    let text = server
+        .client()
+        .raw("GET", "/metrics", &[], vec![])
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes of the node's blob segment files.
+fn blob_files_bytes(data: &Path) -> u64 {
+    std::fs::read_dir(data.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Incompressible bytes, so that npm's tarball is as large as the file it packs.
+fn noise_file(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// What `npm unpublish` and `aws codeartifact delete-repository` leave unreferenced is
+/// removed and its disk space given back (the collector runs every second here, with
+/// 1 MiB segment files), while the versions still published install byte for byte.
+#[test]
+fn unpublished_and_deleted_packages_give_their_space_back() {
+    if !require("aws") || !require("npm") {
+        return;
+    }
+    let (tmp, server) =
+        Server::start_with_config("[blob_gc]\ninterval_secs = 1\nsegment_mib = 1\n");
+    let data = tmp.path().join("data");
+    let home = tmp.path().join("home");
+    let home = home.as_path();
+    aws(
+        &server,
+        home,
+        &["codeartifact", "create-domain", "--domain", "gc"],
+    );
+    for repo in ["main", "scratch"] {
+        let args = [
+            "codeartifact",
+            "create-repository",
+            "--domain",
+            "gc",
+            "--repository",
+            repo,
+        ];
+        aws(&server, home, &args);
+    }
+    // Six versions in one repository, two in another: ~400 KB tarballs, two to a
+    // segment file.
+    let pkg = home.join("src/big");
+    let mut files = Vec::new();
+    for (repo, versions) in [("main", 0..6u64), ("scratch", 6..8)] {
+        npm_login(&server, home, "gc", repo);
+        for i in versions {
+            let version = format!("1.0.{i}");
+            write(
+                &pkg.join("package.json"),
+                &format!(r#"{{"name":"big","version":"{version}","license":"MIT"}}"#),
+            );
+            let bytes = noise_file(400_000, i);
+            std::fs::write(pkg.join("data.bin"), &bytes).unwrap();
+            npm(home, &pkg, &["publish"]);
+            files.push(bytes);
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let peak = blob_files_bytes(&data);
+    assert!(peak > 3_000_000, "{peak} bytes stored");
+
+    npm_login(&server, home, "gc", "main");
+    for i in 0..4 {
+        npm(home, home, &["unpublish", &format!("big@1.0.{i}")]);
+    }
+    let args = [
+        "codeartifact",
+        "delete-repository",
+        "--domain",
+        "gc",
+        "--repository",
+        "scratch",
+    ];
+    aws(&server, home, &args);
+
+    // Two passes a second apart remove the six, and the segments holding only them go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (removed, reclaimed) = rt.block_on(async {
+            (
+                counter(&server, "granary_blobs_collected_total").await,
+                counter(&server, "granary_blob_bytes_reclaimed_total").await,
+            )
+        });
+        if removed >= 6 && reclaimed >= 1_500_000 {
+            assert_eq!(removed, 6, "only the unreferenced blobs are removed");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{removed} blobs removed, {reclaimed} bytes reclaimed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The deleted files are closed a pass later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while blob_files_bytes(&data) + 1_500_000 > peak {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bytes stored, {peak} at the peak",
+            blob_files_bytes(&data)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // What is still published installs, identical; what is not, does not.
+    let app = home.join("app");
+    write(
+        &app.join("package.json"),
+        r#"{"name":"app","version":"1.0.0","license":"MIT"}"#,
+    );
+    for i in [4, 5] {
+        npm(home, &app, &["install", &format!("big@1.0.{i}")]);
+        let installed = std::fs::read(app.join("node_modules/big/data.bin")).unwrap();
+        assert!(installed == files[i], "big@1.0.{i} installs its own bytes");
+    }
+    let gone = npm_output(home, &app, &["install", "big@1.0.1"]);
+    assert!(!gone.status.success(), "an unpublished version installs");
+}

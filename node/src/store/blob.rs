@@ -176,8 +176,11 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     fn retire(&self, _segment: u32) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Closes the segments retired by the last pass (see [`Segments::release_retired`]).
-    fn release_retired(&self) {}
+    /// Closes the segments retired by the last pass (see [`Segments::release_retired`]);
+    /// returns them.
+    fn release_retired(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 fn chunk_key(data_id: &[u8; 16], index: u32) -> [u8; 20] {
@@ -460,8 +463,8 @@ impl BlobBackend for RocksBlobBackend {
         self.segments.retire(segment)
     }
 
-    fn release_retired(&self) {
-        self.segments.release_retired();
+    fn release_retired(&self) -> Vec<u32> {
+        self.segments.release_retired()
     }
 }
 
@@ -1200,7 +1203,8 @@ impl BlobStore {
     /// CRC32C), the new records made durable, and the files deleted. First closes the
     /// files the last compaction deleted, which readers may have used until now.
     pub(crate) async fn compact(&self) -> Result<Compacted, StoreError> {
-        self.backend.release_retired();
+        let released = self.backend.release_retired();
+        self.forget_places_in(&released);
         let sizes: HashMap<u32, u64> = self.backend.compactable()?.into_iter().collect();
         if sizes.is_empty() {
             return Ok(Compacted::default());
@@ -1250,12 +1254,26 @@ impl BlobStore {
             .filter(|(id, _)| !named.contains(id))
             .collect();
         retired.sort_unstable();
-        for (id, size) in retired {
+        for &(id, size) in &retired {
             self.backend.retire(id)?;
             done.segments += 1;
             done.bytes += size;
         }
+        let ids: Vec<u32> = retired.iter().map(|(id, _)| *id).collect();
+        self.forget_places_in(&ids);
         Ok(done)
+    }
+
+    /// Drops the decoded records naming a place in these segments: a read that decoded
+    /// a blob's record just before its move may have kept it after the move's.
+    fn forget_places_in(&self, segments: &[u32]) {
+        if segments.is_empty() {
+            return;
+        }
+        self.metas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, m| !m.extents.iter().any(|e| segments.contains(&e.segment)));
     }
 
     /// Writes a blob again outside the segments being compacted, replacing its record if
@@ -1928,9 +1946,21 @@ mod tests {
                 data,
             ));
         }
+        let places: Vec<_> = live
+            .iter()
+            .map(|(i, _)| store.backend.meta(&key_of(i)).unwrap().unwrap())
+            .collect();
         let compacted = store.compact().await.unwrap();
         assert!(compacted.segments >= 2, "{compacted:?}");
         assert!(compacted.moved >= 1, "{compacted:?}");
+        // A read that decoded a moved blob's record just before the move, and kept it
+        // after the move's: it must not outlive the deleted file.
+        for ((info, _), old) in live.iter().zip(places) {
+            let now = store.backend.meta(&key_of(info)).unwrap().unwrap();
+            if !now.same_place(&old) {
+                remember(&store.metas, key_of(info), Arc::new(old));
+            }
+        }
         // The deleted files' space is back once the next pass releases them.
         store.compact().await.unwrap();
         let after = segment_bytes(&blobs_dir);

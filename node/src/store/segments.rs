@@ -269,16 +269,17 @@ impl Segments {
         Ok(())
     }
 
-    /// Closes the files of the segments retired so far; their space goes back to the
-    /// file system once no reader holds them.
-    pub(crate) fn release_retired(&self) {
+    /// Closes the files of the segments retired so far, and returns them; their space
+    /// goes back to the file system once no reader holds them.
+    pub(crate) fn release_retired(&self) -> Vec<u32> {
         let ids = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()));
         let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
         let mut poisoned = self.poisoned.write().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            files.remove(&id);
-            poisoned.remove(&id);
+        for id in &ids {
+            files.remove(id);
+            poisoned.remove(id);
         }
+        ids
     }
 
     /// Whether segment `id` is on disk (or still open for readers after it was retired).

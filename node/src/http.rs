@@ -175,9 +175,11 @@ async fn serve_format<F: Format>(
     // Every principal with a token for the domain may read and publish until policies
     // (a later change) narrow it; the action is still computed so that check has a place.
     let _action: Action = F::action(&route);
-    let body: Body = http_body_util::Limited::new(body, node.config.max_body_bytes as usize)
-        .map_err(|e| e as granary_format::body::BodyError)
-        .boxed_unsync();
+    let kept = Kept::new(body);
+    let body: Body =
+        http_body_util::Limited::new(kept.clone(), node.config.max_body_bytes as usize)
+            .map_err(|e| e as granary_format::body::BodyError)
+            .boxed_unsync();
     let registry = NodeRegistry::new(
         node.clone(),
         F::NAME,
@@ -190,9 +192,68 @@ async fn serve_format<F: Format>(
         format.upstream(),
     )
     .after(round);
-    match format.handle(route, body, &registry).await {
+    let resp = match format.handle(route, body, &registry).await {
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
+    };
+    // A handler that gave up part way through the body (a bad document, one too large)
+    // answers while the client may still be sending: read that first, as for `refuse`.
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        kept.drain_rest().await;
+    }
+    resp
+}
+
+/// A request body handed to a format's handler, which can still be taken back to be
+/// drained if the handler answers before reading it all.
+#[derive(Clone)]
+pub(crate) struct Kept(Arc<std::sync::Mutex<Option<Incoming>>>);
+
+impl Kept {
+    pub(crate) fn new(body: Incoming) -> Kept {
+        Kept(Arc::new(std::sync::Mutex::new(Some(body))))
+    }
+
+    /// Takes what the handler left of the body and [`drain`]s it.
+    pub(crate) async fn drain_rest(&self) {
+        let rest = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(rest) = rest
+            && !http_body::Body::is_end_stream(&rest)
+        {
+            drain(rest).await;
+        }
+    }
+}
+
+impl http_body::Body for Kept {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(http_body::Body::size_hint)
+            .unwrap_or_default()
     }
 }
 

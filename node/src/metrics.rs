@@ -43,6 +43,9 @@ pub(crate) const BLOB_BYTES_RECLAIMED: &str = "granary_blob_bytes_reclaimed_tota
 /// Passes of the blob collector that completed.
 pub(crate) const BLOB_GC_PASSES: &str = "granary_blob_gc_passes_total";
 
+/// Milliseconds the blob collector's completed passes took, from start to end.
+pub(crate) const BLOB_GC_MILLISECONDS: &str = "granary_blob_gc_milliseconds_total";
+
 /// What each counter means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
     (
@@ -60,6 +63,10 @@ const HELP: &[(&str, &str)] = &[
     (
         BLOB_GC_PASSES,
         "Passes of the blob collector that completed.",
+    ),
+    (
+        BLOB_GC_MILLISECONDS,
+        "Milliseconds the blob collector's completed passes took, start to end (reading the state and the blob records, removing, compacting).",
     ),
     (
         WRITES_TURNED_AWAY,

@@ -15,6 +15,13 @@
 //!                                                 the same publishes offered at RATE
 //!                                                 per second (open loop), whatever the
 //!                                                 cluster's answers: latency at that rate
+//! cluster-bench gc [VERSIONS] [KIB] [NODES] [RATE]
+//!                                                 VERSIONS publishes, every other one to
+//!                                                 a repository then deleted: how long the
+//!                                                 collector takes to remove and compact,
+//!                                                 the space it gives back, and the latency
+//!                                                 of RATE publishes/s to the other
+//!                                                 repository before and while it works
 //! ```
 //!
 //! `publish` is a closed loop: each of CONCURRENCY clients sends its next publish when
@@ -396,15 +403,229 @@ async fn cpu_per_publish(
     Some(((n1 - n0) / publishes, (b1 - b0) / publishes))
 }
 
+/// The blob collector's settings for `gc` unless `GRANARY_BENCH_CONFIG` says otherwise:
+/// a pass every 5 s, so that the run does not wait an hour, and 64 MiB segments, so that
+/// a few GiB of packages fill several.
+const GC_CONFIG: &str = "[blob_gc]\ninterval_secs = 5\nsegment_mib = 64\n";
+
+/// Sum of the counter `name` over its samples in `/metrics` of `client` (0 if absent).
+async fn counter(client: &NodeClient, name: &str) -> u64 {
+    let Ok(r) = client.raw("GET", "/metrics", &[], Vec::new()).await else {
+        return 0;
+    };
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Bytes of a node's blob segment files.
+fn segment_bytes(cluster: &Cluster, id: u64) -> u64 {
+    let dir = cluster.node(id).spec().data_dir.join("blobs");
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
+    let config = std::env::var("GRANARY_BENCH_CONFIG").unwrap_or_else(|_| GC_CONFIG.into());
+    let cluster = Cluster::start_with(
+        Seed::from_env(),
+        Options {
+            nodes: nodes as usize,
+            config_toml: Some(config.clone()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let ids = cluster.ids();
+    let clients = cluster.clients(&ids);
+    let keep = cluster.setup(1, "bench", "keep").await;
+    let dropped = cluster.setup(1, "bench", "dropped").await;
+    cluster.wait_leader(&ids, SETTLE_TIMEOUT).await;
+
+    // Fill: every other version to the repository that goes.
+    eprintln!("gc: publishing {versions} versions of {kib} KiB");
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..16usize {
+        let client = clients[w % clients.len()].clone();
+        let (keep, dropped, next) = (keep.clone(), dropped.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i as u64 >= versions {
+                    return;
+                }
+                let repo = if i % 2 == 0 { &keep } else { &dropped };
+                let name = format!("pkg-{}", i % 512);
+                let body = publish_body(&name, &format!("1.0.{i}"), kib as usize, i as u64);
+                while put(&client, repo, &name, body.clone()).await != Some(201) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let before: Vec<u64> = ids.iter().map(|&id| segment_bytes(&cluster, id)).collect();
+    let removed_before: u64 = {
+        let mut n = 0;
+        for c in &clients {
+            n += counter(c, "granary_blobs_collected_total").await;
+        }
+        n
+    };
+
+    // The load, open loop, to the repository that stays: latency by phase.
+    let phase = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (clients, keep, phase, stop) =
+            (clients.clone(), keep.clone(), phase.clone(), stop.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_secs(1).div_f64(rate as f64);
+            let first = Instant::now();
+            let mut sent = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let due = first + every.mul_f64(i as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let client = clients[i % clients.len()].clone();
+                let keep = keep.clone();
+                let at = phase.load(Ordering::Relaxed);
+                let n = versions as usize + i;
+                sent.push(tokio::spawn(async move {
+                    let name = format!("load-{}", n % 512);
+                    let body = publish_body(&name, &format!("2.0.{n}"), kib as usize, n as u64);
+                    let ok = put(&client, &keep, &name, body).await == Some(201);
+                    (at, ok, due.elapsed().as_secs_f64() * 1e3)
+                }));
+            }
+            let mut by_phase = [Vec::new(), Vec::new()];
+            let mut errors = 0u64;
+            for s in sent {
+                let (at, ok, ms) = s.await.expect("publish");
+                if ok {
+                    by_phase[at.min(1)].push(ms);
+                } else {
+                    errors += 1;
+                }
+            }
+            (by_phase, errors)
+        })
+    };
+    // Reference: the same load for two passes, nothing to collect.
+    let cpu = |cluster: &Cluster| -> f64 {
+        cluster
+            .ids()
+            .iter()
+            .filter_map(|&id| cpu_ms(cluster.node(id).pid()?))
+            .sum()
+    };
+    let window = Duration::from_secs(12);
+    let cpu0 = cpu(&cluster);
+    tokio::time::sleep(window).await;
+    let reference_cpu_ms_per_s = (cpu(&cluster) - cpu0) / window.as_secs_f64();
+
+    // Delete the repository, then wait for every node to remove its blobs and for the
+    // compaction to settle (no segment deleted for two passes).
+    phase.store(1, Ordering::Relaxed);
+    let deleted = Instant::now();
+    let cpu1 = cpu(&cluster);
+    clients[0]
+        .api(
+            "DELETE",
+            &format!("/v1/repository?domain=bench&repository={}", dropped.name),
+            None,
+        )
+        .await
+        .expect("DeleteRepository");
+    let half = versions / 2;
+    let (mut removed_at, mut settled_at, mut last_change) = (None, None, Instant::now());
+    let mut last_reclaimed = 0;
+    while settled_at.is_none() && deleted.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (mut removed, mut reclaimed) = (0, 0);
+        for c in &clients {
+            removed += counter(c, "granary_blobs_collected_total").await;
+            reclaimed += counter(c, "granary_blob_bytes_reclaimed_total").await;
+        }
+        if removed_at.is_none() && removed - removed_before >= half * nodes {
+            removed_at = Some(deleted.elapsed());
+        }
+        if reclaimed != last_reclaimed {
+            (last_reclaimed, last_change) = (reclaimed, Instant::now());
+        }
+        if removed_at.is_some()
+            && last_reclaimed > 0
+            && last_change.elapsed() > Duration::from_secs(11)
+        {
+            settled_at = Some(last_change.duration_since(deleted));
+        }
+    }
+    let gc_window = deleted.elapsed() - Duration::from_secs(11);
+    let during_cpu_ms_per_s = (cpu(&cluster) - cpu1) / deleted.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (mut by_phase, errors) = load.await.expect("load");
+    for p in &mut by_phase {
+        p.sort_by(f64::total_cmp);
+    }
+    let after: Vec<u64> = ids.iter().map(|&id| segment_bytes(&cluster, id)).collect();
+    let (mut passes, mut pass_ms) = (0, 0);
+    for c in &clients {
+        passes += counter(c, "granary_blob_gc_passes_total").await;
+        pass_ms += counter(c, "granary_blob_gc_milliseconds_total").await;
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "gc",
+            "nodes": nodes,
+            "config": config,
+            "versions": versions,
+            "kib": kib,
+            "removed_per_node": half,
+            "removed_all_nodes_s": removed_at.map(|d| d.as_secs_f64()),
+            "compaction_settled_s": settled_at.map(|d| d.as_secs_f64()),
+            "segment_bytes_before": before,
+            "segment_bytes_after": after,
+            "passes": passes,
+            "mean_pass_ms": pass_ms as f64 / passes.max(1) as f64,
+            "load_per_second": rate,
+            "load_errors": errors,
+            "reference_p50_ms": percentile(&by_phase[0], 0.5),
+            "reference_p99_ms": percentile(&by_phase[0], 0.99),
+            "reference_publishes": by_phase[0].len(),
+            "during_gc_p50_ms": percentile(&by_phase[1], 0.5),
+            "during_gc_p99_ms": percentile(&by_phase[1], 0.99),
+            "during_gc_max_ms": by_phase[1].last(),
+            "during_gc_publishes": by_phase[1].len(),
+            "gc_window_s": gc_window.as_secs_f64(),
+            "reference_node_cpu_ms_per_s": reference_cpu_ms_per_s,
+            "during_gc_node_cpu_ms_per_s": during_cpu_ms_per_s,
+        })
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("failover") => failover(arg(2, 20)).await,
         Some("publish") => publish(arg(2, 20), arg(3, 64), arg(4, 100), arg(5, 3), arg(6, 0)).await,
         Some("rate") => rate(arg(2, 20), arg(3, 500), arg(4, 100), arg(5, 3), arg(6, 0)).await,
+        Some("gc") => gc(arg(2, 20_000), arg(3, 100), arg(4, 3), arg(5, 100)).await,
         _ => {
             eprintln!(
-                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP] | rate [SECONDS] [RATE] [KIB] [NODES] [WARMUP]"
+                "usage: cluster-bench failover [TRIALS] | publish [SECONDS] [CONCURRENCY] [KIB] [NODES] [WARMUP] | rate [SECONDS] [RATE] [KIB] [NODES] [WARMUP] | gc [VERSIONS] [KIB] [NODES] [RATE]"
             );
             std::process::exit(2);
         }

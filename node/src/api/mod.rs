@@ -57,12 +57,17 @@ async fn handle_inner(
 ) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let limit = node.config.max_api_body_bytes;
-    let body = match http_body_util::Limited::new(body, limit as usize)
+    let kept = crate::http::Kept::new(body);
+    let body = match http_body_util::Limited::new(kept.clone(), limit as usize)
         .collect()
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(e) if granary_format::body::is_too_large(&*e) => return Err(ApiError::TooLarge(limit)),
+        Err(e) if granary_format::body::is_too_large(&*e) => {
+            // The client may still be sending: read that first, or it sees a reset.
+            kept.drain_rest().await;
+            return Err(ApiError::TooLarge(limit));
+        }
         Err(e) => return Err(field(format!("could not read the request body: {e}"))),
     };
     let caller = auth::authenticate_api(node, &parts, &body).map_err(|e| match e {

@@ -70,9 +70,16 @@ pub(crate) fn spawn(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
+            let started = std::time::Instant::now();
             match pass(&blobs, &state, &cluster, interval).await {
                 Ok(p) => {
+                    let took = started.elapsed();
                     let (c, k) = (p.collected, p.compacted);
+                    metrics.add(
+                        crate::metrics::BLOB_GC_MILLISECONDS,
+                        &[],
+                        took.as_millis() as u64,
+                    );
                     metrics.add(crate::metrics::BLOBS_COLLECTED, &[], c.removed as u64);
                     metrics.add(crate::metrics::SEGMENTS_COMPACTED, &[], k.segments as u64);
                     metrics.add(crate::metrics::BLOB_BYTES_RECLAIMED, &[], k.bytes);
@@ -85,6 +92,7 @@ pub(crate) fn spawn(
                             segments_deleted = k.segments,
                             segment_bytes = k.bytes,
                             blobs_moved = k.moved,
+                            took_ms = took.as_millis() as u64,
                             "blob collector: unreferenced blobs removed, segments compacted"
                         );
                     }

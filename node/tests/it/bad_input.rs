@@ -258,25 +258,34 @@ fn body_over_the_configured_limit_is_refused() {
     rt.block_on(async {
         let c = server.client();
         let token = c.setup("bad", "repo").await;
-        let tgz = fake_tgz(7, 100_000);
-        let body = npm_publish_body("huge", "1.0.0", &tgz, json!({}));
-        let r = c
-            .raw(
-                "PUT",
-                "/npm/bad/repo/huge",
-                &[("authorization", format!("Bearer {token}"))],
-                body.to_string().into_bytes(),
-            )
-            .await;
-        assert_eq!(r.status, 413, "{}", r.text());
-        assert!(r.json()["error"].is_string());
+        // Just over, and far over: a client still sending when the limit is found gets
+        // the 413 too, not a reset (several times: with the rest unread, which it sees
+        // depends on timing).
+        for (i, len) in [100_000, 12 << 20, 12 << 20, 12 << 20, 12 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let tgz = fake_tgz(7 + i as u64, len);
+            let body = npm_publish_body("huge", "1.0.0", &tgz, json!({}));
+            let r = c
+                .raw(
+                    "PUT",
+                    "/npm/bad/repo/huge",
+                    &[("authorization", format!("Bearer {token}"))],
+                    body.to_string().into_bytes(),
+                )
+                .await;
+            assert_eq!(r.status, 413, "{}", r.text());
+            assert!(r.json()["error"].is_string());
+        }
         assert!(npm_versions(&c, &token, "huge").await.is_none());
     });
 }
 
 /// A large upload refused before its body is read (a bad token, a repository that does
-/// not exist) gets its answer, not a connection reset in the middle of the upload: what
-/// `npm publish` with an expired token needs to tell its user to log in again.
+/// not exist), or by its format part way through it, gets its answer, not a connection
+/// reset in the middle of the upload: what `npm publish` with an expired token needs to
+/// tell its user to log in again.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_uploads_refused_early_get_their_answer() {
     let server = Server::start();
@@ -306,6 +315,28 @@ async fn large_uploads_refused_early_get_their_answer() {
             )
             .await;
         assert_eq!(r.status, 404, "{}", r.text());
+        // Refused by the format part way through the body: not a publish document.
+        let mut bad = b"{\"name\":\"big\",\"versions\":[".to_vec();
+        bad.resize(12 << 20, b' ');
+        let r = c
+            .raw(
+                "PUT",
+                "/npm/bad/repo/big",
+                &[("authorization", format!("Bearer {token}"))],
+                bad,
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        // The API's limit on a request body (1 MiB), found part way through it.
+        let description = "x".repeat(12 << 20);
+        let r = c
+            .api(
+                "PUT",
+                "/v1/repository?domain=bad&repository=repo",
+                Some(json!({ "description": description })),
+            )
+            .await;
+        assert_eq!(r.status, 413, "{}", r.text());
     }
     assert!(npm_versions(&c, &token, "big").await.is_none());
 }

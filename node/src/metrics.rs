@@ -37,6 +37,9 @@ pub(crate) const BLOBS_COLLECTED: &str = "granary_blobs_collected_total";
 /// Blob segment files the collector deleted after moving their live blobs out.
 pub(crate) const SEGMENTS_COMPACTED: &str = "granary_blob_segments_compacted_total";
 
+/// Live blobs the collector wrote again elsewhere to empty a segment file.
+pub(crate) const BLOBS_MOVED: &str = "granary_blobs_moved_total";
+
 /// Bytes of the blob segment files the collector deleted.
 pub(crate) const BLOB_BYTES_RECLAIMED: &str = "granary_blob_bytes_reclaimed_total";
 
@@ -55,6 +58,10 @@ const HELP: &[(&str, &str)] = &[
     (
         SEGMENTS_COMPACTED,
         "Blob segment files deleted by the collector once their live blobs were written elsewhere.",
+    ),
+    (
+        BLOBS_MOVED,
+        "Live blobs the collector wrote again elsewhere to empty a mostly dead segment file.",
     ),
     (
         BLOB_BYTES_RECLAIMED,

@@ -580,8 +580,9 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
         p.sort_by(f64::total_cmp);
     }
     let after: Vec<u64> = ids.iter().map(|&id| segment_bytes(&cluster, id)).collect();
-    let (mut passes, mut pass_ms) = (0, 0);
+    let (mut passes, mut pass_ms, mut moved) = (0, 0, 0);
     for c in &clients {
+        moved += counter(c, "granary_blobs_moved_total").await;
         passes += counter(c, "granary_blob_gc_passes_total").await;
         pass_ms += counter(c, "granary_blob_gc_milliseconds_total").await;
     }
@@ -598,6 +599,9 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
             "compaction_settled_s": settled_at.map(|d| d.as_secs_f64()),
             "segment_bytes_before": before,
             "segment_bytes_after": after,
+            "reclaimed_bytes_all_nodes": last_reclaimed,
+            "moved_blobs_all_nodes": moved,
+            "load_bytes_stored_per_node": (by_phase[0].len() + by_phase[1].len()) as u64 * kib * 1024,
             "passes": passes,
             "mean_pass_ms": pass_ms as f64 / passes.max(1) as f64,
             "load_per_second": rate,

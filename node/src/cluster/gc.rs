@@ -83,6 +83,7 @@ pub(crate) fn spawn(
                     metrics.add(crate::metrics::BLOBS_COLLECTED, &[], c.removed as u64);
                     metrics.add(crate::metrics::SEGMENTS_COMPACTED, &[], k.segments as u64);
                     metrics.add(crate::metrics::BLOB_BYTES_RECLAIMED, &[], k.bytes);
+                    metrics.add(crate::metrics::BLOBS_MOVED, &[], k.moved as u64);
                     metrics.add(crate::metrics::BLOB_GC_PASSES, &[], 1);
                     if c.removed > 0 || k.segments > 0 {
                         tracing::info!(

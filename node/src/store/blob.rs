@@ -1918,7 +1918,7 @@ mod tests {
             } else {
                 90_000
             };
-            let data = sample_seeded(len, i);
+            let data = crate::store::noise(len, i);
             let info = store.put(body::full(data.clone()), u64::MAX).await.unwrap();
             all.push((info, data));
         }
@@ -1940,7 +1940,7 @@ mod tests {
             } else {
                 90_000
             };
-            let data = sample_seeded(len, i);
+            let data = crate::store::noise(len, i);
             later.push((
                 store.put(body::full(data.clone()), u64::MAX).await.unwrap(),
                 data,
@@ -1988,16 +1988,40 @@ mod tests {
         check(open()).await;
     }
 
-    fn sample_seeded(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+    /// Most packages fit in one chunk and go whole to the journal: with no chunk segment
+    /// ever appended to, the journal's full segments below its head are compacted.
+    #[tokio::test]
+    async fn segments_of_whole_blobs_alone_are_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let backend =
+            RocksBlobBackend::open_sized(store, &dir.path().join("blobs"), 1 << 20).unwrap();
+        let store = BlobStore::new(Arc::new(backend), 1 << 20);
+        let mut all = Vec::new();
+        for i in 0..40u64 {
+            let data = crate::store::noise(100_000, i);
+            all.push((
+                store.put(body::full(data.clone()), u64::MAX).await.unwrap(),
+                data,
+            ));
+        }
+        let referenced = all.iter().step_by(3).map(|(i, _)| key_of(i)).collect();
+        store
+            .collect(&referenced, std::time::Duration::ZERO)
+            .unwrap();
+        assert_eq!(
+            store
+                .collect(&referenced, std::time::Duration::ZERO)
+                .unwrap()
+                .removed,
+            26
+        );
+        let compacted = store.compact().await.unwrap();
+        assert!(compacted.segments >= 2, "{compacted:?}");
+        for (info, data) in all.iter().step_by(3) {
+            let back = store.read_all(&info.hashes.sha256).await.unwrap();
+            assert!(back[..] == data[..]);
+        }
     }
 
     #[tokio::test]

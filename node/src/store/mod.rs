@@ -128,3 +128,17 @@ pub(crate) fn next_group<T>(rx: &std::sync::mpsc::Receiver<T>, max: usize) -> Op
     }
     Some(group)
 }
+
+/// Incompressible bytes, different for each `seed` (for tests).
+#[cfg(test)]
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

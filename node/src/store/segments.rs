@@ -215,7 +215,16 @@ impl Segments {
         &self,
         journal: &HashSet<u32>,
     ) -> Result<Vec<(u32, u64)>, StoreError> {
-        let mut below = self.active.lock().unwrap_or_else(|p| p.into_inner()).id;
+        // Nothing appended since the node started (every blob small enough to go whole
+        // to the journal): the next append starts a new segment, above every file.
+        let mut below = {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if active.file.is_some() {
+                active.id
+            } else {
+                u32::MAX
+            }
+        };
         if let Some((&floor, _)) = self
             .holds
             .lock()
@@ -1059,17 +1068,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("fincore said {text:?}: {e}"))
     }
 
-    /// Incompressible bytes, different for each `i`.
     fn noise(len: usize, i: u32) -> Vec<u8> {
-        let mut x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        super::super::noise(len, u64::from(i))
     }
 
     /// Stored bytes do not stay in the page cache once synced: the journal's are dropped
@@ -1396,6 +1396,21 @@ mod tests {
         segs.release_retired();
         assert!(segs.read(&second).is_err());
         assert!(!segs.exists(2) && segs.exists(1));
+
+        // Reopened, with nothing appended yet: the next append goes to a new segment,
+        // so every file may be compacted (but the journal's).
+        drop(segs);
+        let segs = Segments::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(segs.compactable(&journal).unwrap()), vec![1, 3, 4]);
+        let held = segs.hold();
+        assert_eq!(segs.append(&[5u8; 100]).unwrap().segment, 5);
+        assert_eq!(
+            ids(segs.compactable(&none).unwrap()),
+            vec![1, 3],
+            "held from 4"
+        );
+        drop(held);
+        assert_eq!(ids(segs.compactable(&none).unwrap()), vec![1, 3, 4]);
     }
 
     /// A blob moved out of a segment replaces its record only while that still names the

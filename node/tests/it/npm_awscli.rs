@@ -3,7 +3,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::{ACCESS_KEY, REGION, SECRET_KEY, Server, npm_output, require};
+use crate::harness::{ACCESS_KEY, REGION, SECRET_KEY, Server, fake_tgz, npm_output, require};
 
 /// Runs the AWS CLI against the server with the admin's credentials and `home` as HOME.
 fn aws(server: &Server, home: &Path, args: &[&str]) -> String {
@@ -375,19 +375,6 @@ fn blob_files_bytes(data: &Path) -> u64 {
         .sum()
 }
 
-/// Incompressible bytes, so that npm's tarball is as large as the file it packs.
-fn noise_file(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// What `npm unpublish` and `aws codeartifact delete-repository` leave unreferenced is
 /// removed and its disk space given back (the collector runs every second here, with
 /// 1 MiB segment files), while the versions still published install byte for byte.
@@ -429,7 +416,8 @@ fn unpublished_and_deleted_packages_give_their_space_back() {
                 &pkg.join("package.json"),
                 &format!(r#"{{"name":"big","version":"{version}","license":"MIT"}}"#),
             );
-            let bytes = noise_file(400_000, i);
+            // Incompressible, so that the tarball is as large as the file.
+            let bytes = fake_tgz(i, 400_000);
             std::fs::write(pkg.join("data.bin"), &bytes).unwrap();
             npm(home, &pkg, &["publish"]);
             files.push(bytes);

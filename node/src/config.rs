@@ -244,6 +244,10 @@ pub struct BlobGcConfig {
     /// given back a segment at a time, so smaller segments give it back sooner, at the
     /// cost of more files. Default: `1024`.
     pub segment_mib: u64,
+    /// After each live blob it moves out of a segment being compacted, the collector
+    /// pauses this many times as long as the move took, so compaction takes at most
+    /// 1/(1 + tranquility) of the disk from requests. Default: `2`.
+    pub tranquility: u32,
 }
 
 /// Repository actor lifecycle.
@@ -316,6 +320,7 @@ impl Default for BlobGcConfig {
         BlobGcConfig {
             interval_secs: 3600,
             segment_mib: crate::store::segments::SEGMENT_BYTES >> 20,
+            tranquility: 2,
         }
     }
 }
@@ -423,6 +428,9 @@ impl Config {
         }
         if self.scrub.tranquility > 1000 {
             return invalid("scrub.tranquility must be at most 1000");
+        }
+        if self.blob_gc.tranquility > 1000 {
+            return invalid("blob_gc.tranquility must be at most 1000");
         }
         if !(1..=65536).contains(&self.blob_gc.segment_mib) {
             return invalid("blob_gc.segment_mib must be between 1 and 65536");

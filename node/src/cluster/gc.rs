@@ -6,7 +6,8 @@
 //!     ─▶ referenced = every asset digest in the state (one RocksDB snapshot)
 //!     ─▶ BlobStore::collect: unreferenced blobs become candidates; a candidate still
 //!        unreferenced a whole interval later, untouched by writes, is removed (synced)
-//!     ─▶ BlobStore::compact: segments at most half live are written out and deleted
+//!     ─▶ BlobStore::compact: segments at most half live are written out and deleted,
+//!        pausing `tranquility` times as long as each move took
 //! ```
 //!
 //! Each node collects its own copies: which blobs are referenced is decided by the
@@ -71,7 +72,7 @@ pub(crate) fn spawn(
                 _ = tokio::time::sleep(interval) => {}
             }
             let started = std::time::Instant::now();
-            match pass(&blobs, &state, &cluster, interval).await {
+            match pass(&blobs, &state, &cluster, interval, config.tranquility).await {
                 Ok(p) => {
                     let took = started.elapsed();
                     let (c, k) = (p.collected, p.compacted);
@@ -105,12 +106,13 @@ pub(crate) fn spawn(
 }
 
 /// One pass: see the module's doc. `grace` is how long a blob must have been a
-/// candidate to be removed.
+/// candidate to be removed; compaction paces itself by `tranquility`.
 pub(crate) async fn pass(
     blobs: &BlobStore,
     state: &StateView,
     cluster: &Cluster,
     grace: Duration,
+    tranquility: u32,
 ) -> Result<Pass, String> {
     cluster
         .linearize_strictly()
@@ -136,10 +138,11 @@ pub(crate) async fn pass(
     // workers, like the scans.
     let store = blobs.clone();
     let runtime = tokio::runtime::Handle::current();
-    let compacted = tokio::task::spawn_blocking(move || runtime.block_on(store.compact()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("compacting segments: {e}"))?;
+    let compacted =
+        tokio::task::spawn_blocking(move || runtime.block_on(store.compact(tranquility)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("compacting segments: {e}"))?;
     Ok(Pass {
         collected,
         compacted,

@@ -1201,8 +1201,9 @@ impl BlobStore {
     /// Compacts the segments at most half of whose bytes are still named by a record:
     /// their live blobs are written again (as new uploads are, checked against their
     /// CRC32C), the new records made durable, and the files deleted. First closes the
-    /// files the last compaction deleted, which readers may have used until now.
-    pub(crate) async fn compact(&self) -> Result<Compacted, StoreError> {
+    /// files the last compaction deleted, which readers may have used until now. After
+    /// each move it pauses `tranquility` times as long as the move took.
+    pub(crate) async fn compact(&self, tranquility: u32) -> Result<Compacted, StoreError> {
         let released = self.backend.release_retired();
         self.forget_places_in(&released);
         let sizes: HashMap<u32, u64> = self.backend.compactable()?.into_iter().collect();
@@ -1232,7 +1233,10 @@ impl BlobStore {
         })?;
         let mut done = Compacted::default();
         for (key, meta) in to_move {
-            match self.relocate(key, meta).await {
+            let started = std::time::Instant::now();
+            let moved = self.relocate(key, meta).await;
+            tokio::time::sleep(started.elapsed() * tranquility).await;
+            match moved {
                 Ok(()) => done.moved += 1,
                 // Damaged bytes drop their record (a peer's copy is fetched again); any
                 // other failure keeps the segment, checked below.
@@ -1950,7 +1954,7 @@ mod tests {
             .iter()
             .map(|(i, _)| store.backend.meta(&key_of(i)).unwrap().unwrap())
             .collect();
-        let compacted = store.compact().await.unwrap();
+        let compacted = store.compact(0).await.unwrap();
         assert!(compacted.segments >= 2, "{compacted:?}");
         assert!(compacted.moved >= 1, "{compacted:?}");
         // A read that decoded a moved blob's record just before the move, and kept it
@@ -1962,7 +1966,7 @@ mod tests {
             }
         }
         // The deleted files' space is back once the next pass releases them.
-        store.compact().await.unwrap();
+        store.compact(0).await.unwrap();
         let after = segment_bytes(&blobs_dir);
         // Three segments of the first five went (4.7 MB before, 2.8 MB of it deleted,
         // 1.6 MB written since).
@@ -2016,7 +2020,7 @@ mod tests {
                 .removed,
             26
         );
-        let compacted = store.compact().await.unwrap();
+        let compacted = store.compact(0).await.unwrap();
         assert!(compacted.segments >= 2, "{compacted:?}");
         for (info, data) in all.iter().step_by(3) {
             let back = store.read_all(&info.hashes.sha256).await.unwrap();

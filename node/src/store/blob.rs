@@ -676,6 +676,9 @@ pub(crate) struct BlobStore {
     /// Blobs found unreferenced, and when each was first found so (see
     /// [`BlobStore::collect`]).
     candidates: Candidates,
+    /// Bumped by [`BlobStore::collect`] before it removes records: a record read before
+    /// a removal is not kept in `metas` after it (see [`BlobStore::meta`]).
+    removals: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Blobs found unreferenced by the collector, each with when it was first found so.
@@ -719,7 +722,20 @@ type MetaCache = Arc<std::sync::RwLock<std::collections::HashMap<[u8; 32], Arc<B
 
 /// Keeps a decoded meta record; the map is emptied when full (a crude bound).
 fn remember(metas: &MetaCache, sha: [u8; 32], meta: Arc<BlobMeta>) {
+    remember_if(metas, sha, meta, || true);
+}
+
+/// As [`remember`], if `still` holds once the cache is locked.
+fn remember_if(
+    metas: &MetaCache,
+    sha: [u8; 32],
+    meta: Arc<BlobMeta>,
+    still: impl FnOnce() -> bool,
+) {
     let mut metas = metas.write().unwrap_or_else(|p| p.into_inner());
+    if !still() {
+        return;
+    }
     if metas.len() >= META_CACHE_ENTRIES {
         metas.clear();
     }
@@ -835,6 +851,7 @@ impl BlobStore {
             cache: Arc::new(ChunkCache::new(cache_bytes)),
             metas: Default::default(),
             candidates: Default::default(),
+            removals: Default::default(),
         }
     }
 
@@ -847,11 +864,16 @@ impl BlobStore {
         {
             return Ok(Some(m.clone()));
         }
+        let removals = self.removals.load(std::sync::atomic::Ordering::SeqCst);
         let Some(meta) = self.backend.meta(sha)? else {
             return Ok(None);
         };
         let meta = Arc::new(meta);
-        remember(&self.metas, *sha, meta.clone());
+        // Kept only if no removal started since the read: one that did may have removed
+        // this record, and emptied the cache of it, after the read.
+        remember_if(&self.metas, *sha, meta.clone(), || {
+            self.removals.load(std::sync::atomic::Ordering::SeqCst) == removals
+        });
         Ok(Some(meta))
     }
 
@@ -1185,6 +1207,10 @@ impl BlobStore {
         }
         // Under the candidates' lock: a write touching one of these waits until it is
         // removed, and then finds it missing.
+        if !due.is_empty() {
+            self.removals
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let removed = self.backend.remove(due)?;
         let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
         for (key, _) in &removed {
@@ -1990,6 +2016,51 @@ mod tests {
         check(store.clone()).await;
         drop(store);
         check(open()).await;
+    }
+
+    /// A blob stored before segment files existed (its chunks in the `blobs` column
+    /// family) is read as before, and removed with its chunks.
+    #[tokio::test]
+    async fn a_blob_of_the_older_layout_is_removed_with_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Store::open(dir.path()).unwrap();
+        let data = crate::store::noise(CHUNK_SIZE + 10, 1);
+        let info = BlobInfo {
+            size: data.len() as u64,
+            hashes: hashes_of(&data),
+        };
+        let id = [7u8; 16];
+        let meta = BlobMeta {
+            extents: Vec::new(),
+            data_id: Some(id),
+            chunks: 2,
+            info: info.clone(),
+            crc32c: None,
+        };
+        let (meta_cf, chunks_cf) = (db.cf(CF_BLOB_META), db.cf(CF_BLOBS));
+        for (i, part) in data.chunks(CHUNK_SIZE).enumerate() {
+            db.db()
+                .put_cf(chunks_cf, chunk_key(&id, i as u32), part)
+                .unwrap();
+        }
+        db.db()
+            .put_cf(meta_cf, key_of(&info), serde_json::to_vec(&meta).unwrap())
+            .unwrap();
+        let backend = RocksBlobBackend::open(db.clone(), &dir.path().join("blobs")).unwrap();
+        let store = BlobStore::new(Arc::new(backend), 1 << 20);
+        assert_eq!(
+            &store.read_all(&info.hashes.sha256).await.unwrap()[..],
+            &data[..]
+        );
+        let none = std::collections::HashSet::new();
+        store.collect(&none, std::time::Duration::ZERO).unwrap();
+        let collected = store.collect(&none, std::time::Duration::ZERO).unwrap();
+        assert_eq!((collected.removed, collected.removed_bytes), (1, info.size));
+        assert!(!store.has(&info.hashes.sha256).unwrap());
+        for i in 0..2 {
+            let chunk = db.db().get_cf(chunks_cf, chunk_key(&id, i)).unwrap();
+            assert!(chunk.is_none(), "chunk {i} is gone");
+        }
     }
 
     /// Most packages fit in one chunk and go whole to the journal: with no chunk segment

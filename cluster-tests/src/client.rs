@@ -544,6 +544,20 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// The sum of every sample of the counter `name` in a node's `/metrics` text (Prometheus
+/// format; 0 when absent).
+pub fn counter_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.split('{').next()? == name)
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// The escaped path segment npm uses for a package name (`@scope/name` → `@scope%2fname`).
 pub fn npm_escape(name: &str) -> String {
     name.replace('/', "%2f")

@@ -48,7 +48,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use granary_cluster_tests::bench::{arg, cpu_ms, percentile};
-use granary_cluster_tests::client::{NodeClient, Repo, fake_tgz, noise, npm_publish_body};
+use granary_cluster_tests::client::{
+    NodeClient, Repo, counter_sum, fake_tgz, noise, npm_publish_body,
+};
 use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::seed::Seed;
 use serde_json::json;
@@ -413,11 +415,7 @@ async fn counter(client: &NodeClient, name: &str) -> u64 {
     let Ok(r) = client.raw("GET", "/metrics", &[], Vec::new()).await else {
         return 0;
     };
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
-        .sum()
+    counter_sum(&String::from_utf8_lossy(&r.body), name)
 }
 
 /// Bytes of a node's blob segment files.
@@ -565,11 +563,12 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
         if reclaimed != last_reclaimed {
             (last_reclaimed, last_change) = (reclaimed, Instant::now());
         }
-        if removed_at.is_some()
-            && last_reclaimed > 0
+        // Settled: no segment deleted for two passes after the removal (none at all when
+        // what was stored fits in the segments still written to).
+        if let Some(removed) = removed_at
             && last_change.elapsed() > Duration::from_secs(11)
         {
-            settled_at = Some(last_change.duration_since(deleted));
+            settled_at = Some(last_change.duration_since(deleted).max(removed));
         }
     }
     let gc_window = deleted.elapsed() - Duration::from_secs(11);

@@ -3,7 +3,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use granary_cluster_tests::client::{
-    NodeClient, Repo, Resp, TransportError, fake_tgz, noise, npm_escape,
+    NodeClient, Repo, Resp, TransportError, counter_sum, fake_tgz, noise, npm_escape,
 };
 use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::invariants::{blobs_resolve, packument, retrying};
@@ -45,22 +45,6 @@ struct Counters {
     pulls: u64,
 }
 
-/// The sum of every sample of the counter `name` in Prometheus text (0 when absent).
-fn counter_in(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let series_name = series.split('{').next()?;
-            if series_name == name {
-                value.trim().parse::<u64>().ok()
-            } else {
-                None
-            }
-        })
-        .sum()
-}
-
 async fn counters(node: &NodeClient) -> Result<Counters, String> {
     let r = node
         .raw("GET", "/metrics", &[], vec![])
@@ -71,11 +55,11 @@ async fn counters(node: &NodeClient) -> Result<Counters, String> {
     }
     let text = r.text();
     Ok(Counters {
-        collected: counter_in(&text, COLLECTED),
-        compacted: counter_in(&text, COMPACTED),
-        reclaimed: counter_in(&text, RECLAIMED),
-        passes: counter_in(&text, PASSES),
-        pulls: counter_in(&text, PULLS),
+        collected: counter_sum(&text, COLLECTED),
+        compacted: counter_sum(&text, COMPACTED),
+        reclaimed: counter_sum(&text, RECLAIMED),
+        passes: counter_sum(&text, PASSES),
+        pulls: counter_sum(&text, PULLS),
     })
 }
 

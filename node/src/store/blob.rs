@@ -780,6 +780,8 @@ pub(crate) struct Written {
     replaces: Option<BlobMeta>,
     /// Keeps the segments its chunks are in from compaction until it is committed.
     _hold: Option<Hold>,
+    /// Whether its bytes go into the chunk cache (not for a blob moved by compaction).
+    cached: bool,
 }
 
 impl Written {
@@ -812,7 +814,9 @@ impl Written {
             // A new package is read again at once (pushed to peers, often installed), and
             // every node asks whether it holds it once its metadata is applied.
             Some(meta) => {
-                if let (Some(whole), Some(at)) = (self.whole, meta.extents.first()) {
+                if let (true, Some(whole), Some(at)) =
+                    (self.cached, self.whole, meta.extents.first())
+                {
                     self.cache.insert(extent_cache_key(at), whole);
                 }
                 remember(&self.metas, self.sha, Arc::new(meta));
@@ -880,14 +884,14 @@ impl BlobStore {
     /// Streams `body` into the store, hashing as it goes; at most `limit` bytes.
     #[cfg(test)]
     pub(crate) async fn put(&self, body: Body, limit: u64) -> Result<BlobInfo, BlobError> {
-        self.write(body, limit, None).await?.commit().await
+        self.write(body, limit, None, true).await?.commit().await
     }
 
     /// Streams a new upload into the store as [`BlobStore::put`] does, but returns once
     /// its bytes are written and hashed: [`Written::commit`] makes it durable, and the
     /// caller may copy the bytes elsewhere meanwhile.
     pub(crate) async fn write_new(&self, body: Body, limit: u64) -> Result<Written, BlobError> {
-        self.write(body, limit, None).await
+        self.write(body, limit, None, true).await
     }
 
     /// Stores a copy of a blob whose size and digests are known: its size and `check` are
@@ -899,17 +903,20 @@ impl BlobStore {
         expected: &BlobInfo,
         check: ReplicaCheck,
     ) -> Result<BlobInfo, BlobError> {
-        self.write(body, limit, Some((expected, check)))
+        self.write(body, limit, Some((expected, check)), true)
             .await?
             .commit()
             .await
     }
 
+    /// Streams `body` in (see [`BlobStore::write_chunk`]); `cached`: its bytes go into
+    /// the chunk cache as they are written, as a new package's are read again at once.
     async fn write(
         &self,
         mut body: Body,
         limit: u64,
         expected: Option<(&BlobInfo, ReplicaCheck)>,
+        cached: bool,
     ) -> Result<Written, BlobError> {
         let mut hasher = Hasher::new(match expected {
             None => Hashing::All(Box::new(MultiHasher::new())),
@@ -949,7 +956,7 @@ impl BlobStore {
                         if hold.is_none() {
                             hold = self.backend.hold();
                         }
-                        let at = self.write_chunk(buf.split().freeze(), extents.len())?;
+                        let at = self.write_chunk(buf.split().freeze(), extents.len(), cached)?;
                         extents.push(at);
                         buf.reserve(CHUNK_SIZE);
                     }
@@ -961,7 +968,7 @@ impl BlobStore {
                     // It fits in one chunk: the commit writes it with its record.
                     whole = Some(own_size(chunk));
                 } else {
-                    let at = self.write_chunk(chunk, extents.len())?;
+                    let at = self.write_chunk(chunk, extents.len(), cached)?;
                     extents.push(at);
                 }
             }
@@ -1024,6 +1031,7 @@ impl BlobStore {
             meta,
             replaces: None,
             _hold: hold,
+            cached,
         })
     }
 
@@ -1038,9 +1046,9 @@ impl BlobStore {
     /// for the next upload instead of every upload faulting in fresh pages.
     ///
     /// Returns where the chunk lies.
-    fn write_chunk(&self, chunk: Bytes, index: usize) -> Result<Extent, StoreError> {
+    fn write_chunk(&self, chunk: Bytes, index: usize, cached: bool) -> Result<Extent, StoreError> {
         let at = self.backend.put_chunk(&chunk)?;
-        if index < CACHED_CHUNKS_PER_UPLOAD {
+        if cached && index < CACHED_CHUNKS_PER_UPLOAD {
             self.cache.insert(extent_cache_key(&at), own_size(chunk));
         }
         Ok(at)
@@ -1315,7 +1323,10 @@ impl BlobStore {
         };
         let info = meta.info.clone();
         let body = self.parts_of(sha, Arc::new(meta.clone()), false);
-        let mut written = self.write(body, u64::MAX, Some((&info, check))).await?;
+        // A move is not a read: what the cache holds stays.
+        let mut written = self
+            .write(body, u64::MAX, Some((&info, check)), false)
+            .await?;
         written.replaces = Some(meta);
         written.commit().await.map(|_| ())
     }
@@ -2071,7 +2082,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let backend =
             RocksBlobBackend::open_sized(store, &dir.path().join("blobs"), 1 << 20).unwrap();
-        let store = BlobStore::new(Arc::new(backend), 1 << 20);
+        // A cache large enough to hold what it is given.
+        let store = BlobStore::new(Arc::new(backend), 64 << 20);
         let mut all = Vec::new();
         for i in 0..40u64 {
             let data = crate::store::noise(100_000, i);
@@ -2091,8 +2103,23 @@ mod tests {
                 .removed,
             26
         );
+        let places: Vec<_> = all
+            .iter()
+            .step_by(3)
+            .map(|(i, _)| store.backend.meta(&key_of(i)).unwrap().unwrap())
+            .collect();
         let compacted = store.compact(0).await.unwrap();
         assert!(compacted.segments >= 2, "{compacted:?}");
+        // Moves leave the chunk cache alone: it keeps what is read.
+        let mut moved = 0;
+        for ((info, _), old) in all.iter().step_by(3).zip(places) {
+            let meta = store.backend.meta(&key_of(info)).unwrap().unwrap();
+            if !meta.same_place(&old) {
+                moved += 1;
+                assert!(store.cache.get(&meta.cache_key(0)).is_none());
+            }
+        }
+        assert_eq!(moved, compacted.moved);
         for (info, data) in all.iter().step_by(3) {
             let back = store.read_all(&info.hashes.sha256).await.unwrap();
             assert!(back[..] == data[..]);

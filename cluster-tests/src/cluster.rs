@@ -222,6 +222,18 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
+    /// The bytes of node `id`'s blob segment files (`<data_dir>/blobs/*.seg`).
+    pub fn blob_file_bytes(&self, id: u64) -> u64 {
+        let dir = self.node(id).spec().data_dir.join("blobs");
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            // A segment deleted under the listing counts for nothing.
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum()
+    }
+
     /// The process of node `id`, mutably.
     pub fn node_mut(&mut self, id: u64) -> &mut NodeProcess {
         self.nodes

@@ -158,28 +158,46 @@ async fn serve_format<F: Format>(
     rest: &str,
     request_id: &str,
 ) -> Response<Body> {
-    // The body is read only by the format's handler; a request answered before it
-    // drains what the client is still sending (see `refuse`).
+    // The body is read only by the format's handler. An error answered before the body
+    // was read to its end (refused before the handler, or by it part way through: a bad
+    // token, a write turned away, a bad document, one too large) first reads what the
+    // client is still sending (see `drain`): an early 401 or 503 to `npm publish` of a
+    // large package then reaches npm as such, not as a connection reset.
     let (parts, body) = req.into_parts();
+    let kept = Kept::new(body);
+    // A write's turn is held until it is answered, its body drained included.
+    let (resp, _turn) = match admit(node, format, &parts, rest, request_id).await {
+        Ok(admitted) => respond(node, format, admitted, kept.clone(), request_id).await,
+        Err(e) => (format_error(format, e, request_id), None),
+    };
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        kept.drain_rest().await;
+    }
+    resp
+}
+
+/// Hands an admitted request to its format; returns the answer and the write's turn.
+async fn respond<F: Format>(
+    node: &Arc<Node>,
+    format: &F,
+    admitted: Admitted<'_, F::Route>,
+    body: Kept,
+    request_id: &str,
+) -> (Response<Body>, Option<tokio::sync::OwnedSemaphorePermit>) {
     let Admitted {
         domain,
         repository,
         username,
         round,
         route,
-        turn: _turn,
-    } = match admit(node, format, &parts, rest, request_id).await {
-        Ok(admitted) => admitted,
-        Err(e) => return refuse(format, body, e, request_id).await,
-    };
+        turn,
+    } = admitted;
     // Every principal with a token for the domain may read and publish until policies
     // (a later change) narrow it; the action is still computed so that check has a place.
     let _action: Action = F::action(&route);
-    let kept = Kept::new(body);
-    let body: Body =
-        http_body_util::Limited::new(kept.clone(), node.config.max_body_bytes as usize)
-            .map_err(|e| e as granary_format::body::BodyError)
-            .boxed_unsync();
+    let body: Body = http_body_util::Limited::new(body, node.config.max_body_bytes as usize)
+        .map_err(|e| e as granary_format::body::BodyError)
+        .boxed_unsync();
     let registry = NodeRegistry::new(
         node.clone(),
         F::NAME,
@@ -196,12 +214,7 @@ async fn serve_format<F: Format>(
         Ok(resp) => resp,
         Err(e) => format_error(format, e, request_id),
     };
-    // A handler that gave up part way through the body (a bad document, one too large)
-    // answers while the client may still be sending: read that first, as for `refuse`.
-    if resp.status().is_client_error() || resp.status().is_server_error() {
-        kept.drain_rest().await;
-    }
-    resp
+    (resp, turn)
 }
 
 /// A request body handed to a format's handler, which can still be taken back to be
@@ -375,21 +388,6 @@ async fn admit<'a, F: Format>(
         route,
         turn,
     })
-}
-
-/// Answers `err` to a request whose body was not read, after reading what the client
-/// may still be sending (see [`drain`]): an early 401 or 503 to `npm publish` of a large
-/// package then reaches npm as such, not as a connection reset.
-async fn refuse<F: Format>(
-    format: &F,
-    body: Incoming,
-    err: FormatError,
-    request_id: &str,
-) -> Response<Body> {
-    if !http_body::Body::is_end_stream(&body) {
-        drain(body).await;
-    }
-    format_error(format, err, request_id)
 }
 
 /// Most of a refused request's body [`drain`] reads, and how long it takes for it.

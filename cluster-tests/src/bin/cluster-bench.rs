@@ -410,24 +410,16 @@ async fn cpu_per_publish(
 /// a few GiB of packages fill several.
 const GC_CONFIG: &str = "[blob_gc]\ninterval_secs = 5\nsegment_mib = 64\n";
 
-/// Sum of the counter `name` over its samples in `/metrics` of `client` (0 if absent).
-async fn counter(client: &NodeClient, name: &str) -> u64 {
-    let Ok(r) = client.raw("GET", "/metrics", &[], Vec::new()).await else {
-        return 0;
-    };
-    counter_sum(&String::from_utf8_lossy(&r.body), name)
-}
-
-/// Bytes of a node's blob segment files.
-fn segment_bytes(cluster: &Cluster, id: u64) -> u64 {
-    let dir = cluster.node(id).spec().data_dir.join("blobs");
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.metadata().map_or(0, |m| m.len()))
-                .sum()
-        })
-        .unwrap_or(0)
+/// Sum of the counter `name` over its samples in every node's `/metrics` (0 where
+/// absent or unanswered).
+async fn total(clients: &[NodeClient], name: &str) -> u64 {
+    let mut sum = 0;
+    for c in clients {
+        if let Ok(r) = c.raw("GET", "/metrics", &[], Vec::new()).await {
+            sum += counter_sum(&String::from_utf8_lossy(&r.body), name);
+        }
+    }
+    sum
 }
 
 async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
@@ -472,14 +464,8 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
     for w in workers {
         w.await.expect("worker");
     }
-    let before: Vec<u64> = ids.iter().map(|&id| segment_bytes(&cluster, id)).collect();
-    let removed_before: u64 = {
-        let mut n = 0;
-        for c in &clients {
-            n += counter(c, "granary_blobs_collected_total").await;
-        }
-        n
-    };
+    let before: Vec<u64> = ids.iter().map(|&id| cluster.blob_file_bytes(id)).collect();
+    let removed_before = total(&clients, "granary_blobs_collected_total").await;
 
     // The load, open loop, to the repository that stays: latency by phase.
     let phase = Arc::new(AtomicUsize::new(0));
@@ -552,11 +538,8 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
     let mut last_reclaimed = 0;
     while settled_at.is_none() && deleted.elapsed() < Duration::from_secs(600) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let (mut removed, mut reclaimed) = (0, 0);
-        for c in &clients {
-            removed += counter(c, "granary_blobs_collected_total").await;
-            reclaimed += counter(c, "granary_blob_bytes_reclaimed_total").await;
-        }
+        let removed = total(&clients, "granary_blobs_collected_total").await;
+        let reclaimed = total(&clients, "granary_blob_bytes_reclaimed_total").await;
         if removed_at.is_none() && removed - removed_before >= half * nodes {
             removed_at = Some(deleted.elapsed());
         }
@@ -578,13 +561,10 @@ async fn gc(versions: u64, kib: u64, nodes: u64, rate: u64) {
     for p in &mut by_phase {
         p.sort_by(f64::total_cmp);
     }
-    let after: Vec<u64> = ids.iter().map(|&id| segment_bytes(&cluster, id)).collect();
-    let (mut passes, mut pass_ms, mut moved) = (0, 0, 0);
-    for c in &clients {
-        moved += counter(c, "granary_blobs_moved_total").await;
-        passes += counter(c, "granary_blob_gc_passes_total").await;
-        pass_ms += counter(c, "granary_blob_gc_milliseconds_total").await;
-    }
+    let after: Vec<u64> = ids.iter().map(|&id| cluster.blob_file_bytes(id)).collect();
+    let moved = total(&clients, "granary_blobs_moved_total").await;
+    let passes = total(&clients, "granary_blob_gc_passes_total").await;
+    let pass_ms = total(&clients, "granary_blob_gc_milliseconds_total").await;
     println!(
         "{}",
         json!({

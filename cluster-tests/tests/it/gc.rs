@@ -1,5 +1,4 @@
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use granary_cluster_tests::client::{
@@ -74,21 +73,6 @@ async fn all_counters(clients: &[NodeClient]) -> BTreeMap<u64, Counters> {
         );
     }
     out
-}
-
-/// The bytes of a node's blob segment files (`<data_dir>/blobs/*.seg`).
-fn segment_bytes(blobs: &Path) -> u64 {
-    std::fs::read_dir(blobs)
-        .unwrap_or_else(|e| panic!("{}: {e}", blobs.display()))
-        .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-        // A segment deleted under the listing counts for nothing.
-        .map(|e| e.metadata().map_or(0, |m| m.len()))
-        .sum()
-}
-
-fn blobs_dir(cluster: &Cluster, id: u64) -> std::path::PathBuf {
-    cluster.node(id).spec().data_dir.join("blobs")
 }
 
 /// A write's answer: `Ok` for a 2xx, `Err` (retry) for what the contract calls
@@ -362,7 +346,7 @@ async fn unreferenced_blobs_are_collected_on_every_node_and_nothing_referenced_i
             c.collected, 0,
             "node {id} collected blobs while every blob was referenced: {c:?}"
         );
-        before_bytes.insert(id, segment_bytes(&blobs_dir(&cluster, id)));
+        before_bytes.insert(id, cluster.blob_file_bytes(id));
         eprintln!(
             "node {id} before: {} bytes of segments, {c:?}",
             before_bytes[&id]
@@ -410,7 +394,7 @@ async fn unreferenced_blobs_are_collected_on_every_node_and_nothing_referenced_i
             a.collected, unreferenced,
             "node {id} collected other than the {unreferenced} unreferenced blobs: {a:?}"
         );
-        let bytes = segment_bytes(&blobs_dir(&cluster, id));
+        let bytes = cluster.blob_file_bytes(id);
         eprintln!("node {id} after: {bytes} bytes of segments, {a:?}");
         assert!(
             bytes < before_bytes[&id],

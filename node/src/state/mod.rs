@@ -58,8 +58,20 @@ impl StateView {
         what: &str,
         prefix: &[u8],
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
-        let cf = self.store.cf(CF_STATE);
         let mut out = Vec::new();
+        self.each(what, prefix, |k, v| out.push((k.to_vec(), v)))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every (key, value) under a prefix, in key order, decoded one at a
+    /// time, from one RocksDB snapshot.
+    fn each<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], T),
+    ) -> Result<(), StoreError> {
+        let cf = self.store.cf(CF_STATE);
         let iter = self.store.db().iterator_cf(
             cf,
             rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
@@ -69,9 +81,9 @@ impl StateView {
             if !k.starts_with(prefix) {
                 break;
             }
-            out.push((k.to_vec(), decode(what, &v)?));
+            f(&k, decode(what, &v)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Whether any key starts with `prefix`.
@@ -243,23 +255,12 @@ impl StateView {
     /// The SHA-256 of every asset any version refers to, sorted, without repeats: what
     /// anti-entropy fetches, the scrub checks and the blob collector keeps.
     pub fn referenced_blobs(&self) -> Result<Vec<String>, StoreError> {
-        // One version decoded at a time (one RocksDB snapshot for the whole scan): the
-        // state may hold far more versions than fit in memory at once, decoded.
-        let prefix = [keys::VERSION];
-        let cf = self.store.cf(CF_STATE);
-        let iter = self.store.db().iterator_cf(
-            cf,
-            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-        );
+        // One version decoded at a time: the state may hold far more versions than fit
+        // in memory at once, decoded.
         let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let version: VersionRecord = decode("version", &v)?;
-            out.extend(version.assets.into_iter().map(|a| a.hashes.sha256));
-        }
+        self.each("version", &[keys::VERSION], |_, v: VersionRecord| {
+            out.extend(v.assets.into_iter().map(|a| a.hashes.sha256));
+        })?;
         out.sort_unstable();
         out.dedup();
         Ok(out)

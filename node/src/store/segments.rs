@@ -151,6 +151,23 @@ fn segment_name(id: u32) -> String {
     format!("{id:010}.seg")
 }
 
+/// The segment files under `dir`, by number (other files are left out).
+fn segment_files(dir: &Path) -> Result<Vec<(u32, std::fs::DirEntry)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir.display(), e))? {
+        let entry = entry.map_err(|e| io(dir.display(), e))?;
+        let id = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(id) = id {
+            out.push((id, entry));
+        }
+    }
+    Ok(out)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -162,18 +179,11 @@ impl Segments {
     /// segment: the tail of an existing one may be a torn write, and is never appended to.
     pub(crate) fn open(dir: &Path, max_len: u64) -> Result<Segments, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
-        let mut last = 0u32;
-        for entry in std::fs::read_dir(dir).map_err(|e| io(dir.display(), e))? {
-            let entry = entry.map_err(|e| io(dir.display(), e))?;
-            let name = entry.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".seg"))
-                .and_then(|n| n.parse::<u32>().ok())
-            {
-                last = last.max(id);
-            }
-        }
+        let last = segment_files(dir)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .max()
+            .unwrap_or(0);
         Ok(Segments {
             dir: dir.to_owned(),
             max_len: max_len.max(1),
@@ -239,16 +249,7 @@ impl Segments {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| io(self.dir.display(), e))? {
-            let entry = entry.map_err(|e| io(self.dir.display(), e))?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".seg"))
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for (id, entry) in segment_files(&self.dir)? {
             if id < below && !retired.contains(&id) && !journal.contains(&id) {
                 let len = entry.metadata().map_err(|e| io(segment_name(id), e))?.len();
                 out.push((id, len));

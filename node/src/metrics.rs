@@ -1,4 +1,4 @@
-//! Counters served at `/metrics` in the Prometheus text format.
+//! Counters (and a few gauges) served at `/metrics` in the Prometheus text format.
 //!
 //! A counter is a name plus a label set; both are fixed strings chosen by the code that
 //! counts (never client input beyond domain, repository and format names, which the
@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-/// The node's counters.
+/// The node's counters, and gauges: values set, not added to.
 #[derive(Default)]
 pub(crate) struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    gauges: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Small blobs pushed to peers, by the transport that took them (`http1`, `grpc`).
@@ -49,8 +50,16 @@ pub(crate) const BLOB_GC_PASSES: &str = "granary_blob_gc_passes_total";
 /// Milliseconds the blob collector's completed passes took, from start to end.
 pub(crate) const BLOB_GC_MILLISECONDS: &str = "granary_blob_gc_milliseconds_total";
 
-/// What each counter means, printed as `# HELP`.
+/// Gauge: blobs the collector's last pass found unreferenced and will remove at its
+/// next unless a write uses them first.
+pub(crate) const BLOB_GC_CANDIDATES: &str = "granary_blob_gc_candidates";
+
+/// What each counter and gauge means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        BLOB_GC_CANDIDATES,
+        "Blobs the collector's last pass found unreferenced: the next pass removes those still unreferenced and unused by any write (kept across restarts).",
+    ),
     (
         BLOBS_COLLECTED,
         "Blobs removed from this node by the collector: no package version referred to them for a whole blob_gc.interval_secs.",
@@ -135,6 +144,14 @@ impl Metrics {
         *counters.entry((name, text)).or_default() += n;
     }
 
+    /// Sets the gauge `name` (no labels).
+    pub(crate) fn set(&self, name: &'static str, value: u64) {
+        self.gauges
+            .lock()
+            .expect("metrics lock")
+            .insert(name, value);
+    }
+
     /// Adds one.
     pub(crate) fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
         self.add(name, labels, 1);
@@ -174,6 +191,13 @@ impl Metrics {
             } else {
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
+        }
+        for (name, value) in self.gauges.lock().expect("metrics lock").iter() {
+            if let Some((_, help)) = HELP.iter().find(|(n, _)| n == name) {
+                let _ = writeln!(out, "# HELP {name} {help}");
+            }
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {value}");
         }
         out
     }
@@ -218,6 +242,15 @@ mod tests {
                 &[("format", "npm"), ("outcome", "ok")]
             ),
             3
+        );
+        m.set(BLOB_GC_CANDIDATES, 4);
+        m.set(BLOB_GC_CANDIDATES, 2);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "# TYPE granary_blob_gc_candidates gauge\ngranary_blob_gc_candidates 2\n"
+            ),
+            "{text}"
         );
     }
 }

@@ -324,6 +324,7 @@ pub async fn run_embedded(
         state.clone(),
         cluster.clone(),
         config.blob_gc.clone(),
+        config.data_dir.clone(),
         metrics.clone(),
         cancel.clone(),
     );

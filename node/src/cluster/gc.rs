@@ -25,15 +25,23 @@
 //!   unreferenced; a write that touched it before it became a candidate has committed
 //!   (or failed) long before the next pass, which then finds it referenced.
 //!
-//! A node that misses a removal elsewhere or restarts keeps its copies longer (the
-//! candidates are in memory: after a restart nothing is removed for an interval). A
-//! node whose copy was removed while a publish it was not asked about referenced the
-//! blob again (it lagged) fetches it back after apply, as for any blob it lacks.
+//! The candidates are kept across restarts in `blob-gc.candidates` in the data
+//! directory, written after every pass (a new file renamed over the old one). A node
+//! restarted more often than its interval would otherwise never remove anything. This
+//! is safe because the first pass after a start runs a whole interval after it: a
+//! write that touched a candidate only in memory before the restart has had the grace
+//! to commit, and the pass then finds its blob referenced. A file lost or damaged only
+//! delays removal by a pass.
+//!
+//! A node that misses a removal elsewhere keeps its copies longer. A node whose copy
+//! was removed while a publish it was not asked about referenced the blob again (it
+//! lagged) fetches it back after apply, as for any blob it lacks.
 //!
 //! A pass during which a snapshot was installed here is dropped: the state it read may
 //! have been half replaced.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,12 +60,20 @@ pub(crate) struct Pass {
     pub(crate) compacted: Compacted,
 }
 
-/// Starts the collector, unless `config.interval_secs` is 0.
+/// Where the candidates are kept across restarts, in the data directory.
+const CANDIDATES_FILE: &str = "blob-gc.candidates";
+
+/// The first line of [`CANDIDATES_FILE`]; one SHA-256 in hex per line follows.
+const CANDIDATES_HEADER: &str = "granary blob collector candidates v1";
+
+/// Starts the collector, unless `config.interval_secs` is 0. The candidates an earlier
+/// run left in `data_dir` are taken back first; the first pass runs an interval later.
 pub(crate) fn spawn(
     blobs: BlobStore,
     state: StateView,
     cluster: Cluster,
     config: BlobGcConfig,
+    data_dir: PathBuf,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -65,6 +81,16 @@ pub(crate) fn spawn(
         return;
     }
     let interval = Duration::from_secs(config.interval_secs);
+    let file = data_dir.join(CANDIDATES_FILE);
+    let mut saved = read_candidates(&file);
+    if !saved.is_empty() {
+        tracing::info!(
+            candidates = saved.len(),
+            "blob collector: candidates of the run before taken back; the first pass removes those still unreferenced"
+        );
+    }
+    blobs.restore_candidates(saved.iter().copied());
+    metrics.set(crate::metrics::BLOB_GC_CANDIDATES, saved.len() as u64);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -72,7 +98,15 @@ pub(crate) fn spawn(
                 _ = tokio::time::sleep(interval) => {}
             }
             let started = std::time::Instant::now();
-            match pass(&blobs, &state, &cluster, interval, config.tranquility).await {
+            let done = pass(&blobs, &state, &cluster, interval, config.tranquility).await;
+            // Also after a pass that failed part way: its removals are done.
+            let candidates = blobs.candidates();
+            if candidates != saved {
+                write_candidates(&file, &candidates);
+                saved = candidates;
+            }
+            metrics.set(crate::metrics::BLOB_GC_CANDIDATES, saved.len() as u64);
+            match done {
                 Ok(p) => {
                     let took = started.elapsed();
                     let (c, k) = (p.collected, p.compacted);
@@ -103,6 +137,66 @@ pub(crate) fn spawn(
             }
         }
     });
+}
+
+/// The candidates kept in `file`, sorted; none if it is missing or damaged (which
+/// only delays their removal by a pass).
+fn read_candidates(file: &Path) -> Vec<[u8; 32]> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "blob collector: candidates not read; found again by the next pass");
+            return Vec::new();
+        }
+    };
+    match parse_candidates(&text) {
+        Some(keys) => keys,
+        None => {
+            tracing::warn!(file = %file.display(), "blob collector: candidates file damaged; found again by the next pass");
+            Vec::new()
+        }
+    }
+}
+
+/// `None` unless every line after the header is a SHA-256 in hex and the file ends
+/// with a newline (a file cut short by a crash is not taken).
+fn parse_candidates(text: &str) -> Option<Vec<[u8; 32]>> {
+    let body = text.strip_prefix(CANDIDATES_HEADER)?.strip_prefix('\n')?;
+    if !body.is_empty() && !body.ends_with('\n') {
+        return None;
+    }
+    let mut keys = body
+        .lines()
+        .map(parse_sha256)
+        .collect::<Option<Vec<[u8; 32]>>>()?;
+    keys.sort_unstable();
+    keys.dedup();
+    Some(keys)
+}
+
+/// Writes `keys` whole or not at all (a new file renamed over the old one); none
+/// removes the file.
+fn write_candidates(file: &Path, keys: &[[u8; 32]]) {
+    let done = if keys.is_empty() {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    } else {
+        let mut text = String::with_capacity(CANDIDATES_HEADER.len() + 1 + keys.len() * 65);
+        text.push_str(CANDIDATES_HEADER);
+        text.push('\n');
+        for key in keys {
+            text.push_str(&hex::encode(key));
+            text.push('\n');
+        }
+        let tmp = file.with_extension("candidates.tmp");
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file))
+    };
+    if let Err(e) = done {
+        tracing::warn!(file = %file.display(), error = %e, "blob collector: could not keep the candidates");
+    }
 }
 
 /// One pass: see the module's doc. `grace` is how long a blob must have been a
@@ -147,4 +241,43 @@ pub(crate) async fn pass(
         collected,
         compacted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_kept_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(CANDIDATES_FILE);
+        assert!(
+            read_candidates(&file).is_empty(),
+            "none before the first pass"
+        );
+
+        let keys = vec![[1u8; 32], [7u8; 32], [200u8; 32]];
+        write_candidates(&file, &keys);
+        assert_eq!(read_candidates(&file), keys);
+        assert!(!file.with_extension("candidates.tmp").exists());
+
+        // Cut short, a stray line, another format: none taken (removal waits a pass).
+        let text = std::fs::read_to_string(&file).unwrap();
+        for damaged in [
+            &text[..text.len() - 1],
+            &text[..text.len() - 20],
+            &format!("{text}not a digest\n"),
+            &text.replace(CANDIDATES_HEADER, "granary blob collector candidates v2"),
+            "",
+        ] {
+            std::fs::write(&file, damaged).unwrap();
+            assert!(read_candidates(&file).is_empty(), "{damaged:?}");
+        }
+
+        // None left: the file goes.
+        write_candidates(&file, &keys);
+        write_candidates(&file, &[]);
+        assert!(!file.exists());
+        assert!(read_candidates(&file).is_empty());
+    }
 }

@@ -1232,6 +1232,27 @@ impl BlobStore {
         })
     }
 
+    /// The blobs found unreferenced and not yet removed, sorted.
+    pub(crate) fn candidates(&self) -> Vec<[u8; 32]> {
+        let candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<[u8; 32]> = candidates.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Takes back candidates an earlier run of this node found unreferenced, as found
+    /// now: a [`BlobStore::collect`] at least a grace from now removes those still
+    /// unreferenced then. Only safe for blobs some pass found unreferenced, and if no
+    /// pass runs sooner than a grace after this (writes under way before the restart
+    /// touched them in memory only; they have a whole grace to commit).
+    pub(crate) fn restore_candidates(&self, keys: impl IntoIterator<Item = [u8; 32]>) {
+        let now = std::time::Instant::now();
+        let mut candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            candidates.entry(key).or_insert(now);
+        }
+    }
+
     /// Compacts the segments at most half of whose bytes are still named by a record:
     /// their live blobs are written again (as new uploads are, checked against their
     /// CRC32C), the new records made durable, and the files deleted. First closes the
@@ -1927,6 +1948,52 @@ mod tests {
             &store.read_all(&dead.hashes.sha256).await.unwrap()[..],
             &dead_bytes[..]
         );
+    }
+
+    /// Candidates taken back after a restart are removed by the first pass a grace
+    /// later, if still unreferenced; one referenced meanwhile is kept. Without them, the
+    /// first pass after a restart only finds candidates.
+    #[tokio::test]
+    async fn candidates_taken_back_after_a_restart_are_removed_a_grace_later() {
+        let backend = Arc::new(MemBlobBackend::default());
+        let store = BlobStore::new(backend.clone(), 1 << 20);
+        let mut infos = Vec::new();
+        for i in 0..3u8 {
+            infos.push(
+                store
+                    .put(body::full(vec![i; 2000]), u64::MAX)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let grace = std::time::Duration::from_millis(300);
+        let none = std::collections::HashSet::new();
+        assert_eq!(store.collect(&none, grace).unwrap().candidates, 3);
+        let kept = store.candidates();
+        assert_eq!(kept.len(), 3);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]), "sorted");
+
+        // The restart: the same bytes, a new store, its candidates taken back.
+        let restarted = BlobStore::new(backend.clone(), 1 << 20);
+        restarted.restore_candidates(kept.iter().copied());
+        assert_eq!(restarted.candidates(), kept);
+        // One is referenced again by the time of the first pass.
+        let referenced = std::collections::HashSet::from([key_of(&infos[0])]);
+        // Not before a grace from the restart.
+        let early = restarted.collect(&referenced, grace).unwrap();
+        assert_eq!((early.removed, early.candidates), (0, 2), "{early:?}");
+        tokio::time::sleep(grace).await;
+        let first = restarted.collect(&referenced, grace).unwrap();
+        assert_eq!((first.removed, first.candidates), (2, 0), "{first:?}");
+        assert!(restarted.has(&infos[0].hashes.sha256).unwrap());
+        for info in &infos[1..] {
+            assert!(!restarted.has(&info.hashes.sha256).unwrap());
+        }
+
+        // A fresh store without them only finds candidates at its first pass.
+        let fresh = BlobStore::new(backend, 1 << 20);
+        let again = fresh.collect(&none, std::time::Duration::ZERO).unwrap();
+        assert_eq!((again.removed, again.candidates), (0, 1), "{again:?}");
     }
 
     /// Total size of the segment files under `dir`.

@@ -206,6 +206,18 @@ impl Server {
         }
     }
 
+    /// Counter or gauge `name` (no labels) from the node's `/metrics`; 0 if absent.
+    pub(crate) async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .client()
+            .raw("GET", "/metrics", &[], vec![])
+            .await
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// A blocking client for this server.
     pub(crate) fn client(&self) -> Client {
         Client { base: self.url() }

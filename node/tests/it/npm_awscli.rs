@@ -355,18 +355,6 @@ fn npm_cli_tags_deprecate_whoami_ping_unpublish() {
     assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
 }
 
-/// Counter `name` (no labels) from the node's `/metrics`.
-async fn counter(server: &Server, name: &str) -> u64 {
-    let text = server
-        .client()
-        .raw("GET", "/metrics", &[], vec![])
-        .await
-        .text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Bytes of the node's blob segment files.
 fn blob_files_bytes(data: &Path) -> u64 {
     std::fs::read_dir(data.join("blobs"))
@@ -446,8 +434,8 @@ fn unpublished_and_deleted_packages_give_their_space_back() {
     loop {
         let (removed, reclaimed) = rt.block_on(async {
             (
-                counter(&server, "granary_blobs_collected_total").await,
-                counter(&server, "granary_blob_bytes_reclaimed_total").await,
+                server.metric("granary_blobs_collected_total").await,
+                server.metric("granary_blob_bytes_reclaimed_total").await,
             )
         });
         if removed >= 6 && reclaimed >= 1_500_000 {

@@ -90,9 +90,16 @@ pub(super) async fn create(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiEr
     }
 }
 
-pub(super) fn describe(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
+pub(super) async fn describe(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {
     let d = req.domain()?;
-    ok_json(json!({ "domain": description(req, &d, true)? }))
+    let mut v = description(req, &d, true)?;
+    // A read of every version in the domain: off the runtime's workers.
+    let (state, name) = (req.node.state.clone(), d.name.clone());
+    let bytes = tokio::task::spawn_blocking(move || state.domain_asset_bytes(&name))
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the domain's assets: {e}")))??;
+    v["assetSizeBytes"] = json!(bytes);
+    ok_json(json!({ "domain": v }))
 }
 
 pub(super) async fn delete(req: &ApiRequest<'_>) -> Result<Response<Body>, ApiError> {

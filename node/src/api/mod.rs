@@ -116,7 +116,7 @@ async fn handle_inner(
         })?;
     match (m, path) {
         (&Method::POST, "/v1/domain") => domains::create(&req).await,
-        (&Method::GET, "/v1/domain") => domains::describe(&req),
+        (&Method::GET, "/v1/domain") => domains::describe(&req).await,
         (&Method::DELETE, "/v1/domain") => domains::delete(&req).await,
         (&Method::POST, "/v1/domains") => domains::list(&req),
         (&Method::POST, "/v1/repository") => repositories::create(&req).await,

@@ -29,6 +29,24 @@ fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+/// What scans over every version need of a [`VersionRecord`]: its assets' sizes and
+/// addresses. The manifest is skipped, not decoded.
+#[derive(serde::Deserialize)]
+struct StoredAssets {
+    assets: Vec<StoredAsset>,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredAsset {
+    size: u64,
+    hashes: StoredSha256,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredSha256 {
+    sha256: String,
+}
+
 impl StateView {
     /// A view over the store's state column family.
     pub fn new(store: Store) -> Self {
@@ -258,12 +276,30 @@ impl StateView {
         // One version decoded at a time: the state may hold far more versions than fit
         // in memory at once, decoded.
         let mut out = Vec::new();
-        self.each("version", &[keys::VERSION], |_, v: VersionRecord| {
+        self.each("version", &[keys::VERSION], |_, v: StoredAssets| {
             out.extend(v.assets.into_iter().map(|a| a.hashes.sha256));
         })?;
         out.sort_unstable();
         out.dedup();
         Ok(out)
+    }
+
+    /// The bytes of the assets stored for a domain's package versions, each blob
+    /// counted once however many versions and repositories share it (CodeArtifact keeps
+    /// an asset once per domain): DescribeDomain's `assetSizeBytes`. Files an external
+    /// connection offers and no one has fetched yet are not stored and not counted.
+    pub fn domain_asset_bytes(&self, domain: &str) -> Result<u64, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        let prefix = keys::key(keys::VERSION, &[domain]);
+        self.each("version", &prefix, |_, v: StoredAssets| {
+            for a in v.assets {
+                if seen.insert(a.hashes.sha256) {
+                    total = total.saturating_add(a.size);
+                }
+            }
+        })?;
+        Ok(total)
     }
 
     /// The principal holding an access key.

@@ -305,3 +305,58 @@ async fn package_operations_show_published_versions() {
         .await;
     assert_error(&r, 400, "ValidationException");
 }
+
+/// DescribeDomain's `assetSizeBytes` is the size of the domain's stored assets, each
+/// counted once however many versions and repositories share it; other domains' assets
+/// do not count, and a deleted repository's go with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_domain_reports_the_bytes_of_its_assets() {
+    let server = Server::start();
+    let c = server.client();
+    let size = |r: Resp| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["domain"]["assetSizeBytes"]
+            .as_u64()
+            .expect("a number")
+    };
+    let token = c.setup("sized", "one").await;
+    assert_eq!(size(c.api("GET", "/v1/domain?domain=sized", None).await), 0);
+    let r = c
+        .api("POST", "/v1/repository?domain=sized&repository=two", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let other = c.setup("elsewhere", "repo").await;
+
+    let (a, b, shared) = (fake_tgz(1, 5000), fake_tgz(2, 7000), fake_tgz(3, 11_000));
+    let publish = [
+        ("sized", "one", "a", "1.0.0", &a),
+        ("sized", "one", "b", "1.0.0", &b),
+        // The same bytes as two versions and in two repositories: one asset.
+        ("sized", "one", "s", "1.0.0", &shared),
+        ("sized", "one", "s2", "1.0.0", &shared),
+        ("sized", "two", "s", "1.0.0", &shared),
+        ("elsewhere", "repo", "x", "1.0.0", &a),
+    ];
+    for (domain, repo, name, version, tgz) in publish {
+        let token = if domain == "sized" { &token } else { &other };
+        let body = npm_publish_body(name, version, tgz, json!({}));
+        let r = c.npm_put(token, domain, repo, name, &body).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let all = (a.len() + b.len() + shared.len()) as u64;
+    assert_eq!(
+        size(c.api("GET", "/v1/domain?domain=sized", None).await),
+        all
+    );
+    let other_size = size(c.api("GET", "/v1/domain?domain=elsewhere", None).await);
+    assert_eq!(other_size, a.len() as u64);
+
+    let r = c
+        .api("DELETE", "/v1/repository?domain=sized&repository=one", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        size(c.api("GET", "/v1/domain?domain=sized", None).await),
+        shared.len() as u64
+    );
+}

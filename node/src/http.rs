@@ -187,6 +187,7 @@ async fn respond<F: Format>(
     let Admitted {
         domain,
         repository,
+        created_ms,
         username,
         round,
         route,
@@ -205,6 +206,7 @@ async fn respond<F: Format>(
             domain: domain.to_owned(),
             repository: repository.to_owned(),
             base_url: format!("{}/{}/{domain}/{repository}/", node.public_url, F::NAME),
+            created_ms,
         },
         Caller { username },
         format.upstream(),
@@ -274,6 +276,8 @@ impl http_body::Body for Kept {
 struct Admitted<'a, R> {
     domain: &'a str,
     repository: &'a str,
+    /// When the repository was created (see `RepositoryRef::created_ms`).
+    created_ms: i64,
     /// The caller, as the format names it.
     username: String,
     /// A write's catch-up round, started (see `registry::CatchUp`).
@@ -365,19 +369,20 @@ async fn admit<'a, F: Format>(
         round.clone().await.map_err(FormatError::Unavailable)?;
         found = node.state.repository_cached(domain, repository);
     }
-    match found {
-        Ok(Some(_)) => {}
+    let created_ms = match found {
+        Ok(Some(record)) => record.created_ms,
         Ok(None) => {
             return Err(FormatError::NotFound(format!(
                 "repository {repository} not found in domain {domain}"
             )));
         }
         Err(e) => return Err(FormatError::Internal(e.to_string())),
-    }
+    };
     let route = format.route(parts, inner)?;
     Ok(Admitted {
         domain,
         repository,
+        created_ms,
         username: claims
             .principal
             .rsplit('/')

@@ -28,6 +28,10 @@ pub struct RepositoryRef {
     /// The format's endpoint for this repository, with a trailing slash:
     /// `{public_url}/{format}/{domain}/{repository}/`. Absolute URLs in documents start here.
     pub base_url: String,
+    /// When the repository was created (Unix milliseconds). Stamps count changes within
+    /// one repository's life only: a repository created again, or another cluster's at
+    /// the same URL, starts them over, so validators (ETags) must name this too.
+    pub created_ms: i64,
 }
 
 /// Who is calling.

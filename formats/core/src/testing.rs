@@ -94,6 +94,7 @@ impl MemRegistry {
                 domain: domain.into(),
                 repository: repository.into(),
                 base_url: base_url.into(),
+                created_ms: 1_700_000_000_000,
             },
             caller: Caller {
                 username: username.into(),

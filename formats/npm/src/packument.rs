@@ -165,7 +165,7 @@ pub(crate) async fn version_manifest(
         "\"npm-v-{}-{}-{}\"",
         record.stamp,
         hex8(&found.version),
-        hex8(&repo.repository().base_url)
+        scope(repo)
     );
     if reply::etag_matches(read.if_none_match.as_deref(), &etag) {
         return reply::not_modified(&etag);
@@ -447,12 +447,18 @@ fn has_install_script(m: &Object) -> bool {
     }
 }
 
-/// The packument's ETag: stamp, variant and base URL (documents embed absolute URLs).
+/// The packument's ETag: stamp, variant and the repository's scope (see [`scope`]).
 fn document_etag(repo: &dyn Registry, variant: &str, stamp: u64) -> String {
-    format!(
-        "\"npm-{variant}-{stamp}-{}\"",
-        hex8(&repo.repository().base_url)
-    )
+    format!("\"npm-{variant}-{stamp}-{}\"", scope(repo))
+}
+
+/// Eight hex digits naming what a stamp counts within: the base URL (documents embed
+/// absolute URLs) and the repository's creation. Stamps start over in a repository
+/// created again (in a new cluster, say, at the same URL): without its creation time in
+/// the ETag, a client's cached document of the old one would be confirmed as current.
+fn scope(repo: &dyn Registry) -> String {
+    let r = repo.repository();
+    hex8(&format!("{} {}", r.base_url, r.created_ms))
 }
 
 /// Eight hex digits of SHA-256: a short, stable fingerprint for ETags.

@@ -212,3 +212,71 @@ fn collector_candidates_survive_a_sigkill() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.body == kept, "the published tarball reads back identical");
 }
+
+/// A client's cached npm documents are not confirmed by a cluster that only looks like
+/// the one they came from: a fresh data directory at the same public URL, with the same
+/// names and the same steps, reaches the same change counters (stamps), so its ETags
+/// must differ by something else (the repository's creation). `npm install` otherwise
+/// gets 304 for the old packument and installs the old tarball from its cache.
+#[test]
+fn a_new_cluster_at_the_same_url_does_not_confirm_cached_documents() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let args = ["--public-url", "http://registry.test"];
+    let mut seen: Vec<String> = Vec::new();
+    for seed in [1u64, 2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = Server::start_on(&tmp.path().join("data"), &args);
+        let client = server.client();
+        let token = rt.block_on(client.setup("acme", "app"));
+        let tgz = fake_tgz(seed, 4000);
+        let body = npm_publish_body("lib", "1.0.0", &tgz, json!({}));
+        let r = rt.block_on(client.npm_put(&token, "acme", "app", "lib", &body));
+        assert_eq!(r.status, 201, "{}", r.text());
+        let auth = ("authorization", format!("Bearer {token}"));
+        let abbreviated = (
+            "accept",
+            "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8".to_owned(),
+        );
+        let documents = [
+            ("/npm/acme/app/lib", vec![auth.clone(), abbreviated]),
+            ("/npm/acme/app/lib", vec![auth.clone()]),
+            ("/npm/acme/app/lib/1.0.0", vec![auth.clone()]),
+        ];
+        let mut etags = Vec::new();
+        for (i, (path, headers)) in documents.iter().enumerate() {
+            let r = rt.block_on(client.raw("GET", path, headers, vec![]));
+            assert_eq!(r.status, 200, "{}", r.text());
+            let etag = r.headers["etag"].to_str().unwrap().to_owned();
+            let integrity = r.json().to_string().contains(&npm_integrity(&tgz));
+            assert!(integrity, "{path} names this cluster's tarball");
+            // What the first cluster served is not current here.
+            if let Some(old) = seen.get(i) {
+                let mut conditional = headers.clone();
+                conditional.push(("if-none-match", old.clone()));
+                let r = rt.block_on(client.raw("GET", path, &conditional, vec![]));
+                assert_eq!(
+                    r.status, 200,
+                    "{path}: the old document confirmed as current"
+                );
+                assert!(r.json().to_string().contains(&npm_integrity(&tgz)));
+            }
+            // And what this one serves is.
+            let mut conditional = headers.clone();
+            conditional.push(("if-none-match", etag.clone()));
+            let r = rt.block_on(client.raw("GET", path, &conditional, vec![]));
+            assert_eq!(r.status, 304, "{path}");
+            etags.push(etag);
+        }
+        seen = etags;
+    }
+}
+
+/// npm's `dist.integrity` of a tarball.
+fn npm_integrity(tgz: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    format!(
+        "sha512-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(tgz))
+    )
+}

@@ -109,3 +109,30 @@ async fn node_added_under_load_is_promoted_and_another_is_removed_with_the_cli()
     blobs_resolve::check(&newcomer, &repo, &oracle).await;
     final_checks(&cluster, &remaining, &repo, &oracle).await;
 }
+
+/// Four nodes joining one node at once take turns on the leader: each becomes a voter,
+/// and no node logs an error for it (openraft refuses, and logs as an error, a membership
+/// change made while another is uncommitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_joining_at_once_take_turns_without_errors() {
+    let seed = Seed::from_env();
+    let cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 5,
+            ..Options::default()
+        },
+    )
+    .await;
+    let all = cluster.ids();
+    cluster.wait_members(&all, &[], START_TIMEOUT).await;
+    for id in all {
+        let output = cluster.node(id).output_tail(usize::MAX);
+        let errors: Vec<&str> = output.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(
+            errors.is_empty(),
+            "node {id} logged errors:\n{}",
+            errors.join("\n")
+        );
+    }
+}

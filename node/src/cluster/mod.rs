@@ -136,6 +136,10 @@ pub(crate) struct Cluster {
     applied: tokio::sync::watch::Receiver<u64>,
     /// Whether a snapshot is being installed, leaving the state incomplete meanwhile.
     installs: tokio::sync::watch::Receiver<bool>,
+    /// Held by a membership change on the leader for its whole course: nodes joining at
+    /// once take turns instead of colliding in openraft (which refuses, and logs an
+    /// error for, a change while another is uncommitted).
+    membership_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Cluster {
@@ -158,6 +162,7 @@ impl Cluster {
             lease,
             applied,
             installs,
+            membership_turn: Default::default(),
         }
     }
 
@@ -624,11 +629,50 @@ impl Cluster {
         }
     }
 
+    /// This leader's turn to change the membership, waited for at most
+    /// [`WRITE_DEADLINE`] (then retryable).
+    async fn membership_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, MembershipError> {
+        tokio::time::timeout(WRITE_DEADLINE, self.membership_turn.lock())
+            .await
+            .map_err(|_| MembershipError::Unavailable)
+    }
+
+    /// Waits until this leader has replicated to learner `id` its log up to `index`, as
+    /// openraft's blocking `add_learner` does; ends early if this node stops leading or
+    /// `id` stops being a member.
+    async fn wait_caught_up(&self, id: NodeId, index: u64) -> Result<(), MembershipError> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.current_leader != Some(self.me) {
+                    return Err(MembershipError::Unavailable);
+                }
+                if m.membership_config.membership().get_node(&id).is_none() {
+                    return Err(MembershipError::Invalid(format!(
+                        "node {id} was removed while it caught up"
+                    )));
+                }
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten());
+                if matched.is_some_and(|l| l.index >= index) {
+                    return Ok(());
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return Err(MembershipError::Unavailable);
+            }
+        }
+    }
+
     /// Runs a membership change on this node, which must be the leader.
     pub(crate) async fn change_as_leader(
         &self,
         request: MembershipChange,
     ) -> Result<u64, MembershipError> {
+        let turn = self.membership_turn().await?;
         let membership = self
             .raft
             .metrics()
@@ -670,11 +714,15 @@ impl Cluster {
                     // Already a voter (a restarted node joining again): nothing to do.
                     return Ok(0);
                 }
-                // Blocks until the learner has caught up (snapshot and log).
-                let index = write(self.raft.add_learner(id, info, true).await)?;
+                let index = write(self.raft.add_learner(id, info, false).await)?;
+                // Catching up (a snapshot, then the log) may take long: other changes
+                // (removing a node, another joining) go on meanwhile.
+                drop(turn);
+                self.wait_caught_up(id, index).await?;
                 if learner {
                     return Ok(index);
                 }
+                let _turn = self.membership_turn().await?;
                 write(change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await)
             }
             MembershipChange::Promote(id) => {

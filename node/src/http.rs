@@ -88,6 +88,10 @@ async fn route(
     );
     let path = req.uri().path().to_owned();
     let mut resp = if path == "/metrics" {
+        match node.blobs.file_bytes() {
+            Ok(bytes) => node.metrics.set(crate::metrics::BLOB_FILE_BYTES, bytes),
+            Err(e) => tracing::warn!(error = %e, "metrics: blob file bytes not read"),
+        }
         Response::builder()
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
             .body(granary_format::body::full(node.metrics.render()))

@@ -54,8 +54,27 @@ pub(crate) const BLOB_GC_MILLISECONDS: &str = "granary_blob_gc_milliseconds_tota
 /// next unless a write uses them first.
 pub(crate) const BLOB_GC_CANDIDATES: &str = "granary_blob_gc_candidates";
 
+/// Gauge: blobs on this node, and their bytes, as the collector's last pass counted.
+pub(crate) const BLOBS_STORED: &str = "granary_blobs_stored";
+pub(crate) const BLOB_BYTES_STORED: &str = "granary_blob_bytes_stored";
+
+/// Gauge: bytes of this node's blob segment files, read when `/metrics` is asked.
+pub(crate) const BLOB_FILE_BYTES: &str = "granary_blob_file_bytes";
+
 /// What each counter and gauge means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        BLOBS_STORED,
+        "Blobs (package files, each stored once) on this node, as the blob collector's last pass counted them.",
+    ),
+    (
+        BLOB_BYTES_STORED,
+        "Bytes of the blobs on this node, as the blob collector's last pass counted them; granary_blob_file_bytes less this is what compaction could give back, plus framing.",
+    ),
+    (
+        BLOB_FILE_BYTES,
+        "Bytes of this node's blob segment files on disk, dead space included.",
+    ),
     (
         BLOB_GC_CANDIDATES,
         "Blobs the collector's last pass found unreferenced: the next pass removes those still unreferenced and unused by any write (kept across restarts).",

@@ -120,6 +120,8 @@ pub(crate) fn spawn(
                     metrics.add(crate::metrics::BLOB_BYTES_RECLAIMED, &[], k.bytes);
                     metrics.add(crate::metrics::BLOBS_MOVED, &[], k.moved as u64);
                     metrics.add(crate::metrics::BLOB_GC_PASSES, &[], 1);
+                    metrics.set(crate::metrics::BLOBS_STORED, c.stored as u64);
+                    metrics.set(crate::metrics::BLOB_BYTES_STORED, c.stored_bytes);
                     if c.removed > 0 || k.segments > 0 {
                         tracing::info!(
                             removed = c.removed,

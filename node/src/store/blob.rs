@@ -172,6 +172,10 @@ pub(crate) trait BlobBackend: Send + Sync + 'static {
     fn sync_records(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Bytes of the files the blobs are kept in, where the backend has files.
+    fn file_bytes(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
     /// Deletes a compacted segment (see [`Segments::retire`]).
     fn retire(&self, _segment: u32) -> Result<(), StoreError> {
         Ok(())
@@ -442,6 +446,10 @@ impl BlobBackend for RocksBlobBackend {
         Some(self.segments.hold())
     }
 
+    fn file_bytes(&self) -> Result<u64, StoreError> {
+        self.segments.file_bytes()
+    }
+
     fn compactable(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         // Recovery reads the journal from its head's segment on (every segment of it,
         // with no head recorded yet).
@@ -704,6 +712,9 @@ pub(crate) struct Collected {
     pub(crate) removed_bytes: u64,
     /// Blobs unreferenced but not yet for a whole grace period (or touched since).
     pub(crate) candidates: usize,
+    /// Blobs left on this node, and their bytes.
+    pub(crate) stored: usize,
+    pub(crate) stored_bytes: u64,
 }
 
 /// What one [`BlobStore::compact`] did.
@@ -1193,7 +1204,10 @@ impl BlobStore {
         grace: std::time::Duration,
     ) -> Result<Collected, StoreError> {
         let mut unreferenced = Vec::new();
+        let (mut stored, mut stored_bytes) = (0usize, 0u64);
         self.backend.each_meta(&mut |key, meta| {
+            stored += 1;
+            stored_bytes += meta.info.size;
             if !referenced.contains(&key) {
                 unreferenced.push((key, meta));
             }
@@ -1225,11 +1239,19 @@ impl BlobStore {
             candidates.remove(key);
             metas.remove(key);
         }
+        let removed_bytes = removed.iter().map(|(_, m)| m.info.size).sum();
         Ok(Collected {
             removed: removed.len(),
-            removed_bytes: removed.iter().map(|(_, m)| m.info.size).sum(),
+            removed_bytes,
             candidates: candidates.len(),
+            stored: stored - removed.len(),
+            stored_bytes: stored_bytes - removed_bytes,
         })
+    }
+
+    /// Bytes of the files the blobs are kept in (segment files), dead space included.
+    pub(crate) fn file_bytes(&self) -> Result<u64, StoreError> {
+        self.backend.file_bytes()
     }
 
     /// The blobs found unreferenced and not yet removed, sorted.
@@ -1909,6 +1931,8 @@ mod tests {
 
         let first = store.collect(&referenced, grace).unwrap();
         assert_eq!((first.removed, first.candidates), (0, 4), "{first:?}");
+        let all: u64 = infos.iter().map(|i| i.size).sum();
+        assert_eq!((first.stored, first.stored_bytes), (5, all));
         // Between the passes: a write asks for one (as a push does), another is
         // referenced again, a third is uploaded again.
         assert!(store.has(&looked_for.hashes.sha256).unwrap());
@@ -1920,6 +1944,7 @@ mod tests {
         let second = store.collect(&referenced, grace).unwrap();
         assert_eq!(second.removed, 1, "{second:?}");
         assert_eq!(second.removed_bytes, dead.size);
+        assert_eq!((second.stored, second.stored_bytes), (4, all - dead.size));
         assert!(!store.has(&dead.hashes.sha256).unwrap());
         for info in [&kept, &looked_for, &referenced_again, &restored] {
             assert_eq!(

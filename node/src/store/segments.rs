@@ -218,6 +218,16 @@ impl Segments {
         }
     }
 
+    /// Bytes of the segment files on disk (deleted ones readers still hold excluded).
+    pub(crate) fn file_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for (_, entry) in segment_files(&self.dir)? {
+            // A file compaction deleted since it was listed counts as gone.
+            total += entry.metadata().map_or(0, |m| m.len());
+        }
+        Ok(total)
+    }
+
     /// The segments that may be compacted, with their sizes: every segment file below
     /// the segment appended to and below the one any upload in flight started in, but
     /// those in `journal` (the journal's segments recovery reads: the head's and later).

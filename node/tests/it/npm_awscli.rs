@@ -459,6 +459,23 @@ fn unpublished_and_deleted_packages_give_their_space_back() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 
+    // The gauges: two blobs left (one per version still published), their bytes, and
+    // the segment files' bytes as they are on disk.
+    let (stored, stored_bytes, file_bytes) = rt.block_on(async {
+        (
+            server.metric("granary_blobs_stored").await,
+            server.metric("granary_blob_bytes_stored").await,
+            server.metric("granary_blob_file_bytes").await,
+        )
+    });
+    assert_eq!(stored, 2);
+    assert!(
+        (800_000..820_000).contains(&stored_bytes),
+        "{stored_bytes} bytes stored"
+    );
+    assert_eq!(file_bytes, blob_files_bytes(&data));
+    assert!(file_bytes >= stored_bytes);
+
     // What is still published installs, identical; what is not, does not.
     let app = home.join("app");
     write(

@@ -142,6 +142,19 @@ pub(crate) struct Cluster {
     membership_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Whether a peer refused a call for good: it answered invalid argument or internal
+/// error (its apply or storage failed). tonic also reports a connection broken mid-call
+/// (a peer shutting down, say) as `Internal`, with the HTTP/2 error as its source: that
+/// one did not answer, and the call is retried like any other unanswered one.
+fn refused_by_peer(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    match status.code() {
+        tonic::Code::InvalidArgument => true,
+        tonic::Code::Internal => status.source().is_none(),
+        _ => false,
+    }
+}
+
 impl Cluster {
     pub(crate) fn new(
         raft: Raft,
@@ -323,11 +336,10 @@ impl Cluster {
         let reply = match tokio::time::timeout(left, call).await {
             Err(_) => return Err(Forward::Retry("timed out".into())),
             Ok(Err(status)) => {
-                return Err(match status.code() {
-                    tonic::Code::InvalidArgument | tonic::Code::Internal => {
-                        Forward::Refused(ProposeError::Fatal(status.message().to_owned()))
-                    }
-                    _ => Forward::Retry(status.message().to_owned()),
+                return Err(if refused_by_peer(&status) {
+                    Forward::Refused(ProposeError::Fatal(status.message().to_owned()))
+                } else {
+                    Forward::Retry(status.message().to_owned())
                 });
             }
             Ok(Ok(r)) => r,
@@ -612,7 +624,7 @@ impl Cluster {
                             Err(s) if s.code() == tonic::Code::InvalidArgument => {
                                 return Err(MembershipError::Invalid(s.message().to_owned()));
                             }
-                            Err(s) if s.code() == tonic::Code::Internal => {
+                            Err(s) if refused_by_peer(&s) => {
                                 return Err(MembershipError::Fatal(s.message().to_owned()));
                             }
                             Err(_) => {}
@@ -954,6 +966,20 @@ pub(crate) mod tests {
     use crate::raft::network::GrpcNetwork;
     use crate::raft::state_machine::StateMachine;
     use crate::store::Store;
+
+    /// A peer's own refusal ends a forwarded write; a connection broken mid-call (which
+    /// tonic reports as `Internal` too, seen when a leader shut down during a rolling
+    /// restart) has it retried.
+    #[test]
+    fn only_a_peers_answer_refuses_a_call() {
+        assert!(refused_by_peer(&tonic::Status::internal("apply failed")));
+        assert!(refused_by_peer(&tonic::Status::invalid_argument("bad")));
+        assert!(!refused_by_peer(&tonic::Status::unavailable("down")));
+        let broken =
+            tonic::Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert_eq!(broken.code(), tonic::Code::Internal, "{broken:?}");
+        assert!(!refused_by_peer(&broken));
+    }
 
     /// A one-node cluster over a store in `dir`, leading once this returns.
     pub(crate) async fn one_node_cluster(dir: &std::path::Path) -> Cluster {

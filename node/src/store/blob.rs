@@ -684,8 +684,10 @@ pub(crate) struct BlobStore {
     /// Blobs found unreferenced, and when each was first found so (see
     /// [`BlobStore::collect`]).
     candidates: Candidates,
-    /// Bumped by [`BlobStore::collect`] before it removes records: a record read before
-    /// a removal is not kept in `metas` after it (see [`BlobStore::meta`]).
+    /// Bumped when records are removed (by [`BlobStore::collect`], or dropped as
+    /// damaged), after the records are gone and before `metas` is emptied of them: a
+    /// record read before a removal is not kept in `metas` after it (see
+    /// [`BlobStore::meta`]).
     removals: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -756,10 +758,20 @@ fn remember_if(
 /// Drops this node's record of a blob whose bytes here failed their CRC32C check, so that
 /// it counts as missing: the next read, and the background repair scan, fetch it from a
 /// peer. The damaged bytes stay where they are, unreferenced.
-fn drop_damaged(backend: &dyn BlobBackend, metas: &MetaCache, sha: &[u8; 32], bad: &BlobMeta) {
-    metas.write().unwrap_or_else(|p| p.into_inner()).remove(sha);
+fn drop_damaged(
+    backend: &dyn BlobBackend,
+    metas: &MetaCache,
+    removals: &std::sync::atomic::AtomicU64,
+    sha: &[u8; 32],
+    bad: &BlobMeta,
+) {
     let sha256 = &bad.info.hashes.sha256;
-    match backend.forget(sha, bad) {
+    let forgot = backend.forget(sha, bad);
+    // As a removal by the collector: the record is gone first, then the count moves,
+    // then the cache is emptied of it (see `BlobStore::meta`).
+    removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    metas.write().unwrap_or_else(|p| p.into_inner()).remove(sha);
+    match forgot {
         Ok(true) => tracing::error!(
             sha256,
             "a blob failed its CRC32C check on this node's disk; its record is dropped and \
@@ -884,8 +896,10 @@ impl BlobStore {
             return Ok(None);
         };
         let meta = Arc::new(meta);
-        // Kept only if no removal started since the read: one that did may have removed
-        // this record, and emptied the cache of it, after the read.
+        // Kept only if the count of removals has not moved since before the read. A
+        // removal moves it after its records are gone and before it empties the cache:
+        // if this read found a record a removal is taking away, either the count moved
+        // (not kept) or the removal empties the cache after this keeps it.
         remember_if(&self.metas, *sha, meta.clone(), || {
             self.removals.load(std::sync::atomic::Ordering::SeqCst) == removals
         });
@@ -1124,7 +1138,7 @@ impl BlobStore {
                         StoreError::Corrupt(format!("blob {sha256} is missing chunk 0"))
                     })?;
                     if crc32c::crc32c(&c) != want {
-                        drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+                        drop_damaged(&*self.backend, &self.metas, &self.removals, &sha, &meta);
                         return Ok(None);
                     }
                     self.cache.insert(key, c.clone());
@@ -1143,11 +1157,13 @@ impl BlobStore {
         let backend = self.backend.clone();
         let cache = self.cache.clone();
         let metas = self.metas.clone();
+        let removals = self.removals.clone();
         // Part index (past the end after an error), and the CRC32C of the parts so far.
         let stream = futures::stream::unfold((0usize, 0u32), move |(i, crc)| {
             let backend = backend.clone();
             let cache = cache.clone();
             let metas = metas.clone();
+            let removals = removals.clone();
             let meta = meta.clone();
             async move {
                 if i >= meta.parts() {
@@ -1182,7 +1198,7 @@ impl BlobStore {
                 if let (true, Some(want)) = (last, meta.crc32c)
                     && want != crc
                 {
-                    drop_damaged(&*backend, &metas, &sha, &meta);
+                    drop_damaged(&*backend, &metas, &removals, &sha, &meta);
                     let e = format!("blob {sha256} failed its CRC32C check on this node's disk");
                     return Some((Err(e.into()), (usize::MAX, crc)));
                 }
@@ -1229,11 +1245,13 @@ impl BlobStore {
         }
         // Under the candidates' lock: a write touching one of these waits until it is
         // removed, and then finds it missing.
-        if !due.is_empty() {
+        let removed = self.backend.remove(due)?;
+        // After the records are gone and before the cache is emptied of them (see
+        // `BlobStore::meta`).
+        if !removed.is_empty() {
             self.removals
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let removed = self.backend.remove(due)?;
         let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
         for (key, _) in &removed {
             candidates.remove(key);
@@ -1389,7 +1407,7 @@ impl BlobStore {
         let mut digest = meta.crc32c.is_none().then(Sha256::new);
         for i in 0..meta.parts() {
             let Some(part) = self.backend.part_uncached(&meta, i)? else {
-                drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+                drop_damaged(&*self.backend, &self.metas, &self.removals, &sha, &meta);
                 return Ok(Scrubbed::Damaged);
             };
             match &mut digest {
@@ -1402,7 +1420,7 @@ impl BlobStore {
             None => meta.crc32c == Some(crc),
         };
         if !intact {
-            drop_damaged(&*self.backend, &self.metas, &sha, &meta);
+            drop_damaged(&*self.backend, &self.metas, &self.removals, &sha, &meta);
             return Ok(Scrubbed::Damaged);
         }
         Ok(Scrubbed::Intact {
@@ -1912,6 +1930,135 @@ mod tests {
 
     fn key_of(info: &BlobInfo) -> [u8; 32] {
         parse_sha256(&info.hashes.sha256).unwrap()
+    }
+
+    /// A backend whose removals and record reads can be held part way, to run a read
+    /// and a removal in a chosen interleaving.
+    struct Gated {
+        inner: MemBlobBackend,
+        /// Held before a removal or a forget changes anything.
+        hold_removal: std::sync::atomic::AtomicBool,
+        /// Held after a record read, before it is returned.
+        hold_read: std::sync::atomic::AtomicBool,
+        /// Entered by the held call, then left when the test says so: one pair for
+        /// each kind of call.
+        removal: (std::sync::Barrier, std::sync::Barrier),
+        read: (std::sync::Barrier, std::sync::Barrier),
+    }
+
+    impl Gated {
+        fn new() -> Self {
+            Gated {
+                inner: MemBlobBackend::default(),
+                hold_removal: Default::default(),
+                hold_read: Default::default(),
+                removal: (std::sync::Barrier::new(2), std::sync::Barrier::new(2)),
+                read: (std::sync::Barrier::new(2), std::sync::Barrier::new(2)),
+            }
+        }
+
+        fn pause(
+            armed: &std::sync::atomic::AtomicBool,
+            (at, go): &(std::sync::Barrier, std::sync::Barrier),
+        ) {
+            if armed.swap(false, Ordering::SeqCst) {
+                at.wait();
+                go.wait();
+            }
+        }
+    }
+
+    impl BlobBackend for Gated {
+        fn put_chunk(&self, data: &[u8]) -> Result<Extent, StoreError> {
+            self.inner.put_chunk(data)
+        }
+        fn commit(
+            &self,
+            sha256: [u8; 32],
+            meta: BlobMeta,
+            whole: Option<Bytes>,
+            replaces: Option<BlobMeta>,
+        ) -> BoxFuture<'static, Result<Option<BlobMeta>, StoreError>> {
+            self.inner.commit(sha256, meta, whole, replaces)
+        }
+        fn discard(&self, extents: &[Extent]) {
+            self.inner.discard(extents)
+        }
+        fn meta(&self, sha256: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
+            let read = self.inner.meta(sha256);
+            Gated::pause(&self.hold_read, &self.read);
+            read
+        }
+        fn part(&self, meta: &BlobMeta, i: usize) -> Result<Option<Bytes>, StoreError> {
+            self.inner.part(meta, i)
+        }
+        fn forget(&self, sha256: &[u8; 32], bad: &BlobMeta) -> Result<bool, StoreError> {
+            Gated::pause(&self.hold_removal, &self.removal);
+            self.inner.forget(sha256, bad)
+        }
+        fn each_meta(&self, f: &mut dyn FnMut([u8; 32], BlobMeta)) -> Result<(), StoreError> {
+            self.inner.each_meta(f)
+        }
+        fn remove(
+            &self,
+            blobs: Vec<([u8; 32], BlobMeta)>,
+        ) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError> {
+            Gated::pause(&self.hold_removal, &self.removal);
+            self.inner.remove(blobs)
+        }
+    }
+
+    /// A record read just before the collector (or a failed check) removes it is not
+    /// kept in the record cache after the removal, whichever comes first of the read's
+    /// start and the removal's: otherwise the node would go on saying it holds the blob
+    /// (to a peer asking before a push, which then counts this copy towards a majority).
+    #[test]
+    fn a_record_read_across_a_removal_is_not_remembered() {
+        for damaged in [false, true] {
+            let backend = Arc::new(Gated::new());
+            let store = BlobStore::new(backend.clone(), 1 << 20);
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let info = rt
+                .block_on(store.put(body::full(vec![7u8; 3000]), u64::MAX))
+                .unwrap();
+            let sha = info.hashes.sha256.clone();
+            let key = parse_sha256(&sha).unwrap();
+            let none = std::collections::HashSet::new();
+            let grace = std::time::Duration::ZERO;
+            assert_eq!(store.collect(&none, grace).unwrap().candidates, 1);
+            store.metas.write().unwrap().clear();
+
+            // The removal starts and is held before it changes anything.
+            backend.hold_removal.store(true, Ordering::SeqCst);
+            let remover = {
+                let store = store.clone();
+                let meta = backend.inner.meta(&key).unwrap().unwrap();
+                std::thread::spawn(move || {
+                    if damaged {
+                        drop_damaged(&*store.backend, &store.metas, &store.removals, &key, &meta);
+                    } else {
+                        assert_eq!(store.collect(&none, grace).unwrap().removed, 1);
+                    }
+                })
+            };
+            backend.removal.0.wait();
+            // A read starts now and reads the record before the removal.
+            backend.hold_read.store(true, Ordering::SeqCst);
+            let reader = {
+                let store = store.clone();
+                std::thread::spawn(move || store.meta(&key).unwrap().is_some())
+            };
+            backend.read.0.wait();
+            // The removal goes through; then the read ends.
+            backend.removal.1.wait();
+            remover.join().unwrap();
+            backend.read.1.wait();
+            assert!(reader.join().unwrap(), "the read found the record");
+            assert!(
+                !store.has(&sha).unwrap(),
+                "damaged: {damaged}: the removed record was remembered"
+            );
+        }
     }
 
     /// A blob is removed once two passes a grace apart found it unreferenced; one that

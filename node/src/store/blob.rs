@@ -755,6 +755,21 @@ fn remember_if(
     metas.insert(sha, meta);
 }
 
+/// Empties the record cache of blobs whose records were just removed from the backend,
+/// moving the count of removals first (see [`BlobStore::meta`]): a read that found one
+/// of these records either sees the count moved, or is emptied out here after it kept it.
+fn forget_removed<'a>(
+    metas: &MetaCache,
+    removals: &std::sync::atomic::AtomicU64,
+    keys: impl IntoIterator<Item = &'a [u8; 32]>,
+) {
+    removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut metas = metas.write().unwrap_or_else(|p| p.into_inner());
+    for key in keys {
+        metas.remove(key);
+    }
+}
+
 /// Drops this node's record of a blob whose bytes here failed their CRC32C check, so that
 /// it counts as missing: the next read, and the background repair scan, fetch it from a
 /// peer. The damaged bytes stay where they are, unreferenced.
@@ -767,10 +782,7 @@ fn drop_damaged(
 ) {
     let sha256 = &bad.info.hashes.sha256;
     let forgot = backend.forget(sha, bad);
-    // As a removal by the collector: the record is gone first, then the count moves,
-    // then the cache is emptied of it (see `BlobStore::meta`).
-    removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    metas.write().unwrap_or_else(|p| p.into_inner()).remove(sha);
+    forget_removed(metas, removals, [sha]);
     match forgot {
         Ok(true) => tracing::error!(
             sha256,
@@ -1246,16 +1258,11 @@ impl BlobStore {
         // Under the candidates' lock: a write touching one of these waits until it is
         // removed, and then finds it missing.
         let removed = self.backend.remove(due)?;
-        // After the records are gone and before the cache is emptied of them (see
-        // `BlobStore::meta`).
         if !removed.is_empty() {
-            self.removals
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            forget_removed(&self.metas, &self.removals, removed.iter().map(|(k, _)| k));
         }
-        let mut metas = self.metas.write().unwrap_or_else(|p| p.into_inner());
         for (key, _) in &removed {
             candidates.remove(key);
-            metas.remove(key);
         }
         let removed_bytes = removed.iter().map(|(_, m)| m.info.size).sum();
         Ok(Collected {

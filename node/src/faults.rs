@@ -6,15 +6,20 @@
 //! A test can also make members answer one gRPC method as members of an earlier version
 //! that lack it would (UNIMPLEMENTED), to try the fallbacks of a rolling upgrade.
 //!
+//! A test can also give the network a shape that outlives [`Faults::heal`]: a round trip
+//! per link ([`Faults::latency`]), as between regions, which every call on that link
+//! waits once before it is sent.
+//!
 //! ```text
 //!   test ──isolate / partition / drop_rate / delay / heal──▶ Faults (seeded RNG)
+//!   test ──latency (kept by heal)─────────────────────────▶
 //!   node A ─peer call to B─▶ verdict(A, B): Pass | Cut (fails like a dead link) | Delay
 //! ```
 //!
 //! Nodes are named by their gRPC address (`127.0.0.1:PORT`), as the membership names them.
 //! Every random choice (which call is dropped, how long a delay is) comes from the seed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,6 +43,8 @@ struct Rules {
     cut: HashSet<(String, String)>,
     drop_rate: f64,
     delay: Option<(Duration, Duration)>,
+    /// Round trips of single links, from and to (see [`Faults::latency`]).
+    latency: HashMap<(String, String), (Duration, Duration)>,
     /// gRPC method paths answered UNIMPLEMENTED.
     missing: HashSet<String>,
     rng: StdRng,
@@ -58,6 +65,7 @@ impl Faults {
                 cut: HashSet::new(),
                 drop_rate: 0.0,
                 delay: None,
+                latency: HashMap::new(),
                 missing: HashSet::new(),
                 rng: StdRng::seed_from_u64(seed),
             }),
@@ -95,6 +103,25 @@ impl Faults {
         self.rules().delay = Some((min, max.max(min)));
     }
 
+    /// Gives every link between a member of `a` and a member of `b` a round trip of `min`
+    /// to `max` (chosen at random per call), both ways: each call on such a link waits
+    /// that long before it is sent. Unlike the faults, latency stays after
+    /// [`Faults::heal`]: it is the network's shape (regions far apart), not a failure.
+    /// Where a link also has [`Faults::delay`], the longer of the two applies.
+    pub fn latency(&self, a: &[&str], b: &[&str], min: Duration, max: Duration) {
+        let mut r = self.rules();
+        for x in a {
+            for y in b {
+                for key in [
+                    ((*x).to_owned(), (*y).to_owned()),
+                    ((*y).to_owned(), (*x).to_owned()),
+                ] {
+                    r.latency.insert(key, (min, max.max(min)));
+                }
+            }
+        }
+    }
+
     /// Answers every call of a gRPC method (its path, as `/granary.v1.Cluster/PushBlob`)
     /// UNIMPLEMENTED, as a member that predates the method would.
     pub fn unimplemented(&self, method: &str) {
@@ -115,7 +142,7 @@ impl Faults {
         lacks
     }
 
-    /// Removes every fault.
+    /// Removes every fault (the links' latency stays).
     pub fn heal(&self) {
         let mut r = self.rules();
         r.isolated.clear();
@@ -140,18 +167,27 @@ impl Faults {
                 return Verdict::Cut;
             }
         }
-        match r.delay {
-            Some((min, max)) if max > Duration::ZERO => {
-                let span = (max - min).as_micros() as u64;
-                let extra = if span == 0 {
-                    0
-                } else {
-                    r.rng.random_range(0..=span)
-                };
-                Verdict::Delay(min + Duration::from_micros(extra))
-            }
-            _ => Verdict::Pass,
+        let link = r.latency.get(&(from.to_owned(), to.to_owned())).copied();
+        let delay = match (r.delay, link) {
+            (None, None) => return Verdict::Pass,
+            (Some(d), None) | (None, Some(d)) => pick(&mut r.rng, d),
+            (Some(d), Some(l)) => pick(&mut r.rng, d).max(pick(&mut r.rng, l)),
+        };
+        if delay.is_zero() {
+            Verdict::Pass
+        } else {
+            Verdict::Delay(delay)
         }
+    }
+}
+
+/// A duration from `min` to `max`, chosen with `rng`.
+fn pick(rng: &mut StdRng, (min, max): (Duration, Duration)) -> Duration {
+    let span = (max - min).as_micros() as u64;
+    if span == 0 {
+        min
+    } else {
+        min + Duration::from_micros(rng.random_range(0..=span))
     }
 }
 
@@ -186,5 +222,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn latency_is_per_link_and_outlives_heal() {
+        let f = Faults::new(7);
+        let ms = Duration::from_millis;
+        f.latency(&["a"], &["b", "c"], ms(70), ms(80));
+        for (from, to) in [("a", "b"), ("b", "a"), ("c", "a")] {
+            match f.verdict(from, to) {
+                Verdict::Delay(d) => assert!(d >= ms(70) && d <= ms(80), "{from}→{to}: {d:?}"),
+                other => panic!("{from}→{to}: {other:?}"),
+            }
+        }
+        assert_eq!(f.verdict("b", "c"), Verdict::Pass, "a link not named");
+        f.partition(&["a"], &["b"]);
+        assert_eq!(
+            f.verdict("a", "b"),
+            Verdict::Cut,
+            "a cut link is cut, however far"
+        );
+        f.heal();
+        assert!(
+            matches!(f.verdict("a", "b"), Verdict::Delay(_)),
+            "heal keeps latency"
+        );
+        // With a delay on every call too, the longer one applies.
+        f.delay(ms(200), ms(200));
+        assert_eq!(f.verdict("a", "b"), Verdict::Delay(ms(200)));
+        assert_eq!(f.verdict("b", "c"), Verdict::Delay(ms(200)));
     }
 }

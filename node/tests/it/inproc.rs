@@ -17,19 +17,19 @@ use tokio::task::JoinHandle;
 
 use crate::harness::{ACCESS_KEY, Client, SECRET_KEY, fake_tgz, npm_publish_body};
 
-struct Member {
-    http: String,
-    grpc: String,
+pub(crate) struct Member {
+    pub(crate) http: String,
+    pub(crate) grpc: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), granary_node::Error>>>,
     _dir: tempfile::TempDir,
 }
 
 /// A cluster in this process.
-struct InprocCluster {
-    faults: Arc<Faults>,
-    members: Vec<Member>,
-    rng: StdRng,
+pub(crate) struct InprocCluster {
+    pub(crate) faults: Arc<Faults>,
+    pub(crate) members: Vec<Member>,
+    pub(crate) rng: StdRng,
 }
 
 fn free_port() -> u16 {
@@ -49,7 +49,7 @@ fn seed() -> u64 {
 }
 
 /// Polls `probe` until it returns `Some`, at most `timeout`.
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
+pub(crate) async fn until<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
     timeout: Duration,
     mut probe: impl FnMut() -> F,
@@ -64,23 +64,20 @@ async fn until<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
-/// Starts one member on free ports and waits until it is ready; the node's own error if
-/// it stops first.
-async fn start_member(
-    id: u64,
-    join: &[String],
-    faults: &Arc<Faults>,
-) -> Result<Member, granary_node::Error> {
+/// Starts one member of `base` (its id, join list and settings) on free ports in a
+/// temporary directory, and waits until it is ready; the node's own error if it stops
+/// first.
+async fn start_member(base: &Config, faults: &Arc<Faults>) -> Result<Member, granary_node::Error> {
+    let id = base.node_id;
     let dir = tempfile::tempdir().expect("tempdir");
     let http = format!("127.0.0.1:{}", free_port());
     let grpc = format!("127.0.0.1:{}", free_port());
     let config = Config {
-        node_id: id,
         data_dir: dir.path().join("data"),
         http_addr: http.parse().expect("addr"),
         grpc_addr: grpc.parse().expect("addr"),
-        join: join.to_vec(),
-        ..Config::default()
+        public_url: None,
+        ..base.clone()
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let embedded = Embedded {
@@ -124,22 +121,49 @@ async fn start_member(
 }
 
 impl InprocCluster {
+    /// `n` nodes with the default settings, each joining through the first.
     async fn start(n: u64) -> InprocCluster {
+        let configs = (1..=n)
+            .map(|id| Config {
+                node_id: id,
+                ..Config::default()
+            })
+            .collect();
+        InprocCluster::start_with(configs, Faults::new, |_| {}).await
+    }
+
+    /// A node per config, in order, each with its settings; the first bootstraps the
+    /// cluster and every other joins through the first (its `join` list is replaced).
+    /// `shape` runs after each node is ready, with the members so far (to give their
+    /// links latency, by their gRPC addresses): a node's own join request may go out
+    /// before, and everything after it crosses the network as shaped.
+    pub(crate) async fn start_with(
+        configs: Vec<Config>,
+        faults: impl FnOnce(u64) -> Faults,
+        shape: impl Fn(&InprocCluster),
+    ) -> InprocCluster {
         let seed = seed();
-        let faults = Arc::new(Faults::new(seed));
-        let mut members: Vec<Member> = Vec::new();
-        for id in 1..=n {
-            let join: Vec<String> = members
+        let n = configs.len();
+        let mut cluster = InprocCluster {
+            faults: Arc::new(faults(seed)),
+            members: Vec::new(),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        };
+        for base in configs {
+            let id = base.node_id;
+            let join: Vec<String> = cluster
+                .members
                 .first()
                 .map(|m| m.grpc.clone())
                 .into_iter()
                 .collect();
+            let base = Config { join, ..base };
             // A port found free can be taken by another test before the node binds it:
             // then start again on other ports.
             let mut attempt = 0;
             let member = loop {
                 attempt += 1;
-                match start_member(id, &join, &faults).await {
+                match start_member(&base, &cluster.faults).await {
                     Ok(m) => break m,
                     Err(e @ granary_node::Error::Bind { .. }) if attempt < 3 => {
                         eprintln!("node {id}: {e}; trying other ports");
@@ -147,41 +171,37 @@ impl InprocCluster {
                     Err(e) => panic!("node {id} did not start: {e}"),
                 }
             };
-            members.push(member);
+            cluster.members.push(member);
+            shape(&cluster);
         }
-        let cluster = InprocCluster {
-            faults,
-            members,
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
-        };
-        until("every node a voter", Duration::from_secs(30), || async {
+        until("every node a voter", Duration::from_secs(60), || async {
             let s = cluster.status(1).await?;
             let voters = s["members"]
                 .as_array()?
                 .iter()
                 .filter(|m| m["role"] == "voter")
                 .count();
-            (voters == n as usize).then_some(())
+            (voters == n).then_some(())
         })
         .await;
         cluster
     }
 
-    fn client(&self, id: u64) -> Client {
+    pub(crate) fn client(&self, id: u64) -> Client {
         Client {
             base: format!("http://{}", self.members[id as usize - 1].http),
         }
     }
 
-    fn grpc(&self, id: u64) -> &str {
+    pub(crate) fn grpc(&self, id: u64) -> &str {
         &self.members[id as usize - 1].grpc
     }
 
-    fn ids(&self) -> Vec<u64> {
+    pub(crate) fn ids(&self) -> Vec<u64> {
         (1..=self.members.len() as u64).collect()
     }
 
-    async fn status(&self, id: u64) -> Option<Value> {
+    pub(crate) async fn status(&self, id: u64) -> Option<Value> {
         let r = self
             .client(id)
             .api("GET", "/admin/v1/cluster/status", None)
@@ -190,7 +210,7 @@ impl InprocCluster {
     }
 
     /// The leader as `among` agree on it.
-    async fn leader(&self, among: &[u64]) -> u64 {
+    pub(crate) async fn leader(&self, among: &[u64]) -> u64 {
         until("a leader", Duration::from_secs(30), || async {
             let mut seen = None;
             for id in among {
@@ -205,7 +225,7 @@ impl InprocCluster {
         .await
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         for m in &mut self.members {
             if let Some(s) = m.stop.take() {
                 let _ = s.send(());
@@ -221,12 +241,12 @@ impl InprocCluster {
 
 /// Publishes one version through `via`; `Ok` once acknowledged, `Err` with what the node
 /// said otherwise.
-async fn publish(c: &Client, token: &str, name: &str, tgz: &[u8]) -> Result<(), String> {
+pub(crate) async fn publish(c: &Client, token: &str, name: &str, tgz: &[u8]) -> Result<(), String> {
     publish_in(c, token, "inproc", name, tgz).await
 }
 
 /// [`publish`] to the repository `repo` of `domain`.
-async fn publish_in(
+pub(crate) async fn publish_in(
     c: &Client,
     token: &str,
     domain: &str,
@@ -243,7 +263,7 @@ async fn publish_in(
 }
 
 /// A GET of `path` with the token.
-async fn get(c: &Client, token: &str, path: &str) -> crate::harness::Resp {
+pub(crate) async fn get(c: &Client, token: &str, path: &str) -> crate::harness::Resp {
     c.raw(
         "GET",
         path,
@@ -253,7 +273,7 @@ async fn get(c: &Client, token: &str, path: &str) -> crate::harness::Resp {
     .await
 }
 
-async fn tarball(c: &Client, token: &str, name: &str) -> (u16, Vec<u8>) {
+pub(crate) async fn tarball(c: &Client, token: &str, name: &str) -> (u16, Vec<u8>) {
     let r = get(
         c,
         token,
@@ -264,7 +284,7 @@ async fn tarball(c: &Client, token: &str, name: &str) -> (u16, Vec<u8>) {
 }
 
 /// Every acknowledged publish is readable, bytes identical, from every node in `ids`.
-async fn all_readable(
+pub(crate) async fn all_readable(
     cluster: &InprocCluster,
     ids: &[u64],
     token: &str,
@@ -432,7 +452,7 @@ async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push()
 }
 
 /// A counter summed over every member's `/metrics`: `name{labels}`.
-async fn counter(cluster: &InprocCluster, name: &str, labels: &str) -> u64 {
+pub(crate) async fn counter(cluster: &InprocCluster, name: &str, labels: &str) -> u64 {
     let line = format!("{name}{{{labels}}} ");
     let mut total = 0;
     for id in cluster.ids() {

@@ -56,7 +56,11 @@ pub(crate) async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let check = CheckSecret(secret.clone());
     let cluster = cluster_service.cluster.clone();
-    let raft_service = RaftService::new(cluster.raft().clone(), cluster.lease().clone());
+    let raft_service = RaftService::new(
+        cluster.raft().clone(),
+        cluster.lease().clone(),
+        cluster.contact().clone(),
+    );
     let peer_http = crate::cluster::peer_http::PeerHttp {
         cluster: cluster_service.clone(),
         raft: raft_service.clone(),

@@ -61,8 +61,23 @@ pub(crate) const BLOB_BYTES_STORED: &str = "granary_blob_bytes_stored";
 /// Gauge: bytes of this node's blob segment files, read when `/metrics` is asked.
 pub(crate) const BLOB_FILE_BYTES: &str = "granary_blob_file_bytes";
 
+/// Gauge: 1 while this node's elections are held back (it reaches no majority of
+/// voters; see `cluster::election_gate`).
+pub(crate) const ELECTIONS_HELD_BACK: &str = "granary_raft_elections_held_back";
+
+/// Rounds of status asks to the voters after a leader fell silent, by result.
+pub(crate) const QUORUM_PROBES: &str = "granary_raft_quorum_probes_total";
+
 /// What each counter and gauge means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
+    (
+        ELECTIONS_HELD_BACK,
+        "1 while this node holds its elections back because it reaches no majority of voters (it could not win one, and raising its term would depose the leader when it is back).",
+    ),
+    (
+        QUORUM_PROBES,
+        "Rounds of status asks to every voter, made while no leader was heard from: reached (a majority answered) or short.",
+    ),
     (
         BLOBS_STORED,
         "Blobs (package files, each stored once) on this node, as the blob collector's last pass counted them.",

@@ -254,6 +254,14 @@ pub async fn run_embedded(
 
     // Peers must reach this node's Raft before it can join or be elected.
     let cancel = CancellationToken::new();
+    // From the start: a node restarted while it reaches no majority does not raise its
+    // term meanwhile.
+    crate::cluster::election_gate::spawn(
+        cluster.clone(),
+        crate::cluster::election_gate::Timing::of(&config.raft),
+        metrics.clone(),
+        cancel.clone(),
+    );
     let grpc = tokio::spawn(crate::grpc::serve(
         crate::cluster::service::ClusterService {
             cluster: cluster.clone(),

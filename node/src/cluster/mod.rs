@@ -12,6 +12,7 @@
 //! ```
 
 pub(crate) mod blobs;
+pub(crate) mod election_gate;
 pub(crate) mod gc;
 pub(crate) mod peer_http;
 pub(crate) mod peers;
@@ -140,6 +141,8 @@ pub(crate) struct Cluster {
     /// once take turns instead of colliding in openraft (which refuses, and logs an
     /// error for, a change while another is uncommitted).
     membership_turn: Arc<tokio::sync::Mutex<()>>,
+    /// When a leader was last heard from (see `election_gate`).
+    contact: Arc<election_gate::LeaderContact>,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -176,7 +179,13 @@ impl Cluster {
             applied,
             installs,
             membership_turn: Default::default(),
+            contact: Default::default(),
         }
+    }
+
+    /// When a leader was last heard from.
+    pub(crate) fn contact(&self) -> &Arc<election_gate::LeaderContact> {
+        &self.contact
     }
 
     /// The leader's lease.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::lease::Lease;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
+use crate::cluster::election_gate::LeaderContact;
 use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
 use granary_protocol::pb::raft_client::RaftClient;
@@ -197,11 +198,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub(crate) struct RaftService {
     raft: Raft,
     lease: Arc<Lease>,
+    contact: Arc<LeaderContact>,
 }
 
 impl RaftService {
-    pub(crate) fn new(raft: Raft, lease: Arc<Lease>) -> Self {
-        RaftService { raft, lease }
+    pub(crate) fn new(raft: Raft, lease: Arc<Lease>, contact: Arc<LeaderContact>) -> Self {
+        RaftService {
+            raft,
+            lease,
+            contact,
+        }
     }
 }
 
@@ -228,7 +234,16 @@ impl pb::raft_server::Raft for RaftService {
         request: tonic::Request<pb::RaftRequest>,
     ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
         let req: AppendEntriesRequest<TypeConfig> = parse(request)?;
-        reply(self.raft.append_entries(req).await)
+        let answer = self.raft.append_entries(req).await;
+        // Accepted from a leader of this node's term or a later one (a conflict is
+        // accepted too: the leader goes on to find where the logs agree).
+        if answer
+            .as_ref()
+            .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
+        {
+            self.contact.heard();
+        }
+        reply(answer)
     }
 
     async fn vote(

@@ -21,5 +21,8 @@ mod inproc;
 mod npm_awscli;
 /// More writes at once than a node takes: turned away retryably, before any work.
 mod overload;
+/// The shipped multi-region configuration, six nodes in this process with cross-region
+/// round trips: a steady leader, a lost region, convergence.
+mod regions;
 /// Upstreams, external connections and origin controls through the AWS CLI.
 mod upstream_api;

@@ -253,13 +253,48 @@ pub(crate) async fn publish_in(
     name: &str,
     tgz: &[u8],
 ) -> Result<(), String> {
-    let body = npm_publish_body(name, "1.0.0", tgz, json!({}));
+    publish_version(c, token, domain, name, "1.0.0", tgz).await
+}
+
+/// [`publish_in`] of `version`.
+pub(crate) async fn publish_version(
+    c: &Client,
+    token: &str,
+    domain: &str,
+    name: &str,
+    version: &str,
+    tgz: &[u8],
+) -> Result<(), String> {
+    let body = npm_publish_body(name, version, tgz, json!({}));
     let r = c.npm_put(token, domain, "repo", name, &body).await;
     match r.status {
         201 => Ok(()),
         503 => Err(format!("retryable: {}", r.text())),
-        other => panic!("publish {name}: unexpected HTTP {other}: {}", r.text()),
+        other => panic!(
+            "publish {name}@{version}: unexpected HTTP {other}: {}",
+            r.text()
+        ),
     }
+}
+
+/// Publishes `name` (random bytes) through one of `via`, chosen by the seed, again until
+/// acknowledged, for at most `timeout`; returns the bytes.
+pub(crate) async fn publish_until_acknowledged(
+    cluster: &mut InprocCluster,
+    via: &[u64],
+    token: &str,
+    name: &str,
+    timeout: Duration,
+) -> Vec<u8> {
+    let via = via[cluster.rng.random_range(0..via.len())];
+    let tgz = fake_tgz(cluster.rng.random(), 4096);
+    let c = cluster.client(via);
+    until(&format!("{name} acknowledged"), timeout, || {
+        let (c, token, name, tgz) = (c.clone(), token.to_owned(), name.to_owned(), tgz.clone());
+        async move { publish(&c, &token, &name, &tgz).await.ok() }
+    })
+    .await;
+    tgz
 }
 
 /// A GET of `path` with the token.
@@ -346,20 +381,10 @@ async fn isolating_the_leader_in_process() {
     let new = cluster.leader(&rest).await;
     assert_ne!(new, old);
     for i in 0..5 {
-        let via = rest[cluster.rng.random_range(0..rest.len())];
         let name = format!("during-{i}");
-        let tgz = fake_tgz(cluster.rng.random(), 4096);
-        let c = cluster.client(via);
-        until(
-            &format!("{name} acknowledged"),
-            Duration::from_secs(30),
-            || {
-                let c = c.clone();
-                let (token, name, tgz) = (token.clone(), name.clone(), tgz.clone());
-                async move { publish(&c, &token, &name, &tgz).await.ok() }
-            },
-        )
-        .await;
+        let tgz =
+            publish_until_acknowledged(&mut cluster, &rest, &token, &name, Duration::from_secs(30))
+                .await;
         acked.push((name, tgz));
     }
     // The isolated node: no stale read, no write.
@@ -453,21 +478,25 @@ async fn small_blobs_are_streamed_to_members_that_predate_the_one_message_push()
 
 /// A counter summed over every member's `/metrics`: `name{labels}`.
 pub(crate) async fn counter(cluster: &InprocCluster, name: &str, labels: &str) -> u64 {
-    let line = format!("{name}{{{labels}}} ");
+    let series = format!("{name}{{{labels}}}");
     let mut total = 0;
     for id in cluster.ids() {
-        let text = reqwest::get(format!("{}/metrics", cluster.client(id).base))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        total += text
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .map_or(0, |n| n.parse::<u64>().expect("a count"));
+        total += metric(cluster, id, &series).await;
     }
     total
+}
+
+/// One node's value of a counter or gauge (`name{labels}`, or `name` alone); 0 if absent.
+pub(crate) async fn metric(cluster: &InprocCluster, id: u64, series: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", cluster.client(id).base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |n| n.parse().expect("a number"))
 }
 
 async fn pushes(cluster: &InprocCluster, transport: &str) -> u64 {

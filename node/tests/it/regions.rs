@@ -20,10 +20,13 @@ use granary_node::Config;
 use granary_node::config::ReadConsistency;
 use granary_node::faults::Faults;
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::harness::{Client, fake_tgz, npm_publish_body};
-use crate::inproc::{InprocCluster, all_readable, get, tarball, until};
+use crate::harness::{Client, fake_tgz};
+use crate::inproc::{
+    InprocCluster, all_readable, get, metric, publish_until_acknowledged, publish_version, tarball,
+    until,
+};
 
 /// The regions' members, by node id, as in the shipped files.
 const REGIONS: [(&str, [u64; 2]); 3] = [
@@ -83,8 +86,7 @@ fn shape(cluster: &InprocCluster) {
     }
 }
 
-/// Publishes `name@version` through `c`: `Ok` once acknowledged, `Err` with the retryable
-/// refusal (503) otherwise; anything else fails the test.
+/// Publishes `name@version` through `c` (see [`publish_version`]).
 async fn publish(
     c: &Client,
     token: &str,
@@ -92,16 +94,7 @@ async fn publish(
     version: &str,
     tgz: &[u8],
 ) -> Result<(), String> {
-    let body = npm_publish_body(name, version, tgz, json!({}));
-    let r = c.npm_put(token, "inproc", "repo", name, &body).await;
-    match r.status {
-        201 => Ok(()),
-        503 => Err(format!("retryable: {}", r.text())),
-        other => panic!(
-            "publish {name}@{version}: unexpected HTTP {other}: {}",
-            r.text()
-        ),
-    }
+    publish_version(c, token, "inproc", name, version, tgz).await
 }
 
 /// The versions of `name`'s packument through `c`, or the status when it is not 200.
@@ -117,19 +110,6 @@ async fn versions(c: &Client, token: &str, name: &str) -> Result<Vec<String>, u1
         .unwrap_or_default();
     v.sort();
     Ok(v)
-}
-
-/// One node's value of a counter or gauge (`name{labels}`, or `name` alone).
-async fn metric(cluster: &InprocCluster, id: u64, series: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", cluster.client(id).base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |n| n.parse().expect("a number"))
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -243,19 +223,10 @@ async fn six_nodes_in_three_regions_keep_their_leader_and_ride_out_a_lost_region
     let changed = acked[0].0.clone();
     let mut first_write = None;
     for i in 0..3 {
-        let via = rest[cluster.rng.random_range(0..rest.len())];
         let name = format!("during-{i}");
-        let tgz = fake_tgz(cluster.rng.random(), 4096);
-        let c = cluster.client(via);
-        until(
-            &format!("{name} acknowledged"),
-            Duration::from_secs(60),
-            || {
-                let (c, token, name, tgz) = (c.clone(), token.clone(), name.clone(), tgz.clone());
-                async move { publish(&c, &token, &name, "1.0.0", &tgz).await.ok() }
-            },
-        )
-        .await;
+        let tgz =
+            publish_until_acknowledged(&mut cluster, &rest, &token, &name, Duration::from_secs(60))
+                .await;
         first_write.get_or_insert_with(|| cut_at.elapsed());
         acked.push((name, tgz));
     }

@@ -1,8 +1,9 @@
-use granary_cluster_tests::client::{NodeClient, Repo, Resp, fake_tgz};
+use granary_cluster_tests::client::{NodeClient, Repo, Resp, counter_sum, fake_tgz};
 use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::faults::Firewall;
 use granary_cluster_tests::load::{Kind, Load};
 use granary_cluster_tests::oracle::Oracle;
+use granary_cluster_tests::poll::until;
 use granary_cluster_tests::seed::Seed;
 use serde_json::Value;
 
@@ -231,9 +232,54 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
         );
     }
 
+    // An isolated follower reaches no majority, so it holds its elections back instead
+    // of raising its term: held back for longer than a lease and the longest election
+    // timeout (status rounds every 100 ms with the default 400 ms minimum), it would
+    // have campaigned by now otherwise. Back, it must not depose the majority's leader.
+    let kept = if isolated == leader_before {
+        None
+    } else {
+        let short = "granary_raft_quorum_probes_total{result=\"short\"} ";
+        until(
+            &format!("node {isolated} holding its elections back"),
+            SETTLE_TIMEOUT,
+            || async {
+                let r = node
+                    .raw("GET", "/metrics", &[], vec![])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let text = r.text();
+                let held_back = counter_sum(&text, "granary_raft_elections_held_back");
+                let rounds: u64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(short)?.parse().ok())
+                    .unwrap_or(0);
+                if held_back == 1 && rounds >= 17 {
+                    Ok(())
+                } else {
+                    Err(format!("held back {held_back}, {rounds} short rounds"))
+                }
+            },
+        )
+        .await;
+        let s = cluster.status(leader).await.expect("the majority's leader");
+        Some((leader, s.term))
+    };
+
     firewall.heal();
     cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
     final_checks(&cluster, &all, &repo, &oracle).await;
+    if let Some((leader, term)) = kept {
+        let s = cluster
+            .status(leader)
+            .await
+            .expect("the leader after healing");
+        assert_eq!(
+            (s.leader_id, s.term),
+            (Some(leader), term),
+            "the isolated follower, back, deposed the majority's leader"
+        );
+    }
     // What the isolated node refused never happened.
     for id in &all {
         match cluster.client(*id).npm_packument(&repo, "isolated").await {

@@ -13,21 +13,30 @@
 //! every other voter for its status (`Node.Status`, answered from memory), every
 //! [`Timing::every`], each ask bounded by the same. While the voters that answered (and
 //! this node) are not a majority of every voter configuration, the node's elections are
-//! held back (`runtime_config().elect(false)`): its term stays where it was. A round that
-//! reaches a majority, or a leader heard from again, allows them again.
+//! held back (`runtime_config().elect(false)`): its term stays where it was.
+//!
+//! A leader heard from again allows them again at once. A majority reachable again allows
+//! them only after [`Timing::grace`] (`election_timeout_max`) of rounds that all reach
+//! one: by then its election timer has long run out, and a node allowed at once would
+//! campaign before the leader, whose replication to it backs off for 500 ms after
+//! failures, has reached it again, which is the very disruption the gate is for. A leader
+//! that is there reaches it within the grace (its AppendEntries resets the timer); when
+//! none does, there is no leader to disrupt and the node campaigns.
 //!
 //! ```text
-//!   follower, leader silent ─▶ Status to every voter ─▶ a majority answered? ─ yes ─▶ elect(true)
-//!                                                                            └ no ──▶ elect(false)
+//!   follower, leader silent ─▶ Status to every voter ─▶ a majority answered? ─ no ──▶ elect(false)
+//!                                                          yes, for a grace, ─────▶ elect(true)
+//!                                                          or a leader heard ─────▶ elect(true)
 //! ```
 //!
 //! Only liveness is at stake, never safety: a held-back node could not have won (winning
 //! takes a majority's votes, and it reaches no majority). Whenever a majority of voters
 //! are up and reach each other, each of them reaches a majority, so none of them is held
-//! back and they elect a leader as before. And it is quick enough: a follower that heard
-//! from a leader campaigns only after `election_timeout_max` (the leader's lease) plus
-//! its own election timeout of at least `election_timeout_min`, while the gate closes at
-//! most `silent_after + 2 × every` = `election_timeout_min` after the last contact.
+//! back and they elect a leader as before (the grace applies only to a node that was held
+//! back). And it is quick enough: a follower that heard from a leader campaigns only after
+//! `election_timeout_max` (the leader's lease) plus its own election timeout of at least
+//! `election_timeout_min`, while the gate closes at most `silent_after + every + ask`
+//! (`election_timeout_min` × 7/4) after the last contact.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -81,24 +90,36 @@ impl LeaderContact {
     }
 }
 
-/// How often the gate looks, and after how much silence it asks the voters.
+/// How often the gate looks, after how much silence it asks the voters, how long it waits
+/// for their answers, and how long a majority must stay reachable before a held-back node
+/// may campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Timing {
-    /// Between two looks, and the bound of each status ask.
+    /// Between two looks.
     pub(crate) every: Duration,
     /// A leader silent this long: ask whether a majority is reachable.
     pub(crate) silent_after: Duration,
+    /// The bound of each status ask: generous, so that a slow answer on a busy machine
+    /// does not close the gate during an ordinary failover.
+    pub(crate) ask: Duration,
+    /// Before a held-back node that reaches a majority again may campaign.
+    pub(crate) grace: Duration,
 }
 
 impl Timing {
-    /// A quarter and a half of `election_timeout_min`: the gate has closed by
-    /// `election_timeout_min` after the last contact, while the node's timer fires no
-    /// sooner than `election_timeout_max + election_timeout_min` after it.
+    /// Looks every quarter of `election_timeout_min`, asks after half of it, waits for
+    /// answers up to all of it: the gate has closed by 7/4 of `election_timeout_min` after
+    /// the last contact, while the node's timer fires no sooner than
+    /// `election_timeout_max + election_timeout_min` after it. The grace is
+    /// `election_timeout_max`, above openraft's 500 ms replication backoff plus a
+    /// heartbeat and a round trip with the shipped timings.
     pub(crate) fn of(raft: &RaftConfig) -> Timing {
         let min = Duration::from_millis(raft.election_timeout_min_ms.max(4));
         Timing {
             every: min / 4,
             silent_after: min / 2,
+            ask: min,
+            grace: Duration::from_millis(raft.election_timeout_max_ms),
         }
     }
 }
@@ -120,6 +141,8 @@ pub(crate) fn spawn(
 ) {
     tokio::spawn(async move {
         let mut open = true;
+        // While held back: since when every round has reached a majority.
+        let mut reached_since: Option<Instant> = None;
         metrics.set(ELECTIONS_HELD_BACK, 0);
         let mut tick = tokio::time::interval(timing.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,14 +157,30 @@ pub(crate) fn spawn(
                     let result = if reached { "reached" } else { "short" };
                     metrics.inc(QUORUM_PROBES, &[("result", result)]);
                     if !reached && open {
-                        tracing::warn!(
-                            answered = of,
-                            "no majority of voters reachable: elections held back until one is"
-                        );
+                        // Quiet at the start, when peers may not listen yet.
+                        if cluster.contact().silent_for().is_some() {
+                            tracing::warn!(
+                                answered = of,
+                                "no majority of voters reachable: elections held back until one is"
+                            );
+                        } else {
+                            tracing::debug!(answered = of, "elections held back at the start");
+                        }
                     }
-                    reached
+                    if !reached {
+                        reached_since = None;
+                        false
+                    } else if open {
+                        true
+                    } else {
+                        let since = *reached_since.get_or_insert_with(Instant::now);
+                        since.elapsed() >= timing.grace
+                    }
                 }
             };
+            if wanted {
+                reached_since = None;
+            }
             if wanted != open {
                 if wanted {
                     tracing::info!("elections allowed again");
@@ -190,7 +229,7 @@ async fn look(cluster: &Cluster, timing: Timing) -> Look {
         Some(async move {
             let channel = peers.channel(&addr, Lane::Control).ok()?;
             let mut client = pb::node_client::NodeClient::new(channel);
-            tokio::time::timeout(timing.every, client.status(pb::StatusRequest {}))
+            tokio::time::timeout(timing.ask, client.status(pb::StatusRequest {}))
                 .await
                 .ok()?
                 .ok()
@@ -237,8 +276,10 @@ mod tests {
     fn the_gate_closes_before_the_timer_could_fire() {
         let raft = RaftConfig::default();
         let t = Timing::of(&raft);
-        let closed_by = t.silent_after + 2 * t.every;
-        assert!(closed_by <= Duration::from_millis(raft.election_timeout_min_ms));
+        let closed_by = t.silent_after + t.every + t.ask;
+        assert!(closed_by <= Duration::from_millis(raft.election_timeout_min_ms) * 7 / 4);
+        // The grace outlasts openraft's replication backoff, a heartbeat and a round trip.
+        assert!(t.grace > Duration::from_millis(500 + raft.heartbeat_ms + 100));
         // A follower campaigns `election_timeout_max` (the lease) plus at least
         // `election_timeout_min` after the last contact.
         assert!(

@@ -7,8 +7,8 @@
 //! that lack it would (UNIMPLEMENTED), to try the fallbacks of a rolling upgrade.
 //!
 //! A test can also give the network a shape that outlives [`Faults::heal`]: a round trip
-//! per link ([`Faults::latency`]), as between regions, which every call on that link
-//! waits once before it is sent.
+//! per link ([`Faults::latency`]), as between regions: every call on that link waits half
+//! of it on the way there and half on the way back.
 //!
 //! ```text
 //!   test ──isolate / partition / drop_rate / delay / heal──▶ Faults (seeded RNG)
@@ -98,14 +98,15 @@ impl Faults {
         self.rules().drop_rate = rate.clamp(0.0, 1.0);
     }
 
-    /// Delays every call by `min` to `max`, chosen at random.
+    /// Delays every call by `min` to `max`, chosen at random (half before it is sent, half
+    /// before its answer is taken).
     pub fn delay(&self, min: Duration, max: Duration) {
         self.rules().delay = Some((min, max.max(min)));
     }
 
     /// Gives every link between a member of `a` and a member of `b` a round trip of `min`
     /// to `max` (chosen at random per call), both ways: each call on such a link waits
-    /// that long before it is sent. Unlike the faults, latency stays after
+    /// half of it before it is sent and half before its answer is taken. Unlike the faults, latency stays after
     /// [`Faults::heal`]: it is the network's shape (regions far apart), not a failure.
     /// Where a link also has [`Faults::delay`], the longer of the two applies.
     pub fn latency(&self, a: &[&str], b: &[&str], min: Duration, max: Duration) {

@@ -146,17 +146,23 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for FaultyChannel 
             return Box::pin(async move { Ok(status.into_http()) });
         }
         Box::pin(async move {
-            match verdict {
-                Verdict::Pass => {}
+            // A delay is a round trip: half on the way there, half on the way back.
+            let back = match verdict {
+                Verdict::Pass => Duration::ZERO,
                 Verdict::Cut => {
                     return Err(Box::new(std::io::Error::new(
                         std::io::ErrorKind::ConnectionRefused,
                         "peer link cut (test fault)",
                     )) as Self::Error);
                 }
-                Verdict::Delay(d) => tokio::time::sleep(d).await,
-            }
-            ready.call(req).await.map_err(Into::into)
+                Verdict::Delay(d) => {
+                    tokio::time::sleep(d / 2).await;
+                    d - d / 2
+                }
+            };
+            let answer = ready.call(req).await;
+            tokio::time::sleep(back).await;
+            answer.map_err(Into::into)
         })
     }
 }
@@ -319,6 +325,7 @@ impl Peers {
         if only_if_known && !self.answers_http1(addr) {
             return Err(Http1Failure::NotTried);
         }
+        let mut back = Duration::ZERO;
         if let Some((f, me)) = &self.faults {
             if f.lacks(path) {
                 self.forget_http1(addr);
@@ -331,7 +338,11 @@ impl Peers {
                 Verdict::Cut => {
                     return Err(Http1Failure::Failed("peer link cut (test fault)".into()));
                 }
-                Verdict::Delay(d) => tokio::time::sleep(d).await,
+                // A round trip: half on the way there, half on the way back.
+                Verdict::Delay(d) => {
+                    tokio::time::sleep(d / 2).await;
+                    back = d - d / 2;
+                }
             }
         }
         let mut req = http::Request::builder()
@@ -355,6 +366,7 @@ impl Peers {
             Ok::<_, String>((parts.status, parts.headers, body.to_bytes()))
         })
         .await;
+        tokio::time::sleep(back).await;
         match answered {
             Ok(Ok(answer)) => {
                 self.http1_answered

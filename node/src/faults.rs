@@ -106,8 +106,9 @@ impl Faults {
 
     /// Gives every link between a member of `a` and a member of `b` a round trip of `min`
     /// to `max` (chosen at random per call), both ways: each call on such a link waits
-    /// half of it before it is sent and half before its answer is taken. Unlike the faults, latency stays after
-    /// [`Faults::heal`]: it is the network's shape (regions far apart), not a failure.
+    /// half of it before it is sent and half before its answer is taken. Unlike the
+    /// faults, latency stays after [`Faults::heal`]: it is the network's shape (regions
+    /// far apart), not a failure.
     /// Where a link also has [`Faults::delay`], the longer of the two applies.
     pub fn latency(&self, a: &[&str], b: &[&str], min: Duration, max: Duration) {
         let mut r = self.rules();
@@ -178,6 +179,21 @@ impl Faults {
             Verdict::Pass
         } else {
             Verdict::Delay(delay)
+        }
+    }
+}
+
+impl Verdict {
+    /// Plays the way there: `None` for a cut link; otherwise, after waiting half of a
+    /// delay (a round trip), the half the answer is to wait on the way back.
+    pub(crate) async fn go_there(self) -> Option<Duration> {
+        match self {
+            Verdict::Pass => Some(Duration::ZERO),
+            Verdict::Cut => None,
+            Verdict::Delay(d) => {
+                tokio::time::sleep(d / 2).await;
+                Some(d - d / 2)
+            }
         }
     }
 }

@@ -43,13 +43,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use granary_protocol::pb;
 use openraft::ServerState;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::peers::Lane;
 use crate::config::RaftConfig;
 use crate::metrics::{ELECTIONS_HELD_BACK, Metrics, QUORUM_PROBES};
 use crate::raft::NodeId;
@@ -226,15 +224,7 @@ async fn look(cluster: &Cluster, timing: Timing) -> Look {
         let addr = membership.get_node(id)?.grpc_addr.clone();
         let peers = cluster.peers().clone();
         let id = *id;
-        Some(async move {
-            let channel = peers.channel(&addr, Lane::Control).ok()?;
-            let mut client = pb::node_client::NodeClient::new(channel);
-            tokio::time::timeout(timing.ask, client.status(pb::StatusRequest {}))
-                .await
-                .ok()?
-                .ok()
-                .map(|_| id)
-        })
+        Some(async move { peers.status_of(&addr, timing.ask).await.map(|_| id) })
     });
     let mut reached: BTreeSet<NodeId> = futures::future::join_all(asks)
         .await

@@ -847,16 +847,8 @@ impl Cluster {
                 if id == me {
                     return None;
                 }
-                let channel = peers.channel(&addr, peers::Lane::Control).ok()?;
-                let mut client = pb::node_client::NodeClient::new(channel);
-                let reply = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.status(pb::StatusRequest {}),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                Some(reply.into_inner().last_applied_index)
+                let reply = peers.status_of(&addr, Duration::from_secs(1)).await?;
+                Some(reply.last_applied_index)
             }
         });
         let answers = futures::future::join_all(asks).await;

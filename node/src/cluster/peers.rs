@@ -146,19 +146,11 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for FaultyChannel 
             return Box::pin(async move { Ok(status.into_http()) });
         }
         Box::pin(async move {
-            // A delay is a round trip: half on the way there, half on the way back.
-            let back = match verdict {
-                Verdict::Pass => Duration::ZERO,
-                Verdict::Cut => {
-                    return Err(Box::new(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionRefused,
-                        "peer link cut (test fault)",
-                    )) as Self::Error);
-                }
-                Verdict::Delay(d) => {
-                    tokio::time::sleep(d / 2).await;
-                    d - d / 2
-                }
+            let Some(back) = verdict.go_there().await else {
+                return Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "peer link cut (test fault)",
+                )) as Self::Error);
             };
             let answer = ready.call(req).await;
             tokio::time::sleep(back).await;
@@ -333,17 +325,10 @@ impl Peers {
                     "route not known to this member (test fault)".into(),
                 ));
             }
-            match f.verdict(me, addr) {
-                Verdict::Pass => {}
-                Verdict::Cut => {
-                    return Err(Http1Failure::Failed("peer link cut (test fault)".into()));
-                }
-                // A round trip: half on the way there, half on the way back.
-                Verdict::Delay(d) => {
-                    tokio::time::sleep(d / 2).await;
-                    back = d - d / 2;
-                }
-            }
+            let Some(rest) = f.verdict(me, addr).go_there().await else {
+                return Err(Http1Failure::Failed("peer link cut (test fault)".into()));
+            };
+            back = rest;
         }
         let mut req = http::Request::builder()
             .method(method)
@@ -531,6 +516,18 @@ impl Peers {
     pub(crate) fn with_faults(mut self, faults: Arc<Faults>, me: &str) -> Peers {
         self.faults = Some((faults, Arc::from(me)));
         self
+    }
+
+    /// The status of the member at `addr` (`Node.Status`, answered from its memory), if it
+    /// answers `within`.
+    pub(crate) async fn status_of(&self, addr: &str, within: Duration) -> Option<pb::StatusReply> {
+        let channel = self.channel(addr, Lane::Control).ok()?;
+        let mut client = pb::node_client::NodeClient::new(channel);
+        let reply = tokio::time::timeout(within, client.status(pb::StatusRequest {}))
+            .await
+            .ok()?
+            .ok()?;
+        Some(reply.into_inner())
     }
 
     /// A channel to `addr` (`host:port`) in `lane`, connected on first use and

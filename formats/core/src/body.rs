@@ -1,6 +1,10 @@
 //! The streaming body type shared by the node and the formats, and small helpers.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 use crate::FormatError;
@@ -23,6 +27,43 @@ pub fn empty() -> Body {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// `body`, declaring that it holds at most `limit` bytes (the upper bound of its size
+/// hint), for a consumer that sizes its buffer by that: a tarball decoded from a request
+/// of known length, say. The bound must hold; a longer body is still passed on whole.
+pub fn at_most(body: Body, limit: u64) -> Body {
+    AtMost { body, limit }.boxed_unsync()
+}
+
+/// See [`at_most`].
+struct AtMost {
+    body: Body,
+    limit: u64,
+}
+
+impl http_body::Body for AtMost {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.body.size_hint();
+        if hint.upper().is_none_or(|upper| upper > self.limit) && hint.lower() <= self.limit {
+            hint.set_upper(self.limit);
+        }
+        hint
+    }
 }
 
 /// Reads a whole body, failing with [`FormatError::PayloadTooLarge`] past `limit` bytes.
@@ -63,4 +104,25 @@ pub fn is_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
         cur = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn at_most_bounds_the_size_hint_and_passes_the_body_on() {
+        let stream = futures::stream::iter(
+            [&b"abc"[..], b"de"].map(|b| Ok::<_, BodyError>(Frame::data(Bytes::from(b)))),
+        );
+        let unknown: Body = http_body_util::StreamBody::new(stream).boxed_unsync();
+        assert_eq!(unknown.size_hint().upper(), None);
+        let bounded = at_most(unknown, 10);
+        assert_eq!(bounded.size_hint().upper(), Some(10));
+        assert_eq!(read_to_bytes(bounded, 100).await.unwrap(), &b"abcde"[..]);
+        // A tighter bound the body already has is kept.
+        assert_eq!(at_most(full("abc"), 10).size_hint().upper(), Some(3));
+    }
 }

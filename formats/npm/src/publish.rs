@@ -34,6 +34,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::future;
 use http::{Response, StatusCode};
+use http_body::Body as _;
 use serde_json::Value;
 
 use granary_format::model::{
@@ -67,9 +68,11 @@ pub(crate) async fn put_package(
     limit: usize,
 ) -> Result<Response<Body>, FormatError> {
     let (sender, receiver) = stream::tarball_channel();
+    // The tarball is base64 inside the body: it decodes to at most 3 bytes in 4.
+    let tarball_at_most = body.size_hint().upper().map(|len| len / 4 * 3 + 3);
     let (prepared, stored) = future::join(
         prepare(repo, name, body, limit, sender),
-        stream::store_tarball(repo, receiver),
+        stream::store_tarball(repo, receiver, tarball_at_most),
     )
     .await;
     // The document's errors come first: they are why a tarball's body was cut short.

@@ -920,10 +920,12 @@ impl TarballSender {
 }
 
 /// Stores the tarball as it streams in: `None` when no byte arrives before the stream
-/// ends (a document without a tarball), so nothing is stored for it.
+/// ends (a document without a tarball), so nothing is stored for it. `at_most` bounds
+/// its length when that is known, so the store can size its buffer.
 pub(crate) async fn store_tarball(
     repo: &dyn Registry,
     mut receiver: TarballReceiver,
+    at_most: Option<u64>,
 ) -> Result<Option<BlobInfo>, RegistryError> {
     let first = match receiver.rx.next().await {
         Some(Piece::Data(bytes)) => bytes,
@@ -938,7 +940,10 @@ pub(crate) async fn store_tarball(
         }
     });
     let frames = stream::once(async move { Ok::<_, BodyError>(Frame::data(first)) }).chain(rest);
-    let body: Body = StreamBody::new(frames).boxed_unsync();
+    let mut body: Body = StreamBody::new(frames).boxed_unsync();
+    if let Some(limit) = at_most {
+        body = body::at_most(body, limit);
+    }
     repo.store_blob(body).await.map(Some)
 }
 

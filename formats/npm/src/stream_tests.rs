@@ -497,7 +497,7 @@ async fn a_finished_tarball_is_stored() {
             sender.finish().await;
             scanned
         },
-        store_tarball(&repo, receiver),
+        store_tarball(&repo, receiver, None),
     )
     .await;
     assert_eq!(scanned.unwrap().tarball.unwrap().size, 200_000);
@@ -520,7 +520,7 @@ async fn an_aborted_tarball_is_not_stored() {
             sender.abort();
             scanned
         },
-        store_tarball(&repo, receiver),
+        store_tarball(&repo, receiver, None),
     )
     .await;
     assert!(scanned.is_ok());
@@ -541,7 +541,7 @@ async fn no_tarball_stores_nothing() {
             sender.finish().await;
             scanned
         },
-        store_tarball(&repo, receiver),
+        store_tarball(&repo, receiver, None),
     )
     .await;
     assert!(scanned.unwrap().tarball.is_none());

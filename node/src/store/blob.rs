@@ -36,6 +36,7 @@ use granary_format::hashing::MultiHasher;
 use granary_format::model::BlobInfo;
 #[cfg(test)]
 use granary_format::model::Hashes;
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use rocksdb::{WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
@@ -862,10 +863,10 @@ impl Written {
     }
 }
 
-/// `chunk`, or a copy of its own size when it is much shorter than a chunk's buffer (see
-/// [`BlobStore::write_chunk`]).
-fn own_size(chunk: Bytes) -> Bytes {
-    if chunk.len() < CHUNK_SIZE / 2 {
+/// `chunk`, or a copy of its own size when it is much shorter than the `allocated` bytes
+/// of the buffer it was gathered in (see [`BlobStore::write_chunk`]).
+fn own_size(chunk: Bytes, allocated: usize) -> Bytes {
+    if chunk.len() < allocated / 2 {
         Bytes::copy_from_slice(&chunk)
     } else {
         chunk
@@ -960,10 +961,16 @@ impl BlobStore {
             Some((_, ReplicaCheck::Sha256)) => Hashing::Sha256(Sha256::new()),
             Some((_, ReplicaCheck::Crc32c(_))) => Hashing::Crc32c,
         });
-        // A replica's size is known: a small one gets a buffer of its own size, which the
-        // cache can then keep without holding a whole chunk's allocation for it.
-        let capacity = expected.map_or(CHUNK_SIZE, |(e, _)| {
-            usize::try_from(e.size).map_or(CHUNK_SIZE, |size| size.clamp(1, CHUNK_SIZE))
+        // A replica's size is known, and so is an upload's when its body says how long it
+        // is (or at most how long): a small one gets a buffer of about its own size, which
+        // the cache can then keep as it is, without a copy and without holding a whole
+        // chunk's allocation for it.
+        let known = match expected {
+            Some((e, _)) => Some(e.size),
+            None => body.size_hint().upper(),
+        };
+        let capacity = known.map_or(CHUNK_SIZE, |size| {
+            usize::try_from(size).map_or(CHUNK_SIZE, |size| size.clamp(1, CHUNK_SIZE))
         });
         let mut buf = BytesMut::with_capacity(capacity);
         let mut extents = Vec::new();
@@ -993,19 +1000,22 @@ impl BlobStore {
                         if hold.is_none() {
                             hold = self.backend.hold();
                         }
-                        let at = self.write_chunk(buf.split().freeze(), extents.len(), cached)?;
+                        let allocated = buf.capacity();
+                        let chunk = buf.split().freeze();
+                        let at = self.write_chunk(chunk, allocated, extents.len(), cached)?;
                         extents.push(at);
                         buf.reserve(CHUNK_SIZE);
                     }
                 }
             }
             if !buf.is_empty() {
+                let allocated = buf.capacity();
                 let chunk = buf.split().freeze();
                 if extents.is_empty() {
                     // It fits in one chunk: the commit writes it with its record.
-                    whole = Some(own_size(chunk));
+                    whole = Some(own_size(chunk, allocated));
                 } else {
-                    let at = self.write_chunk(chunk, extents.len(), cached)?;
+                    let at = self.write_chunk(chunk, allocated, extents.len(), cached)?;
                     extents.push(at);
                 }
             }
@@ -1077,16 +1087,23 @@ impl BlobStore {
     /// to serve the install that follows its publish; a large upload does not push
     /// every popular download out of the cache.
     ///
-    /// An upload's last chunk is usually shorter than the buffer it was gathered in; the
-    /// cache gets a copy of its own size, so that it does not hold (and count as less than
-    /// it is) the whole buffer, and the buffer's memory goes back to the allocator warm
-    /// for the next upload instead of every upload faulting in fresh pages.
+    /// An upload's last chunk may be much shorter than the `allocated` bytes of the buffer
+    /// it was gathered in; then the cache gets a copy of its own size, so that it does not
+    /// hold (and count as less than it is) the whole buffer, and the buffer's memory goes
+    /// back to the allocator warm for the next upload.
     ///
     /// Returns where the chunk lies.
-    fn write_chunk(&self, chunk: Bytes, index: usize, cached: bool) -> Result<Extent, StoreError> {
+    fn write_chunk(
+        &self,
+        chunk: Bytes,
+        allocated: usize,
+        index: usize,
+        cached: bool,
+    ) -> Result<Extent, StoreError> {
         let at = self.backend.put_chunk(&chunk)?;
         if cached && index < CACHED_CHUNKS_PER_UPLOAD {
-            self.cache.insert(extent_cache_key(&at), own_size(chunk));
+            self.cache
+                .insert(extent_cache_key(&at), own_size(chunk, allocated));
         }
         Ok(at)
     }
@@ -1466,6 +1483,31 @@ mod tests {
 
     fn sample(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_chunk_is_copied_only_when_much_shorter_than_its_allocation() {
+        let gathered = |capacity: usize, len: usize| {
+            let mut buf = BytesMut::with_capacity(capacity);
+            buf.extend_from_slice(&sample(len));
+            let allocated = buf.capacity();
+            (buf.split().freeze(), allocated)
+        };
+        // Gathered in a buffer sized by the body's length: kept as it is.
+        let (chunk, allocated) = gathered(100_003, 100_000);
+        let at = chunk.as_ptr();
+        let kept = own_size(chunk, allocated);
+        assert_eq!(kept.as_ptr(), at);
+        // Gathered in a whole chunk's buffer: copied, so the cache does not hold the rest.
+        let (chunk, allocated) = gathered(CHUNK_SIZE, 100_000);
+        let at = chunk.as_ptr();
+        let copied = own_size(chunk, allocated);
+        assert_ne!(copied.as_ptr(), at);
+        assert_eq!(copied, kept);
+        // A full chunk is never copied.
+        let (chunk, allocated) = gathered(CHUNK_SIZE, CHUNK_SIZE);
+        let at = chunk.as_ptr();
+        assert_eq!(own_size(chunk, allocated).as_ptr(), at);
     }
 
     async fn roundtrip(store: BlobStore) {

@@ -24,6 +24,7 @@ pub mod faults;
 mod grpc;
 mod http;
 pub mod limits;
+pub mod logging;
 mod metrics;
 mod node;
 pub mod raft;

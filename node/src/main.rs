@@ -124,13 +124,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    granary_node::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => load(args).and_then(|config| {

@@ -68,11 +68,18 @@ pub(crate) const ELECTIONS_HELD_BACK: &str = "granary_raft_elections_held_back";
 /// Rounds of status asks to the voters after a leader fell silent, by result.
 pub(crate) const QUORUM_PROBES: &str = "granary_raft_quorum_probes_total";
 
+/// Gauge: peers this node's last Raft call to failed to reach (see `raft::reachability`).
+pub(crate) const PEERS_UNREACHABLE: &str = "granary_raft_peers_unreachable";
+
 /// What each counter and gauge means, printed as `# HELP`.
 const HELP: &[(&str, &str)] = &[
     (
         ELECTIONS_HELD_BACK,
         "1 while this node holds its elections back because it reaches no majority of voters (it could not win one, and raising its term would depose the leader when it is back).",
+    ),
+    (
+        PEERS_UNREACHABLE,
+        "Peers whose last Raft call from this node got no answer (a leader calls every member; a follower calls none). Each is logged when lost, once a minute while down and when it answers again.",
     ),
     (
         QUORUM_PROBES,
@@ -184,6 +191,12 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .insert(name, value);
+    }
+
+    /// The gauge `name`, if it was set.
+    #[cfg(test)]
+    pub(crate) fn gauge(&self, name: &'static str) -> Option<u64> {
+        self.gauges.lock().expect("metrics lock").get(name).copied()
     }
 
     /// Adds one.

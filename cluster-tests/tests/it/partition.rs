@@ -266,9 +266,31 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
         Some((leader, s.term))
     };
 
+    // The majority's leader counts the lost peer, and says so once in its log instead of
+    // at each of its retries (openraft's own reports of those are left out).
+    unreachable_peers(&cluster, leader, 1).await;
+
     firewall.heal();
     cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
     final_checks(&cluster, &all, &repo, &oracle).await;
+    unreachable_peers(&cluster, leader, 0).await;
+    let log = cluster.node(leader).output_tail(2000);
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("openraft") && l.contains("Unreachable node:"))
+        .collect();
+    assert!(
+        retries.is_empty(),
+        "node {leader} logged openraft's retries of the isolated node ({}), the first: {}",
+        retries.len(),
+        retries[0]
+    );
+    let lost = format!("node={isolated}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot reach a peer") && l.contains(&lost)),
+        "node {leader} did not log losing node {isolated}:\n{log}"
+    );
     if let Some((leader, term)) = kept {
         let s = cluster
             .status(leader)
@@ -292,4 +314,25 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
             Err(e) => panic!("node {id}: packument `isolated`: {e}"),
         }
     }
+}
+
+/// Waits until `granary_raft_peers_unreachable` on node `id` is `want`.
+async fn unreachable_peers(cluster: &Cluster, id: u64, want: u64) {
+    let node = cluster.client(id);
+    let gauge = "granary_raft_peers_unreachable";
+    until(
+        &format!("node {id}: {gauge} {want}"),
+        SETTLE_TIMEOUT,
+        || async {
+            let r = node
+                .raw("GET", "/metrics", &[], vec![])
+                .await
+                .map_err(|e| e.to_string())?;
+            match counter_sum(&r.text(), gauge) {
+                n if n == want => Ok(()),
+                n => Err(format!("{gauge} {n}")),
+            }
+        },
+    )
+    .await;
 }

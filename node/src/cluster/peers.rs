@@ -501,12 +501,12 @@ impl Peers {
         (answer, GRPC)
     }
 
-    /// Counts one answered peer call in `granary_peer_calls_total`.
     /// The node's counters.
-    pub(crate) fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// Counts one answered peer call in `granary_peer_calls_total`.
     pub(crate) fn count(&self, call: &'static str, transport: &'static str) {
         self.metrics
             .add(CALLS, &[("call", call), ("transport", transport)], 1);

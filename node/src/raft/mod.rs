@@ -16,6 +16,7 @@ pub(crate) mod lease;
 #[allow(clippy::result_large_err)]
 pub(crate) mod log_store;
 pub(crate) mod network;
+pub(crate) mod reachability;
 #[allow(clippy::result_large_err)]
 pub(crate) mod state_machine;
 

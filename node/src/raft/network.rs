@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use super::lease::Lease;
+use super::reachability::Reachability;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
 use crate::cluster::election_gate::LeaderContact;
 use crate::cluster::peers::{PeerChannel, Peers};
@@ -28,12 +29,19 @@ use serde::de::DeserializeOwned;
 pub(crate) struct GrpcNetwork {
     peers: Peers,
     lease: Arc<Lease>,
+    reach: Arc<Reachability>,
 }
 
 impl GrpcNetwork {
-    /// Accepted AppendEntries are recorded in `lease`.
+    /// Accepted AppendEntries are recorded in `lease`; peers that cannot be reached are
+    /// logged and counted in `peers`' metrics.
     pub(crate) fn new(peers: Peers, lease: Arc<Lease>) -> Self {
-        GrpcNetwork { peers, lease }
+        let reach = Arc::new(Reachability::new(peers.metrics().clone()));
+        GrpcNetwork {
+            peers,
+            lease,
+            reach,
+        }
     }
 }
 
@@ -41,11 +49,13 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
+        self.reach.opened(target);
         PeerClient {
             target,
             addr: node.grpc_addr.clone(),
             peers: self.peers.clone(),
             lease: self.lease.clone(),
+            reach: self.reach.clone(),
             client: None,
         }
     }
@@ -57,7 +67,14 @@ pub(crate) struct PeerClient {
     addr: String,
     peers: Peers,
     lease: Arc<Lease>,
+    reach: Arc<Reachability>,
     client: Option<RaftClient<PeerChannel>>,
+}
+
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        self.reach.closed(self.target);
+    }
 }
 
 type RpcErr<E> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
@@ -93,7 +110,13 @@ impl PeerClient {
     {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.client()?;
+        let mut client = match self.client() {
+            Ok(c) => c,
+            Err(e) => {
+                self.reach.failed(self.target, &self.addr, &e);
+                return Err(e.into());
+            }
+        };
         let request = pb::RaftRequest {
             payload,
             snapshot_data,
@@ -128,14 +151,22 @@ impl PeerClient {
         };
         // A peer behind a dropped link must not hold Raft's replication stream forever.
         let reply = match tokio::time::timeout(option.hard_ttl(), call).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(status)) => return Err(RPCError::Unreachable(Unreachable::new(&status))),
+            Ok(Ok(r)) => {
+                self.reach.answered(self.target, &self.addr);
+                r
+            }
+            Ok(Err(status)) => {
+                self.reach.failed(self.target, &self.addr, &status);
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
             Err(_) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                let e = Msg(format!(
                     "no answer from node {} within {:?}",
                     self.target,
                     option.hard_ttl()
-                )))));
+                ));
+                self.reach.failed(self.target, &self.addr, &e);
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
         };
         if reply.is_error {

@@ -97,13 +97,13 @@ impl Actor for RepositoryActor {
                     return Ok(());
                 }
                 let retry = (*cmd).clone();
+                let deadline = cluster.write_deadline();
                 match cluster.raft().client_write_ff(*cmd).await {
                     Ok(pending) => {
                         // Ends when the entry is applied or Raft shuts down (the responder
                         // is then dropped), so it cannot outlive the node.
                         tokio::spawn(async move {
-                            let answer =
-                                tokio::time::timeout(crate::cluster::WRITE_DEADLINE, pending).await;
+                            let answer = tokio::time::timeout(deadline, pending).await;
                             let Ok(answer) = answer else {
                                 // No quorum to commit it (this leader is cut off).
                                 let _ = reply.send(Err(ProposeError::NoLeader));

@@ -166,7 +166,7 @@ impl BlobReplicator {
             });
         }
         drop(tx);
-        let deadline = Instant::now() + super::WRITE_DEADLINE;
+        let deadline = Instant::now() + self.cluster.write_deadline();
         while have < need {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(true)) => have += 1,

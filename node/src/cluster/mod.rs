@@ -37,11 +37,37 @@ use crate::raft::{NodeId, NodeInfo, ProposeError, Raft};
 use crate::state::command::{Command, CommandResult};
 use peers::{Http1Failure, Peers};
 
-/// How long a write may wait for a leader (elections, forwarding) before it fails
-/// retryably.
-pub(crate) const WRITE_DEADLINE: Duration = Duration::from_secs(5);
-/// How long a linearizable read may wait for the leader's read index.
-pub(crate) const READ_DEADLINE: Duration = Duration::from_secs(3);
+/// The least a write may wait for a leader (elections, forwarding) before it fails
+/// retryably; see [`write_deadline`].
+const MIN_WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// The least a linearizable read may wait for the leader's read index; see
+/// [`read_deadline`].
+const MIN_READ_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long it may take to replace a failed leader: its followers' lease
+/// (`election_timeout_max`), an election timeout (up to `election_timeout_max` again), and
+/// a round or two more. 2 s with the single-region defaults (elections take 1.2–1.6 s),
+/// 15 s with the multi-region timings (9–12 s).
+fn election_bound(raft: &openraft::Config) -> Duration {
+    Duration::from_millis(2 * raft.election_timeout_max + raft.election_timeout_min)
+}
+
+/// How long a write may wait for a leader before it fails retryably: long enough to
+/// outlast an election, so that a write arriving while a failed leader is replaced is
+/// acknowledged once there is a new one instead of refused (not every client retries a
+/// refused publish: twine and Maven do not). 5 s with the single-region defaults, 15 s
+/// with the multi-region timings.
+pub(crate) fn write_deadline(raft: &openraft::Config) -> Duration {
+    election_bound(raft).max(MIN_WRITE_DEADLINE)
+}
+
+/// How long a linearizable read may wait for the leader's read index, for the same
+/// reason: a publish reads before it writes, and an install should not fail over an
+/// election either. 3 s with the single-region defaults, 15 s with the multi-region
+/// timings.
+pub(crate) fn read_deadline(raft: &openraft::Config) -> Duration {
+    election_bound(raft).max(MIN_READ_DEADLINE)
+}
 
 /// Why a linearizable read could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -218,11 +244,22 @@ impl Cluster {
         self.me
     }
 
+    /// How long a write may wait for a leader here (see [`write_deadline`]).
+    pub(crate) fn write_deadline(&self) -> Duration {
+        write_deadline(self.raft.config())
+    }
+
+    /// How long a linearizable read may wait for the read index here (see
+    /// [`read_deadline`]).
+    fn read_deadline(&self) -> Duration {
+        read_deadline(self.raft.config())
+    }
+
     /// Proposes a command from any node and waits until it is committed and applied on
     /// this node. A follower forwards it to the leader; during an election the write is
-    /// retried until [`WRITE_DEADLINE`], then fails retryably.
+    /// retried until [`Cluster::write_deadline`], then fails retryably.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        let deadline = Instant::now() + WRITE_DEADLINE;
+        let deadline = Instant::now() + self.write_deadline();
         let mut payload = None;
         loop {
             // A follower that knows the leader forwards at once; otherwise Raft commits
@@ -370,7 +407,7 @@ impl Cluster {
         &self,
         cmd: Command,
     ) -> Result<(CommandResult, u64), tonic::Status> {
-        let written = tokio::time::timeout(WRITE_DEADLINE, self.raft.client_write(cmd))
+        let written = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd))
             .await
             .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
         match written {
@@ -418,7 +455,7 @@ impl Cluster {
 
     async fn read_point(&self, local: bool) -> Result<(), ReadError> {
         let arrived = Instant::now();
-        let deadline = arrived + READ_DEADLINE;
+        let deadline = arrived + self.read_deadline();
         self.wait_installed(deadline).await?;
         if local || self.sole_voter_leading() {
             return Ok(());
@@ -433,7 +470,7 @@ impl Cluster {
                 }
                 _ => {
                     let started = Instant::now();
-                    let result = tokio::time::timeout(READ_DEADLINE, self.read_index())
+                    let result = tokio::time::timeout(self.read_deadline(), self.read_index())
                         .await
                         .map_err(|_| ReadError::Unavailable)
                         .and_then(|r| r);
@@ -482,7 +519,7 @@ impl Cluster {
     /// The leader's read index: confirmed locally when this node leads, else asked of the
     /// leader.
     async fn read_index(&self) -> Result<u64, ReadError> {
-        let deadline = Instant::now() + READ_DEADLINE;
+        let deadline = Instant::now() + self.read_deadline();
         loop {
             // As a write does: a follower that knows the leader asks it at once.
             let leader = match self.other_leader() {
@@ -605,7 +642,7 @@ impl Cluster {
         &self,
         change: MembershipChange,
     ) -> Result<u64, MembershipError> {
-        let deadline = Instant::now() + WRITE_DEADLINE;
+        let deadline = Instant::now() + self.write_deadline();
         loop {
             let leader = self.raft.metrics().borrow().current_leader;
             match leader {
@@ -651,9 +688,9 @@ impl Cluster {
     }
 
     /// This leader's turn to change the membership, waited for at most
-    /// [`WRITE_DEADLINE`] (then retryable).
+    /// [`Cluster::write_deadline`] (then retryable).
     async fn membership_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, MembershipError> {
-        tokio::time::timeout(WRITE_DEADLINE, self.membership_turn.lock())
+        tokio::time::timeout(self.write_deadline(), self.membership_turn.lock())
             .await
             .map_err(|_| MembershipError::Unavailable)
     }
@@ -967,6 +1004,27 @@ pub(crate) mod tests {
     use crate::raft::network::GrpcNetwork;
     use crate::raft::state_machine::StateMachine;
     use crate::store::Store;
+
+    #[test]
+    fn writes_and_reads_wait_out_an_election() {
+        let raft = |c: &crate::config::RaftConfig| openraft::Config {
+            election_timeout_min: c.election_timeout_min_ms,
+            election_timeout_max: c.election_timeout_max_ms,
+            ..Default::default()
+        };
+        // The defaults elect in 1.2–1.6 s: the floor.
+        let defaults = crate::config::RaftConfig::default();
+        assert_eq!(write_deadline(&raft(&defaults)), Duration::from_secs(5));
+        assert_eq!(read_deadline(&raft(&defaults)), Duration::from_secs(3));
+        // The multi-region timings (3–6 s) elect in 9–12 s.
+        let far = crate::config::RaftConfig {
+            election_timeout_min_ms: 3000,
+            election_timeout_max_ms: 6000,
+            ..defaults
+        };
+        assert_eq!(write_deadline(&raft(&far)), Duration::from_secs(15));
+        assert_eq!(read_deadline(&raft(&far)), Duration::from_secs(15));
+    }
 
     /// A peer's own refusal ends a forwarded write; a connection broken mid-call (which
     /// tonic reports as `Internal` too, seen when a leader shut down during a rolling

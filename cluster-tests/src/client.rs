@@ -317,6 +317,15 @@ impl NodeClient {
         send(rb.body(body)).await
     }
 
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String, String> {
+        match self.raw("GET", "/metrics", &[], vec![]).await {
+            Ok(r) if r.status == 200 => Ok(r.text()),
+            Ok(r) => Err(format!("/metrics: {}", r.describe())),
+            Err(e) => Err(format!("/metrics: {e}")),
+        }
+    }
+
     /// `GET /healthz` is 200.
     pub async fn healthy(&self) -> bool {
         matches!(self.raw("GET", "/healthz", &[], vec![]).await, Ok(r) if r.status == 200)

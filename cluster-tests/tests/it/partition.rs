@@ -244,11 +244,7 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
             &format!("node {isolated} holding its elections back"),
             SETTLE_TIMEOUT,
             || async {
-                let r = node
-                    .raw("GET", "/metrics", &[], vec![])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let text = r.text();
+                let text = node.metrics().await?;
                 let held_back = counter_sum(&text, "granary_raft_elections_held_back");
                 let rounds: u64 = text
                     .lines()
@@ -324,11 +320,7 @@ async fn unreachable_peers(cluster: &Cluster, id: u64, want: u64) {
         &format!("node {id}: {gauge} {want}"),
         SETTLE_TIMEOUT,
         || async {
-            let r = node
-                .raw("GET", "/metrics", &[], vec![])
-                .await
-                .map_err(|e| e.to_string())?;
-            match counter_sum(&r.text(), gauge) {
+            match counter_sum(&node.metrics().await?, gauge) {
                 n if n == want => Ok(()),
                 n => Err(format!("{gauge} {n}")),
             }

@@ -41,6 +41,8 @@ const ASK_FIRST_ABOVE: u64 = 1 << 20;
 const PULL_CONCURRENCY: usize = 4;
 /// Interval of the anti-entropy scan.
 const SCAN_EVERY: Duration = Duration::from_secs(600);
+/// How often a push waiting for a majority looks whether this node is cut off.
+const CUT_OFF_LOOK: Duration = Duration::from_millis(100);
 
 /// Why a blob could not be replicated.
 #[derive(Debug, thiserror::Error)]
@@ -168,10 +170,18 @@ impl BlobReplicator {
         drop(tx);
         let deadline = Instant::now() + self.cluster.write_deadline();
         while have < need {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            // A node cut off from a majority stops waiting for one (see `election_gate`);
+            // it looks again every election gate round.
+            if self.cluster.cut_off() {
+                break;
+            }
+            let look_again = (Instant::now() + CUT_OFF_LOOK).min(deadline);
+            match tokio::time::timeout_at(look_again, rx.recv()).await {
                 Ok(Some(true)) => have += 1,
                 Ok(Some(false)) => {}
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) if look_again >= deadline => break,
+                Err(_) => {}
             }
         }
         if have >= need {

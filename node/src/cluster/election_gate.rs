@@ -29,6 +29,13 @@
 //!                                                          or a leader heard ─────▶ elect(true)
 //! ```
 //!
+//! A round that finds no majority also marks the node cut off ([`Cluster::cut_off`]):
+//! writes and linearizable reads that need the leader then fail at once with their
+//! retryable error instead of waiting out a deadline that outlasts an election (15 s with
+//! the multi-region timings) for a leader this node cannot reach. A node that hears its
+//! leader is never marked, so a region cut off together with the leader it had still
+//! waits (its leader can no longer commit, but neither of them knows it from the gate).
+//!
 //! Only liveness is at stake, never safety: a held-back node could not have won (winning
 //! takes a majority's votes, and it reaches no majority). Whenever a majority of voters
 //! are up and reach each other, each of them reaches a majority, so none of them is held
@@ -149,7 +156,9 @@ pub(crate) fn spawn(
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let wanted = match look(&cluster, timing).await {
+            let look = look(&cluster, timing).await;
+            cluster.set_cut_off(matches!(look, Look::Probed { reached: false, .. }));
+            let wanted = match look {
                 Look::Open => true,
                 Look::Probed { reached, of } => {
                     let result = if reached { "reached" } else { "short" };

@@ -21,6 +21,7 @@ pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use granary_protocol::pb;
@@ -169,6 +170,10 @@ pub(crate) struct Cluster {
     membership_turn: Arc<tokio::sync::Mutex<()>>,
     /// When a leader was last heard from (see `election_gate`).
     contact: Arc<election_gate::LeaderContact>,
+    /// Set while the election gate's last round found no leader to hear from and no
+    /// majority of voters to reach: a request that needs the leader fails at once then
+    /// instead of waiting out its deadline.
+    cut_off: Arc<AtomicBool>,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -206,7 +211,19 @@ impl Cluster {
             installs,
             membership_turn: Default::default(),
             contact: Default::default(),
+            cut_off: Default::default(),
         }
+    }
+
+    /// Whether this node is cut off: no leader heard from lately, no majority of voters
+    /// answering (see `election_gate`).
+    pub(crate) fn cut_off(&self) -> bool {
+        self.cut_off.load(Ordering::Relaxed)
+    }
+
+    /// Set by the election gate after each of its rounds.
+    pub(crate) fn set_cut_off(&self, cut_off: bool) {
+        self.cut_off.store(cut_off, Ordering::Relaxed);
     }
 
     /// When a leader was last heard from.
@@ -262,6 +279,10 @@ impl Cluster {
         let deadline = Instant::now() + self.write_deadline();
         let mut payload = None;
         loop {
+            // No leader to reach and no majority to elect one: waiting would not help.
+            if self.cut_off() {
+                return Err(ProposeError::NoLeader);
+            }
             // A follower that knows the leader forwards at once; otherwise Raft commits
             // here (this node leads) or says where the leader is.
             let leader = match self.other_leader() {
@@ -521,7 +542,11 @@ impl Cluster {
     async fn read_index(&self) -> Result<u64, ReadError> {
         let deadline = Instant::now() + self.read_deadline();
         loop {
-            // As a write does: a follower that knows the leader asks it at once.
+            // As a write does: a node cut off fails at once; a follower that knows the
+            // leader asks it at once.
+            if self.cut_off() {
+                return Err(ReadError::Unavailable);
+            }
             let leader = match self.other_leader() {
                 Some(leader) => Some(leader),
                 None => match self.leader_read_index().await {

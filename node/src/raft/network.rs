@@ -84,14 +84,14 @@ type RpcErr<E> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
 struct Msg(String);
 
 impl PeerClient {
-    fn client(&mut self) -> Result<RaftClient<PeerChannel>, Unreachable> {
+    fn client(&mut self) -> Result<RaftClient<PeerChannel>, Msg> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
         let c = self
             .peers
             .raft(&self.addr)
-            .map_err(|e| Unreachable::new(&Msg(e.to_string())))?;
+            .map_err(|e| Msg(e.to_string()))?;
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -110,17 +110,39 @@ impl PeerClient {
     {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = match self.client() {
-            Ok(c) => c,
-            Err(e) => {
-                self.reach.failed(self.target, &self.addr, &e);
-                return Err(e.into());
-            }
-        };
         let request = pb::RaftRequest {
             payload,
             snapshot_data,
         };
+        // Every way a call can go unanswered is recorded once, here, and becomes
+        // openraft's `Unreachable` (which it backs off from).
+        let reply = match self.exchange(kind, request, option.hard_ttl()).await {
+            Ok(r) => {
+                self.reach.answered(self.target, &self.addr);
+                r
+            }
+            Err(e) => {
+                self.reach.failed(self.target, &self.addr, &e);
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+        };
+        if reply.is_error {
+            let err: RaftError<NodeId, E> = serde_json::from_slice(&reply.payload)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Err(RPCError::RemoteError(RemoteError::new(self.target, err)));
+        }
+        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    /// Sends `request` and takes the peer's reply, within `ttl`: a peer behind a dropped
+    /// link must not hold Raft's replication stream forever.
+    async fn exchange(
+        &mut self,
+        kind: Kind,
+        request: pb::RaftRequest,
+        ttl: std::time::Duration,
+    ) -> Result<pb::RaftReply, Msg> {
+        let mut client = self.client()?;
         let peers = &self.peers;
         let addr = &self.addr;
         // AppendEntries and votes may be sent twice (Raft expects lost and repeated
@@ -149,32 +171,14 @@ impl PeerClient {
                     .map(|r| r.into_inner()),
             }
         };
-        // A peer behind a dropped link must not hold Raft's replication stream forever.
-        let reply = match tokio::time::timeout(option.hard_ttl(), call).await {
-            Ok(Ok(r)) => {
-                self.reach.answered(self.target, &self.addr);
-                r
-            }
-            Ok(Err(status)) => {
-                self.reach.failed(self.target, &self.addr, &status);
-                return Err(RPCError::Unreachable(Unreachable::new(&status)));
-            }
-            Err(_) => {
-                let e = Msg(format!(
-                    "no answer from node {} within {:?}",
-                    self.target,
-                    option.hard_ttl()
-                ));
-                self.reach.failed(self.target, &self.addr, &e);
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-        };
-        if reply.is_error {
-            let err: RaftError<NodeId, E> = serde_json::from_slice(&reply.payload)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-            return Err(RPCError::RemoteError(RemoteError::new(self.target, err)));
+        match tokio::time::timeout(ttl, call).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(status)) => Err(Msg(status.to_string())),
+            Err(_) => Err(Msg(format!(
+                "no answer from node {} within {ttl:?}",
+                self.target
+            ))),
         }
-        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 

@@ -65,6 +65,10 @@ pub(crate) const BLOB_FILE_BYTES: &str = "granary_blob_file_bytes";
 /// voters; see `cluster::election_gate`).
 pub(crate) const ELECTIONS_HELD_BACK: &str = "granary_raft_elections_held_back";
 
+/// Gauge: 1 while this node knows it is cut off from a majority of voters and refuses
+/// requests that need the leader at once (see `cluster::election_gate`).
+pub(crate) const CUT_OFF: &str = "granary_raft_cut_off";
+
 /// Rounds of status asks to the voters after a leader fell silent, by result.
 pub(crate) const QUORUM_PROBES: &str = "granary_raft_quorum_probes_total";
 
@@ -76,6 +80,10 @@ const HELP: &[(&str, &str)] = &[
     (
         ELECTIONS_HELD_BACK,
         "1 while this node holds its elections back because it reaches no majority of voters (it could not win one, and raising its term would depose the leader when it is back).",
+    ),
+    (
+        CUT_OFF,
+        "1 while this node knows it is cut off from a majority of voters (a follower that hears no leader and reaches no majority; a leader no quorum has acknowledged for an election timeout past its lease; a follower of such a leader): writes and linearizable reads are refused at once with a retryable error.",
     ),
     (
         PEERS_UNREACHABLE,

@@ -16,13 +16,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::Actors;
-use crate::cluster::Cluster;
 use crate::cluster::blobs::BlobReplicator;
 use crate::cluster::peers::{Peers, Secret, TlsConfigs};
+use crate::cluster::{Cluster, Standing};
 use crate::config::Config;
 use crate::docs::DocCache;
 use crate::grpc::SelfInfo;
-use crate::raft::lease::Lease;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::GrpcNetwork;
 use crate::raft::state_machine::StateMachine;
@@ -183,10 +182,10 @@ pub async fn run_embedded(
         .map_err(|e| Error::Raft(e.to_string()))?;
     let applied = state_machine.subscribe();
     let installs = state_machine.installs();
-    let lease = Arc::new(Lease::new(
+    let standing = Standing::new(
         config.raft.election_timeout_min_ms,
         config.raft.election_timeout_max_ms,
-    ));
+    );
     let raft_config = openraft::Config {
         cluster_name: "granary".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -203,7 +202,7 @@ pub async fn run_embedded(
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        GrpcNetwork::new(peers.clone(), lease.clone()),
+        GrpcNetwork::new(peers.clone(), standing.clone()),
         LogStore::new(store.clone()),
         state_machine,
     )
@@ -219,7 +218,7 @@ pub async fn run_embedded(
         peers,
         config.node_id,
         config.read_consistency,
-        lease,
+        standing,
         applied,
         installs,
     );

@@ -143,9 +143,24 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     eprintln!("partition: majority publish outcomes {load_tally}");
     load_tally.assert_only("publishes on the majority side", Kind::RETRYABLE);
 
+    // The isolated node knows it is cut off: a follower from its election gate's rounds
+    // (no leader heard, no majority answering), a leader from its quorum's silence for
+    // its followers' lease and an election timeout.
+    let node = cluster.client(isolated);
+    until(
+        &format!("node {isolated} (leader before: node {leader_before}) knowing it is cut off"),
+        SETTLE_TIMEOUT,
+        || async {
+            match counter_sum(&node.metrics().await?, "granary_raft_cut_off") {
+                1 => Ok(()),
+                n => Err(format!("granary_raft_cut_off {n}")),
+            }
+        },
+    )
+    .await;
+
     // The isolated node: every write refused, every read refused or fresh — asked at
     // the same time, since each may take the node's own timeout to answer.
-    let node = cluster.client(isolated);
     let writes = futures::future::join_all((0..2).map(|i| {
         let (node, repo) = (&node, &repo);
         let bytes = fake_tgz(&[i as u8; 64]);
@@ -176,13 +191,12 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     eprintln!("partition: the isolated node answered in {answered:?}");
 
     let mut problems = Vec::new();
-    // An isolated follower knows it reaches no majority (its election gate's rounds come
-    // back short), so it refuses at once instead of waiting out the write deadline (5 s)
-    // for a leader it cannot reach. An isolated leader does not ask, and waits.
-    if isolated != leader_before && answered > Duration::from_secs(2) {
+    // Knowing it is cut off, it refuses at once instead of waiting out the write deadline
+    // (5 s) for a leader that cannot commit.
+    if answered > Duration::from_secs(2) {
         problems.push(format!(
-            "an isolated follower took {answered:?} to refuse (want at once: it knows it is \
-             cut off)"
+            "the isolated node (leader before: node {leader_before}) took {answered:?} to \
+             refuse (want at once: it knows it is cut off)"
         ));
     }
     for (version, r) in &writes {
@@ -279,6 +293,24 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
     final_checks(&cluster, &all, &repo, &oracle).await;
     unreachable_peers(&cluster, leader, 0).await;
+    until(
+        &format!("node {isolated} no longer cut off"),
+        SETTLE_TIMEOUT,
+        || async {
+            match counter_sum(&node.metrics().await?, "granary_raft_cut_off") {
+                0 => Ok(()),
+                n => Err(format!("granary_raft_cut_off {n}")),
+            }
+        },
+    )
+    .await;
+    let isolated_log = cluster.node(isolated).output_tail(2000);
+    assert!(
+        isolated_log
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("cut off: requests")),
+        "node {isolated} did not log being cut off:\n{isolated_log}"
+    );
     let log = cluster.node(leader).output_tail(2000);
     let retries: Vec<&str> = log
         .lines()

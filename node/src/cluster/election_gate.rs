@@ -29,12 +29,26 @@
 //!                                                          or a leader heard ─────▶ elect(true)
 //! ```
 //!
-//! A round that finds no majority also marks the node cut off ([`Cluster::cut_off`]):
+//! Each round also finds whether the node is cut off ([`Cluster::cut_off`], [`CutOff`]):
 //! writes and linearizable reads that need the leader then fail at once with their
 //! retryable error instead of waiting out a deadline that outlasts an election (15 s with
-//! the multi-region timings) for a leader this node cannot reach. A node that hears its
-//! leader is never marked, so a region cut off together with the leader it had still
-//! waits (its leader can no longer commit, but neither of them knows it from the gate).
+//! the multi-region timings) for a leader that cannot commit them. Three ways:
+//! - a follower whose round finds no majority ([`CutOff::NoMajority`]);
+//! - a leader that no quorum of voters has acknowledged for [`Timing::unacked_after`]
+//!   (openraft's `millis_since_quorum_ack`: the send time of the last AppendEntries a
+//!   quorum answered), the followers' lease plus an election timeout, by when the others
+//!   may have elected another leader ([`CutOff::Unacked`]);
+//! - a follower whose leader says so ([`CutOff::LeaderUnacked`]): a leader cut off tells
+//!   its followers in every AppendEntries (`RaftRequest.leader_cut_off`), so a region cut
+//!   off together with its leader refuses as a whole. Its followers hear their leader and
+//!   would otherwise never ask; a request they forward, or a read index they ask for, is
+//!   answered at once with `FAILED_PRECONDITION` by a cut-off leader in any case.
+//!
+//! ```text
+//!   leader:   millis_since_quorum_ack > election_timeout_max + min ─▶ Unacked ─▶ AppendEntries say so
+//!   follower: leader heard, and it says so ──────────────────────────▶ LeaderCutOff
+//!             leader silent, Status round short ──────────────────────▶ NoMajority
+//! ```
 //!
 //! Only liveness is at stake, never safety: a held-back node could not have won (winning
 //! takes a majority's votes, and it reaches no majority). Whenever a majority of voters
@@ -47,7 +61,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::ServerState;
@@ -56,14 +70,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use crate::config::RaftConfig;
-use crate::metrics::{ELECTIONS_HELD_BACK, Metrics, QUORUM_PROBES};
+use crate::metrics::{CUT_OFF, ELECTIONS_HELD_BACK, Metrics, QUORUM_PROBES};
 use crate::raft::NodeId;
 
-/// When this node last accepted AppendEntries (a heartbeat included) from a leader.
+/// When this node last accepted AppendEntries (a heartbeat included) from a leader, and
+/// whether that leader said it was cut off.
 pub(crate) struct LeaderContact {
     origin: Instant,
     /// Milliseconds after `origin`, plus one (0: never).
     at: AtomicU64,
+    /// What the last accepted AppendEntries said: its leader reaches no quorum.
+    leader_cut_off: AtomicBool,
 }
 
 impl Default for LeaderContact {
@@ -71,15 +88,23 @@ impl Default for LeaderContact {
         LeaderContact {
             origin: Instant::now(),
             at: AtomicU64::new(0),
+            leader_cut_off: AtomicBool::new(false),
         }
     }
 }
 
 impl LeaderContact {
-    /// A leader's AppendEntries was accepted just now.
-    pub(crate) fn heard(&self) {
+    /// A leader's AppendEntries was accepted just now; `cut_off`: the leader said it has
+    /// had no quorum's acknowledgement for longer than an election takes.
+    pub(crate) fn heard(&self, cut_off: bool) {
         let ms = self.origin.elapsed().as_millis() as u64 + 1;
         self.at.fetch_max(ms, Ordering::Relaxed);
+        self.leader_cut_off.store(cut_off, Ordering::Relaxed);
+    }
+
+    /// Whether the leader last heard from said it was cut off.
+    fn leader_cut_off(&self) -> bool {
+        self.leader_cut_off.load(Ordering::Relaxed)
     }
 
     /// How long since a leader was last heard from (`None`: never, since the start).
@@ -92,6 +117,68 @@ impl LeaderContact {
                     .saturating_sub(Duration::from_millis(at - 1)),
             ),
         }
+    }
+}
+
+/// Why a node knows it cannot serve a request that needs the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CutOff {
+    /// A follower that hears no leader and whose round of status asks reached no majority
+    /// of voters.
+    NoMajority,
+    /// A leader that has had no quorum's acknowledgement for [`Timing::unacked_after`]:
+    /// by then the others may have elected another leader, and it commits nothing.
+    Unacked,
+    /// A follower whose leader says it is [`CutOff::Unacked`].
+    LeaderUnacked,
+}
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CutOff::NoMajority => "no leader heard and no majority of voters answering",
+            CutOff::Unacked => "leading without a quorum of voters acknowledging",
+            CutOff::LeaderUnacked => "the leader it hears reaches no quorum of voters",
+        })
+    }
+}
+
+/// Whether (and why) this node is cut off, as the gate's last round found; requests
+/// that need the leader wait on it to fail at once (see [`Cluster::cut_off`]).
+pub(crate) struct CutOffState(tokio::sync::watch::Sender<Option<CutOff>>);
+
+impl Default for CutOffState {
+    fn default() -> Self {
+        CutOffState(tokio::sync::watch::channel(None).0)
+    }
+}
+
+impl CutOffState {
+    /// Why this node is cut off, if it is.
+    pub(crate) fn get(&self) -> Option<CutOff> {
+        *self.0.borrow()
+    }
+
+    /// Records the last round's finding; true when it changed.
+    fn set(&self, now: Option<CutOff>) -> bool {
+        self.0.send_if_modified(|was| {
+            let changed = *was != now;
+            *was = now;
+            changed
+        })
+    }
+
+    /// Completes once this node is cut off (at once when it is already).
+    pub(crate) async fn reached(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`, so this only ends by finding it set.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// For the AppendEntries this node sends as leader: it has had no quorum's
+    /// acknowledgement for longer than an election takes.
+    pub(crate) fn leader_unacked(&self) -> bool {
+        self.get() == Some(CutOff::Unacked)
     }
 }
 
@@ -109,6 +196,11 @@ pub(crate) struct Timing {
     pub(crate) ask: Duration,
     /// Before a held-back node that reaches a majority again may campaign.
     pub(crate) grace: Duration,
+    /// A leader without a quorum's acknowledgement this long is cut off: the followers'
+    /// lease (`election_timeout_max`) and an election timeout (`election_timeout_min`),
+    /// the soonest the others could have elected another leader. Until then waiting for
+    /// this leader is the best bet; after, it most likely commits nothing.
+    pub(crate) unacked_after: Duration,
 }
 
 impl Timing {
@@ -125,8 +217,17 @@ impl Timing {
             silent_after: min / 2,
             ask: min,
             grace: Duration::from_millis(raft.election_timeout_max_ms),
+            unacked_after: Duration::from_millis(
+                raft.election_timeout_max_ms + raft.election_timeout_min_ms,
+            ),
         }
     }
+}
+
+/// Whether a leader that last had a quorum's acknowledgement `since_ack` ago (`None`: not
+/// yet in this term, which it has led for `leading_for`) is cut off.
+fn leader_unacked(since_ack: Option<Duration>, leading_for: Duration, timing: Timing) -> bool {
+    since_ack.unwrap_or(leading_for) > timing.unacked_after
 }
 
 /// Whether `reached` (this node among them) holds a majority of every voter configuration
@@ -148,7 +249,10 @@ pub(crate) fn spawn(
         let mut open = true;
         // While held back: since when every round has reached a majority.
         let mut reached_since: Option<Instant> = None;
+        // While leading: the term, and since when this node has led in it.
+        let mut leading: Option<(u64, Instant)> = None;
         metrics.set(ELECTIONS_HELD_BACK, 0);
+        metrics.set(CUT_OFF, 0);
         let mut tick = tokio::time::interval(timing.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -157,9 +261,38 @@ pub(crate) fn spawn(
                 _ = tick.tick() => {}
             }
             let look = look(&cluster, timing).await;
-            cluster.set_cut_off(matches!(look, Look::Probed { reached: false, .. }));
+            let cut_off = match look {
+                Look::Open => None,
+                Look::HeardCutOff => Some(CutOff::LeaderUnacked),
+                Look::Probed { reached, .. } => (!reached).then_some(CutOff::NoMajority),
+                Look::Leading { term, since_ack } => {
+                    let since = match leading {
+                        Some((t, since)) if t == term => since,
+                        _ => leading.insert((term, Instant::now())).1,
+                    };
+                    leader_unacked(since_ack, since.elapsed(), timing).then_some(CutOff::Unacked)
+                }
+            };
+            if !matches!(look, Look::Leading { .. }) {
+                leading = None;
+            }
+            if cluster.cut_off_state().set(cut_off) {
+                metrics.set(CUT_OFF, u64::from(cut_off.is_some()));
+                match cut_off {
+                    // Quiet at the start, when peers may not listen yet.
+                    Some(why) if cluster.contact().silent_for().is_none() && leading.is_none() => {
+                        tracing::debug!(%why, "cut off at the start");
+                    }
+                    Some(why) => tracing::warn!(
+                        %why,
+                        "cut off: requests that need the leader are refused at once until a \
+                         majority of voters is reached again"
+                    ),
+                    None => tracing::info!("no longer cut off: a majority of voters is reached"),
+                }
+            }
             let wanted = match look {
-                Look::Open => true,
+                Look::Open | Look::HeardCutOff | Look::Leading { .. } => true,
                 Look::Probed { reached, of } => {
                     let result = if reached { "reached" } else { "short" };
                     metrics.inc(QUORUM_PROBES, &[("result", result)]);
@@ -202,8 +335,16 @@ pub(crate) fn spawn(
 
 /// What one look found.
 enum Look {
-    /// Nothing to hold back: a leader, a learner, the only voter, or a leader heard from.
+    /// Nothing to hold back: a learner, the only voter, or a leader heard from.
     Open,
+    /// A leader heard from, which said it reaches no quorum.
+    HeardCutOff,
+    /// This node leads `term` among other voters; `since_ack`: how long since a quorum
+    /// of them acknowledged it (`None`: not yet in this term).
+    Leading {
+        term: u64,
+        since_ack: Option<Duration>,
+    },
     /// The voters were asked: whether a majority (this node included) answered, and how
     /// many voters answered in all.
     Probed { reached: bool, of: usize },
@@ -211,23 +352,38 @@ enum Look {
 
 async fn look(cluster: &Cluster, timing: Timing) -> Look {
     let me = cluster.id();
-    let (state, membership) = {
+    let (state, membership, term, since_ack) = {
         let m = cluster.raft().metrics();
         let m = m.borrow();
-        (m.state, m.membership_config.clone())
+        (
+            m.state,
+            m.membership_config.clone(),
+            m.current_term,
+            m.millis_since_quorum_ack.map(Duration::from_millis),
+        )
     };
     let membership = membership.membership();
     let configs = membership.get_joint_config();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-    if state == ServerState::Leader || !voters.contains(&me) || voters.len() == 1 {
+    if voters.len() == 1 && voters.contains(&me) {
         return Look::Open;
     }
-    if cluster
-        .contact()
+    if state == ServerState::Leader {
+        return Look::Leading { term, since_ack };
+    }
+    if !voters.contains(&me) {
+        return Look::Open;
+    }
+    let contact = cluster.contact();
+    if contact
         .silent_for()
         .is_some_and(|s| s < timing.silent_after)
     {
-        return Look::Open;
+        return if contact.leader_cut_off() {
+            Look::HeardCutOff
+        } else {
+            Look::Open
+        };
     }
     let asks = voters.iter().filter(|id| **id != me).filter_map(|id| {
         let addr = membership.get_node(id)?.grpc_addr.clone();
@@ -293,14 +449,80 @@ mod tests {
     async fn contact_is_measured_from_the_last_accepted_append() {
         let c = LeaderContact::default();
         assert_eq!(c.silent_for(), None, "never heard");
-        c.heard();
+        c.heard(false);
         tokio::time::advance(Duration::from_millis(250)).await;
         let s = c.silent_for().expect("heard");
         assert!(
             s >= Duration::from_millis(249) && s <= Duration::from_millis(251),
             "{s:?}"
         );
-        c.heard();
+        c.heard(false);
         assert!(c.silent_for().expect("heard") < Duration::from_millis(2));
+        // What the leader says rides with each contact: the last one counts.
+        assert!(!c.leader_cut_off());
+        c.heard(true);
+        assert!(c.leader_cut_off());
+        c.heard(false);
+        assert!(!c.leader_cut_off());
+    }
+
+    #[test]
+    fn a_leader_is_cut_off_once_unacknowledged_past_the_lease_and_an_election_timeout() {
+        let raft = RaftConfig::default();
+        let t = Timing::of(&raft);
+        let lease_and_election =
+            Duration::from_millis(raft.election_timeout_max_ms + raft.election_timeout_min_ms);
+        assert_eq!(t.unacked_after, lease_and_election);
+        let ms = Duration::from_millis;
+        // Acknowledged lately: not cut off, however long it has led.
+        assert!(!leader_unacked(Some(ms(150)), ms(60_000), t));
+        assert!(!leader_unacked(Some(lease_and_election), ms(60_000), t));
+        assert!(leader_unacked(
+            Some(lease_and_election + ms(1)),
+            ms(60_000),
+            t
+        ));
+        // Never acknowledged in this term: counted from when it began to lead.
+        assert!(!leader_unacked(None, ms(100), t));
+        assert!(leader_unacked(None, lease_and_election + ms(1), t));
+        // With the multi-region timings: 9 s, under the 15 s a request would wait.
+        let far = RaftConfig {
+            heartbeat_ms: 500,
+            election_timeout_min_ms: 3000,
+            election_timeout_max_ms: 6000,
+            ..RaftConfig::default()
+        };
+        let far_t = Timing::of(&far);
+        assert_eq!(far_t.unacked_after, ms(9000));
+        assert!(leader_unacked(Some(ms(9001)), ms(60_000), far_t));
+        assert!(!leader_unacked(Some(ms(8000)), ms(60_000), far_t));
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_on_the_cut_off_state_wake_when_it_is_set() {
+        let state = Arc::new(CutOffState::default());
+        assert_eq!(state.get(), None);
+        let waiting = tokio::spawn({
+            let state = state.clone();
+            async move { state.reached().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert!(!state.set(None), "unchanged");
+        assert!(state.set(Some(CutOff::LeaderUnacked)));
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("joined");
+        // Only a leader's own finding rides in its AppendEntries.
+        assert!(!state.leader_unacked());
+        assert!(state.set(Some(CutOff::Unacked)));
+        assert!(state.leader_unacked());
+        // Already set: a new waiter completes at once.
+        tokio::time::timeout(Duration::from_millis(100), state.reached())
+            .await
+            .expect("at once");
+        assert!(state.set(None));
+        assert!(!state.leader_unacked());
     }
 }

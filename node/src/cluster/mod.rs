@@ -21,7 +21,6 @@ pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use granary_protocol::pb;
@@ -170,10 +169,10 @@ pub(crate) struct Cluster {
     membership_turn: Arc<tokio::sync::Mutex<()>>,
     /// When a leader was last heard from (see `election_gate`).
     contact: Arc<election_gate::LeaderContact>,
-    /// Set while the election gate's last round found no leader to hear from and no
-    /// majority of voters to reach: a request that needs the leader fails at once then
-    /// instead of waiting out its deadline.
-    cut_off: Arc<AtomicBool>,
+    /// Set while the election gate's last round found this node cut off from a majority
+    /// of voters (see [`election_gate::CutOff`]): a request that needs the leader fails
+    /// at once then instead of waiting out its deadline.
+    cut_off: Arc<election_gate::CutOffState>,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -189,13 +188,44 @@ fn refused_by_peer(status: &tonic::Status) -> bool {
     }
 }
 
+/// What the Raft network and the cluster share about this node's standing with the other
+/// voters: the leader's lease (acks recorded by the network, trusted by reads) and whether
+/// it is cut off (found by the election gate, told to followers by the network).
+#[derive(Clone)]
+pub(crate) struct Standing {
+    pub(crate) lease: Arc<Lease>,
+    pub(crate) cut_off: Arc<election_gate::CutOffState>,
+}
+
+impl Standing {
+    /// A node's standing with these Raft timeouts (milliseconds): no lease, not cut off.
+    pub(crate) fn new(election_timeout_min: u64, election_timeout_max: u64) -> Self {
+        Standing {
+            lease: Arc::new(Lease::new(election_timeout_min, election_timeout_max)),
+            cut_off: Default::default(),
+        }
+    }
+}
+
+/// What a leader cut off from its quorum answers a forwarded write or a read index with:
+/// the follower that asked then fails its request at once instead of asking again until
+/// its deadline.
+pub(crate) fn leader_cut_off() -> tonic::Status {
+    tonic::Status::failed_precondition("the leader reaches no quorum of voters")
+}
+
+/// Whether a leader answered with [`leader_cut_off`].
+fn is_leader_cut_off(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+}
+
 impl Cluster {
     pub(crate) fn new(
         raft: Raft,
         peers: Peers,
         me: NodeId,
         consistency: ReadConsistency,
-        lease: Arc<Lease>,
+        standing: Standing,
         applied: tokio::sync::watch::Receiver<u64>,
         installs: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
@@ -206,24 +236,33 @@ impl Cluster {
             consistency,
             reads: Default::default(),
             removed: Arc::new(tokio::sync::Notify::new()),
-            lease,
+            lease: standing.lease,
             applied,
             installs,
             membership_turn: Default::default(),
             contact: Default::default(),
-            cut_off: Default::default(),
+            cut_off: standing.cut_off,
         }
     }
 
-    /// Whether this node is cut off: no leader heard from lately, no majority of voters
-    /// answering (see `election_gate`).
+    /// Whether this node is cut off from a majority of voters (see `election_gate`).
     pub(crate) fn cut_off(&self) -> bool {
-        self.cut_off.load(Ordering::Relaxed)
+        self.cut_off.get().is_some()
+    }
+
+    /// Whether the leader as this node knows it, itself or the one it hears, reaches no
+    /// quorum: a forwarded request is then refused for good (a follower cut off for
+    /// another reason may be asked by a member that has not yet heard of the leader).
+    pub(crate) fn leader_known_cut_off(&self) -> bool {
+        matches!(
+            self.cut_off.get(),
+            Some(election_gate::CutOff::Unacked | election_gate::CutOff::LeaderUnacked)
+        )
     }
 
     /// Set by the election gate after each of its rounds.
-    pub(crate) fn set_cut_off(&self, cut_off: bool) {
-        self.cut_off.store(cut_off, Ordering::Relaxed);
+    pub(crate) fn cut_off_state(&self) -> &election_gate::CutOffState {
+        &self.cut_off
     }
 
     /// When a leader was last heard from.
@@ -292,9 +331,12 @@ impl Cluster {
                     // A leader cut off from its quorum never commits: bound the wait. The
                     // outcome is then unknown, which a retry resolves (a repeated publish
                     // is recognized).
-                    let Ok(written) =
-                        tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
-                    else {
+                    // So does finding itself cut off meanwhile (see `election_gate`).
+                    let written = tokio::select! {
+                        w = tokio::time::timeout(left, self.raft.client_write(cmd.clone())) => w,
+                        _ = self.cut_off.reached() => return Err(ProposeError::NoLeader),
+                    };
+                    let Ok(written) = written else {
                         return Err(ProposeError::NoLeader);
                     };
                     match written {
@@ -400,10 +442,17 @@ impl Cluster {
                 }
             }
         };
-        let reply = match tokio::time::timeout(left, call).await {
+        let answer = tokio::select! {
+            a = tokio::time::timeout(left, call) => a,
+            // Its leader said it is cut off, or this node found itself cut off.
+            _ = self.cut_off.reached() => return Err(Forward::Refused(ProposeError::NoLeader)),
+        };
+        let reply = match answer {
             Err(_) => return Err(Forward::Retry("timed out".into())),
             Ok(Err(status)) => {
-                return Err(if refused_by_peer(&status) {
+                return Err(if is_leader_cut_off(&status) {
+                    Forward::Refused(ProposeError::NoLeader)
+                } else if refused_by_peer(&status) {
                     Forward::Refused(ProposeError::Fatal(status.message().to_owned()))
                 } else {
                     Forward::Retry(status.message().to_owned())
@@ -428,9 +477,14 @@ impl Cluster {
         &self,
         cmd: Command,
     ) -> Result<(CommandResult, u64), tonic::Status> {
-        let written = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd))
-            .await
-            .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
+        if self.leader_known_cut_off() {
+            return Err(leader_cut_off());
+        }
+        let written = tokio::select! {
+            w = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd)) => w,
+            _ = self.cut_off.reached() => return Err(leader_cut_off()),
+        }
+        .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
         match written {
             Ok(resp) => Ok((resp.data, resp.log_id.index)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
@@ -549,11 +603,12 @@ impl Cluster {
             }
             let leader = match self.other_leader() {
                 Some(leader) => Some(leader),
-                None => match self.leader_read_index().await {
+                None => match self.leader_read_index_unless_cut_off().await {
                     Ok(i) => return Ok(i),
                     Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                         self.elsewhere(f)
                     }
+                    Err(_) if self.cut_off() => return Err(ReadError::Unavailable),
                     Err(_) => None,
                 },
             };
@@ -568,8 +623,16 @@ impl Cluster {
                     pb::ReadIndexRequest {},
                     |r| async move { c.read_index(r).await.map(|r| r.into_inner()) },
                 );
-                if let Ok(Ok(r)) = tokio::time::timeout(left, ask).await {
-                    return Ok(r.read_index);
+                let answer = tokio::select! {
+                    a = tokio::time::timeout(left, ask) => a,
+                    _ = self.cut_off.reached() => return Err(ReadError::Unavailable),
+                };
+                match answer {
+                    Ok(Ok(r)) => return Ok(r.read_index),
+                    Ok(Err(status)) if is_leader_cut_off(&status) => {
+                        return Err(ReadError::Unavailable);
+                    }
+                    _ => {}
                 }
             }
             if Instant::now() >= deadline {
@@ -594,6 +657,22 @@ impl Cluster {
         let (read, applied) = self.raft.get_read_log_id().await?;
         count("heartbeats");
         Ok(read.max(applied).map(|l| l.index).unwrap_or(0))
+    }
+
+    /// [`Cluster::leader_read_index`], given up once this node finds itself cut off: a
+    /// leader that no quorum acknowledges confirms nothing.
+    pub(crate) async fn leader_read_index_unless_cut_off(
+        &self,
+    ) -> Result<u64, RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>> {
+        tokio::select! {
+            r = self.leader_read_index() => r,
+            _ = self.cut_off.reached() => Err(RaftError::APIError(
+                CheckIsLeaderError::QuorumNotEnough(openraft::error::QuorumNotEnough {
+                    cluster: String::new(),
+                    got: Default::default(),
+                }),
+            )),
+        }
     }
 
     /// The read index under the leader's lease: this node's applied index, if it leads,
@@ -1076,14 +1155,14 @@ pub(crate) mod tests {
         }
         .validate()
         .unwrap();
-        let lease = Arc::new(Lease::new(150, 300));
+        let standing = Standing::new(150, 300);
         let state_machine = StateMachine::new(store.clone(), Default::default());
         let applied = state_machine.subscribe();
         let installs = state_machine.installs();
         let raft = Raft::new(
             1,
             Arc::new(config),
-            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), lease.clone()),
+            GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), standing.clone()),
             LogStore::new(store),
             state_machine,
         )
@@ -1102,7 +1181,7 @@ pub(crate) mod tests {
             Peers::new(Secret::from_env(), None, None),
             1,
             crate::config::ReadConsistency::Linearizable,
-            lease,
+            standing,
             applied,
             installs,
         )

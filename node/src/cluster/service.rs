@@ -48,8 +48,12 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
-        match self.cluster.leader_read_index().await {
+        if self.cluster.leader_known_cut_off() {
+            return Err(super::leader_cut_off());
+        }
+        match self.cluster.leader_read_index_unless_cut_off().await {
             Ok(read_index) => Ok(Response::new(pb::ReadIndexReply { read_index })),
+            Err(_) if self.cluster.cut_off() => Err(super::leader_cut_off()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                 Err(Status::unavailable("not the leader"))
             }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use super::lease::Lease;
 use super::reachability::Reachability;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
-use crate::cluster::election_gate::LeaderContact;
+use crate::cluster::Standing;
+use crate::cluster::election_gate::{CutOffState, LeaderContact};
 use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
 use granary_protocol::pb::raft_client::RaftClient;
@@ -30,17 +31,21 @@ pub(crate) struct GrpcNetwork {
     peers: Peers,
     lease: Arc<Lease>,
     reach: Arc<Reachability>,
+    /// Whether this node, leading, is cut off: told to followers in AppendEntries.
+    cut_off: Arc<CutOffState>,
 }
 
 impl GrpcNetwork {
-    /// Accepted AppendEntries are recorded in `lease`; peers that cannot be reached are
-    /// logged and counted in `peers`' metrics.
-    pub(crate) fn new(peers: Peers, lease: Arc<Lease>) -> Self {
+    /// Accepted AppendEntries are recorded in the standing's lease, and say whether this
+    /// node, leading, is cut off; peers that cannot be reached are logged and counted in
+    /// `peers`' metrics.
+    pub(crate) fn new(peers: Peers, standing: Standing) -> Self {
         let reach = Arc::new(Reachability::new(peers.metrics().clone()));
         GrpcNetwork {
             peers,
-            lease,
+            lease: standing.lease,
             reach,
+            cut_off: standing.cut_off,
         }
     }
 }
@@ -56,6 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             peers: self.peers.clone(),
             lease: self.lease.clone(),
             reach: self.reach.clone(),
+            cut_off: self.cut_off.clone(),
             client: None,
         }
     }
@@ -68,6 +74,7 @@ pub(crate) struct PeerClient {
     peers: Peers,
     lease: Arc<Lease>,
     reach: Arc<Reachability>,
+    cut_off: Arc<CutOffState>,
     client: Option<RaftClient<PeerChannel>>,
 }
 
@@ -113,6 +120,7 @@ impl PeerClient {
         let request = pb::RaftRequest {
             payload,
             snapshot_data,
+            leader_cut_off: matches!(kind, Kind::Append) && self.cut_off.leader_unacked(),
         };
         // Every way a call can go unanswered is recorded once, here, and becomes
         // openraft's `Unreachable` (which it backs off from).
@@ -268,6 +276,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<pb::RaftRequest>,
     ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
+        let leader_cut_off = request.get_ref().leader_cut_off;
         let req: AppendEntriesRequest<TypeConfig> = parse(request)?;
         let answer = self.raft.append_entries(req).await;
         // Accepted from a leader of this node's term or a later one (a conflict is
@@ -276,7 +285,7 @@ impl pb::raft_server::Raft for RaftService {
             .as_ref()
             .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
         {
-            self.contact.heard();
+            self.contact.heard(leader_cut_off);
         }
         reply(answer)
     }

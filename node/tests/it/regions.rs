@@ -133,9 +133,10 @@ async fn term_and_leader(cluster: &InprocCluster, id: u64) -> (u64, u64) {
 /// - a region (chosen by the seed: the leader's or another) is cut off from the rest:
 ///   the other four keep acknowledging publishes (when the leader's region is cut, the
 ///   first one, sent at once, waits out the election and is acknowledged at its first
-///   attempt), the cut region's linearizable node
-///   acknowledges none and serves no stale metadata, and the local reader serves what it
-///   had applied (the trade-off the README describes) when it is the one cut off;
+///   attempt), the cut region's nodes learn they are cut off (the old leader too, from
+///   its quorum's silence, and tells its follower), and refuse at once: its linearizable
+///   node acknowledges none and serves no stale metadata, and the local reader serves
+///   what it had applied (the trade-off the README describes) when it is the one cut off;
 /// - the cut nodes hold their elections back, so their terms stay: once the links are
 ///   back, the majority's leader keeps its term and publishes through its side go on
 ///   unrefused;
@@ -269,22 +270,49 @@ async fn six_nodes_in_three_regions_keep_their_leader_and_ride_out_a_lost_region
         cluster.leader(&rest).await
     );
 
+    // Every node of the cut region learns it is cut off: a follower from its rounds of
+    // status asks, or, when the leader's region is cut, the old leader from the quorum's
+    // silence (its followers' lease and an election timeout: 9 s) and its follower from
+    // the old leader's AppendEntries.
+    for id in &cut {
+        until(
+            &format!("node {id} knows it is cut off"),
+            Duration::from_secs(30),
+            || async { (metric(&cluster, *id, "granary_raft_cut_off").await == 1).then_some(()) },
+        )
+        .await;
+    }
+    eprintln!(
+        "regions: the cut region knows it is cut off {:?} after the cut",
+        cut_at.elapsed()
+    );
+
     // The cut region: no write acknowledged, no stale metadata from a linearizable node;
-    // the local reader serves what it had applied.
+    // the local reader serves what it had applied. Each refused at once, not after a
+    // 15 s wait for a leader that cannot commit.
+    let at_once = Duration::from_secs(2);
     let mut refused = Vec::new();
     for id in &cut {
         let c = cluster.client(*id);
         let name = format!("refused-{id}");
         let t = Instant::now();
         let r = publish(&c, &token, &name, "1.0.0", &fake_tgz(3, 4096)).await;
+        let took = t.elapsed();
         assert!(r.is_err(), "node {id}, cut off, acknowledged {name}");
-        eprintln!(
-            "regions: node {id} (cut off) refused a publish after {:?}",
-            t.elapsed()
+        eprintln!("regions: node {id} (cut off) refused a publish after {took:?}");
+        assert!(
+            took < at_once,
+            "node {id}, cut off (leader was node {leader}), took {took:?} to refuse a publish"
         );
         refused.push(name);
+        let t = Instant::now();
         let seen = versions(&c, &token, &changed).await;
         let (status, _) = tarball(&c, &token, "during-0").await;
+        let took = t.elapsed();
+        assert!(
+            took < at_once,
+            "node {id}, cut off (leader was node {leader}), took {took:?} to answer two reads"
+        );
         if *id == LOCAL_READER {
             assert_eq!(
                 seen,
@@ -394,6 +422,14 @@ async fn six_nodes_in_three_regions_keep_their_leader_and_ride_out_a_lost_region
             0,
             "node {id} may hold elections again"
         );
+    }
+    for id in &all {
+        until(
+            &format!("node {id} no longer cut off"),
+            Duration::from_secs(30),
+            || async { (metric(&cluster, *id, "granary_raft_cut_off").await == 0).then_some(()) },
+        )
+        .await;
     }
     cluster.stop().await;
 }

@@ -331,7 +331,8 @@ impl NodeClient {
         matches!(self.raw("GET", "/healthz", &[], vec![]).await, Ok(r) if r.status == 200)
     }
 
-    /// `GET /readyz` is 200 (a member that knows a leader).
+    /// `GET /readyz` is 200 (a member that knows a leader and is not cut off from a
+    /// majority of voters).
     pub async fn ready(&self) -> bool {
         matches!(self.raw("GET", "/readyz", &[], vec![]).await, Ok(r) if r.status == 200)
     }

@@ -303,8 +303,8 @@ impl NodeProcess {
         self.wait_for("/healthz", timeout).await;
     }
 
-    /// Waits until `/readyz` answers 200 (a member that knows a leader); panics with the
-    /// output if the process exits or `timeout` passes.
+    /// Waits until `/readyz` answers 200 (a member that knows a leader and is not cut off);
+    /// panics with the output if the process exits or `timeout` passes.
     pub async fn wait_ready(&mut self, timeout: Duration) {
         self.wait_for("/readyz", timeout).await;
     }

@@ -97,10 +97,14 @@ async fn route(
             .body(granary_format::body::full(node.metrics.render()))
             .unwrap_or_else(|_| Response::new(granary_format::body::empty()))
     } else if path == "/healthz" || path == "/readyz" {
-        if node.ready() {
-            plain(StatusCode::OK, "ok\n")
+        let state = if path == "/healthz" {
+            node.healthy()
         } else {
-            plain(StatusCode::SERVICE_UNAVAILABLE, "no leader\n")
+            node.ready()
+        };
+        match state {
+            Ok(()) => plain(StatusCode::OK, "ok\n"),
+            Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
         }
     } else if path.starts_with("/v1/") || path.starts_with("/admin/v1/") {
         api::handle(&node, req, &request_id).await

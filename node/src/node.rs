@@ -82,9 +82,24 @@ impl Node {
         self.cluster.propose(cmd).await
     }
 
-    /// Whether this node serves requests: it knows a leader.
-    pub(crate) fn ready(&self) -> bool {
-        self.raft.metrics().borrow().current_leader.is_some()
+    /// `/healthz`: this node is up and a member that knows a leader (or did last).
+    pub(crate) fn healthy(&self) -> Result<(), String> {
+        match self.raft.metrics().borrow().current_leader {
+            Some(_) => Ok(()),
+            None => Err("no leader".into()),
+        }
+    }
+
+    /// `/readyz`: this node can serve a request that needs the leader now, so a load
+    /// balancer should send it clients: healthy, and not cut off from a majority of voters
+    /// (a node cut off refuses writes and linearizable reads, while every other member
+    /// could serve them).
+    pub(crate) fn ready(&self) -> Result<(), String> {
+        self.healthy()?;
+        match self.cluster.cut_off_state().get() {
+            None => Ok(()),
+            Some(why) => Err(format!("cut off: {why}")),
+        }
     }
 
     /// Unix milliseconds now.

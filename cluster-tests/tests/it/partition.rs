@@ -158,6 +158,13 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
         },
     )
     .await;
+    // A load balancer checking `/readyz` sends its clients to the other nodes.
+    let readyz = node.raw("GET", "/readyz", &[], vec![]).await;
+    assert!(
+        matches!(&readyz, Ok(r) if r.status == 503 && r.text().starts_with("cut off:")),
+        "/readyz on the isolated node: {:?}",
+        readyz.map(|r| r.describe())
+    );
 
     // The isolated node: every write refused, every read refused or fresh — asked at
     // the same time, since each may take the node's own timeout to answer.
@@ -294,11 +301,12 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     final_checks(&cluster, &all, &repo, &oracle).await;
     unreachable_peers(&cluster, leader, 0).await;
     until(
-        &format!("node {isolated} no longer cut off"),
+        &format!("node {isolated} no longer cut off, and ready"),
         SETTLE_TIMEOUT,
         || async {
             match counter_sum(&node.metrics().await?, "granary_raft_cut_off") {
-                0 => Ok(()),
+                0 if node.ready().await => Ok(()),
+                0 => Err("/readyz is not 200".into()),
                 n => Err(format!("granary_raft_cut_off {n}")),
             }
         },

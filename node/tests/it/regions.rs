@@ -117,6 +117,15 @@ fn refs(v: &[String]) -> Vec<&str> {
 }
 
 /// The term and leader `id` reports.
+/// `GET path` on a node: its status and body, trimmed.
+async fn probe(cluster: &InprocCluster, id: u64, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("{}{path}", cluster.client(id).base))
+        .await
+        .expect("probe");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default().trim().to_owned())
+}
+
 async fn term_and_leader(cluster: &InprocCluster, id: u64) -> (u64, u64) {
     let s = cluster.status(id).await.expect("status");
     (
@@ -286,6 +295,21 @@ async fn six_nodes_in_three_regions_keep_their_leader_and_ride_out_a_lost_region
         "regions: the cut region knows it is cut off {:?} after the cut",
         cut_at.elapsed()
     );
+    // A load balancer checking `/readyz` sends clients to the other regions instead;
+    // `/healthz` (up, a member that knew a leader) stays 200.
+    for id in &all {
+        let (ready, why) = probe(&cluster, *id, "/readyz").await;
+        let (healthy, _) = probe(&cluster, *id, "/healthz").await;
+        if cut.contains(id) {
+            assert!(
+                ready == 503 && why.starts_with("cut off:"),
+                "node {id}, cut off: /readyz {ready} {why}"
+            );
+            assert_eq!(healthy, 200, "node {id}, cut off: /healthz");
+        } else {
+            assert_eq!((ready, why.as_str()), (200, "ok"), "node {id}: /readyz");
+        }
+    }
 
     // The cut region: no write acknowledged, no stale metadata from a linearizable node;
     // the local reader serves what it had applied. Each refused at once, not after a
@@ -425,9 +449,13 @@ async fn six_nodes_in_three_regions_keep_their_leader_and_ride_out_a_lost_region
     }
     for id in &all {
         until(
-            &format!("node {id} no longer cut off"),
+            &format!("node {id} no longer cut off, and ready"),
             Duration::from_secs(30),
-            || async { (metric(&cluster, *id, "granary_raft_cut_off").await == 0).then_some(()) },
+            || async {
+                (metric(&cluster, *id, "granary_raft_cut_off").await == 0
+                    && probe(&cluster, *id, "/readyz").await.0 == 200)
+                    .then_some(())
+            },
         )
         .await;
     }

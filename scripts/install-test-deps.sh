@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Granary needs on a fresh Debian 12 machine:
-# libclang (RocksDB's bindings), the AWS CLI (the tests drive it), and checks for npm.
+# libclang (RocksDB's bindings), the AWS CLI (the tests drive it), haproxy (a load
+# balancer in front of a cluster), iptables, and checks for npm.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v fincore >/dev/null 2>&1 || need_apt+=(util-linux-extra)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing with apt: ${need_apt[*]}"
   sudo_cmd=""
@@ -29,7 +31,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-for tool in aws npm node cargo; do
+for tool in aws npm node cargo haproxy; do
   command -v "$tool" >/dev/null 2>&1 || { echo "missing after install: $tool" >&2; exit 1; }
 done
 echo "test dependencies: ok (aws $(aws --version 2>&1 | cut -d' ' -f1), npm $(npm --version))"

@@ -10,6 +10,7 @@
 //!   cluster ── process × N (127.0.S.1i) ◀── load (publishers, readers) ── client
 //!    │            ▲
 //!   faults ───────┘ iptables chain of our own (+ a cgroup per node)
+//!   balancer: haproxy in front, checking each node's /readyz
 //!    │
 //!   invariants: no_lost_ack, single_leader, blobs_resolve, replicas_converge
 //! ```
@@ -17,6 +18,8 @@
 //! Tests wait on conditions with deadlines ([`poll`]), never on bare sleeps; a failing
 //! test prints its seed (`GRANARY_TEST_SEED` replays it) and every node's last output.
 
+// haproxy in front of a cluster, checking each node's `/readyz`.
+pub mod balancer;
 // What the benchmark binaries share: arguments, percentiles.
 pub mod bench;
 // SigV4-signed admin and CodeArtifact calls; npm publish and fetch over raw HTTP.

@@ -168,6 +168,19 @@ impl Load {
         rng: &TestRng,
         workers: usize,
     ) -> Load {
+        Load::publishers_of("load", targets, repo, oracle, rng, workers)
+    }
+
+    /// [`Load::publishers`] of packages `<prefix>-<w>`: a later load in the same
+    /// repository does not meet an earlier one's versions.
+    pub fn publishers_of(
+        prefix: &str,
+        targets: Vec<NodeClient>,
+        repo: &Repo,
+        oracle: &Oracle,
+        rng: &TestRng,
+        workers: usize,
+    ) -> Load {
         let mut load = Load::new(targets);
         // One stream per worker, in worker order.
         let mut base = rng.clone();
@@ -176,8 +189,8 @@ impl Load {
                 (load.stop.clone(), load.tally.clone(), load.targets.clone());
             let (repo, oracle) = (repo.clone(), oracle.clone());
             let mut rng = base.fork();
+            let package = format!("{prefix}-{w}");
             load.tasks.push(tokio::spawn(async move {
-                let package = format!("load-{w}");
                 let mut i = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     let target = {

@@ -13,6 +13,9 @@ mod failover;
 /// Unpublished versions and a deleted repository: their bytes collected on every node,
 /// segments compacted, nothing referenced lost.
 mod gc;
+/// haproxy in front of three nodes: a node cut off leaves its rotation, and clients
+/// through it see no errors.
+mod load_balancer;
 /// A fourth node joins under load and is promoted; another is removed with the CLI.
 mod membership;
 /// npm publish through one node, npm install through another, right away.

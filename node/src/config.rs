@@ -73,6 +73,13 @@ pub struct Config {
     /// How long a write waits for its turn (see `max_concurrent_writes`), in
     /// milliseconds. Default: `2000`.
     pub write_queue_ms: u64,
+    /// On SIGTERM or Ctrl-C, how long the node goes on serving while `GET /readyz`
+    /// answers 503 (`shutting down`), in milliseconds: a load balancer checking `/readyz`
+    /// sends new clients to the other nodes meanwhile, and the requests already here are
+    /// answered; then the node stops taking connections. Set it above the balancer's
+    /// check interval times the failed checks that take a node out. Default: `0` (stop at
+    /// once: a single node has nowhere else to send its clients).
+    pub shutdown_drain_ms: u64,
     /// Largest clock skew accepted on SigV4 requests, in seconds. Default: `900` (AWS's).
     pub sigv4_max_skew_secs: u64,
     /// Memory for recently read package bytes, in MiB: popular artifacts are served from
@@ -278,6 +285,7 @@ impl Default for Config {
             max_api_body_bytes: 1 << 20,
             max_concurrent_writes: 64,
             write_queue_ms: 2000,
+            shutdown_drain_ms: 0,
             sigv4_max_skew_secs: 900,
             blob_cache_mib: 256,
             join: Vec::new(),

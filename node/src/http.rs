@@ -96,13 +96,12 @@ async fn route(
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
             .body(granary_format::body::full(node.metrics.render()))
             .unwrap_or_else(|_| Response::new(granary_format::body::empty()))
-    } else if path == "/healthz" || path == "/readyz" {
-        let state = if path == "/healthz" {
-            node.healthy()
-        } else {
-            node.ready()
-        };
-        match state {
+    } else if path == "/healthz" {
+        // Liveness: up and serving (HTTP is served only once this node is a member). It
+        // stays 200 through elections and network faults, which a restart would not mend.
+        plain(StatusCode::OK, "ok\n")
+    } else if path == "/readyz" {
+        match node.ready() {
             Ok(()) => plain(StatusCode::OK, "ok\n"),
             Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
         }

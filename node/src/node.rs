@@ -61,7 +61,6 @@ pub enum Error {
 /// Everything a request handler needs: shared by all of them.
 pub struct Node {
     pub(crate) config: Config,
-    pub(crate) raft: Raft,
     pub(crate) state: StateView,
     pub(crate) blobs: BlobStore,
     pub(crate) docs: DocCache,
@@ -74,6 +73,9 @@ pub struct Node {
     pub(crate) started: std::time::Instant,
     /// Turns for writes on the package endpoints (see `Config::max_concurrent_writes`).
     pub(crate) writes: Arc<tokio::sync::Semaphore>,
+    /// Set when the node starts shutting down: `/readyz` answers 503 from then on, while
+    /// requests are still served for `Config::shutdown_drain_ms`.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -82,20 +84,15 @@ impl Node {
         self.cluster.propose(cmd).await
     }
 
-    /// `/healthz`: this node is up and a member that knows a leader (or did last).
-    pub(crate) fn healthy(&self) -> Result<(), String> {
-        match self.raft.metrics().borrow().current_leader {
-            Some(_) => Ok(()),
-            None => Err("no leader".into()),
-        }
-    }
-
-    /// `/readyz`: this node can serve a request that needs the leader now, so a load
-    /// balancer should send it clients: healthy, and not cut off from a majority of voters
-    /// (a node cut off refuses writes and linearizable reads, while every other member
-    /// could serve them).
+    /// `/readyz`: this node can serve requests now or after an election it takes part in,
+    /// so a load balancer should send it clients: it is not shutting down, and not cut
+    /// off from a majority of voters (a node cut off refuses writes and linearizable
+    /// reads, while the other members could serve them). During an election every member
+    /// stays ready: a request waits for the new leader and is answered then.
     pub(crate) fn ready(&self) -> Result<(), String> {
-        self.healthy()?;
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
         match self.cluster.cut_off_state().get() {
             None => Ok(()),
             Some(why) => Err(format!("cut off: {why}")),
@@ -356,7 +353,6 @@ pub async fn run_embedded(
         blobs,
         docs: DocCache::new(),
         actors,
-        raft: raft.clone(),
         cluster,
         replicator,
         upstreams,
@@ -367,6 +363,7 @@ pub async fn run_embedded(
         )),
         config,
         started: std::time::Instant::now(),
+        draining: Default::default(),
     });
     if !node.config.join.is_empty() {
         // A node that joined reads the replicated credentials, so wait until it has applied
@@ -385,7 +382,18 @@ pub async fn run_embedded(
     tracing::info!(%http_addr, %grpc_addr, "node is serving");
 
     tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
+        _ = shutdown => {
+            let drain = Duration::from_millis(node.config.shutdown_drain_ms);
+            if drain.is_zero() {
+                tracing::info!("shutting down");
+            } else {
+                // A load balancer checking `/readyz` takes this node out meanwhile; what
+                // it already sent here is answered.
+                tracing::info!(?drain, "shutting down: draining, /readyz answers 503");
+                node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(drain).await;
+            }
+        }
         _ = node.cluster.removed() => {
             // Serving on would answer clients from a state that no longer follows the
             // cluster, and its elections would disturb the members. (A removed node is

@@ -11,6 +11,38 @@ use granary_cluster_tests::seed::Seed;
 
 use crate::common::{final_checks, wait_acks};
 
+/// How long a stopping node serves on with `/readyz` at 503 in these scenarios: well
+/// above haproxy's two failed checks 100 ms apart.
+const DRAIN_MS: u64 = 1000;
+
+/// haproxy in front of every node of `cluster`, once it has each one in rotation.
+async fn balance(cluster: &Cluster) -> Option<Balancer> {
+    let all = cluster.ids();
+    let fronts: Vec<(u64, String)> = all
+        .iter()
+        .map(|id| {
+            let base = cluster.client(*id).base;
+            (*id, base.trim_start_matches("http://").to_owned())
+        })
+        .collect();
+    let balancer = Balancer::require(&fronts)?;
+    all_in_rotation(&balancer, "every node in rotation").await;
+    Some(balancer)
+}
+
+/// Waits until haproxy has every node in rotation.
+async fn all_in_rotation(balancer: &Balancer, what: &str) {
+    until(what, SETTLE_TIMEOUT, || async {
+        let states = balancer.states().await?;
+        if !states.is_empty() && states.iter().all(|(_, s)| s == "UP") {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await;
+}
+
 /// Publishers and readers through the balancer; returns once `acks` more publishes were
 /// acknowledged, with the outcomes of both.
 async fn through(
@@ -71,27 +103,11 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
     .await;
     cluster.observe();
     let all = cluster.ids();
-    let fronts: Vec<(u64, String)> = all
-        .iter()
-        .map(|id| {
-            let base = cluster.client(*id).base;
-            (*id, base.trim_start_matches("http://").to_owned())
-        })
-        .collect();
-    let Some(balancer) = Balancer::require(&fronts) else {
+    let Some(balancer) = balance(&cluster).await else {
         return;
     };
     let repo = cluster.setup(1, "balanced", "repo").await;
     let oracle = Oracle::new();
-    until("every node in rotation", SETTLE_TIMEOUT, || async {
-        let states = balancer.states().await?;
-        if states.len() == all.len() && states.iter().all(|(_, s)| s == "UP") {
-            Ok(())
-        } else {
-            Err(format!("{states:?}"))
-        }
-    })
-    .await;
 
     // Every node in rotation: nothing but successes.
     let (published, read) = through(&balancer, "before", &repo, &oracle, &seed, 30).await;
@@ -140,15 +156,9 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
     // Healed: back in rotation; while it rejoins, what a client meets is retryable.
     firewall.heal();
     let healed = Instant::now();
-    until(
+    all_in_rotation(
+        &balancer,
         &format!("node {isolated} back in the balancer's rotation"),
-        SETTLE_TIMEOUT,
-        || async {
-            match balancer.states().await? {
-                s if s.iter().all(|(_, s)| s == "UP") => Ok(()),
-                s => Err(format!("{s:?}")),
-            }
-        },
     )
     .await;
     eprintln!(
@@ -160,5 +170,97 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
     read.assert_only("installs through the balancer, healed", Kind::RETRYABLE);
 
     cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
+    final_checks(&cluster, &all, &repo, &oracle).await;
+}
+
+/// Three nodes behind haproxy, restarted one after another (the leader among them, in an
+/// order the seed picks) with SIGTERM while clients publish and install through the
+/// balancer without pause. Each stopping node drains (`shutdown_drain_ms`): its `/readyz`
+/// answers 503 while it still serves, haproxy takes it out, the requests it holds are
+/// answered, and only then does it stop taking connections. Restarted on its data, it
+/// comes back into rotation. Clients meet no error at all, and nothing acknowledged is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
+    let seed = Seed::from_env();
+    let mut rng = seed.rng("rolling restart behind the balancer");
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            config_toml: Some(format!("shutdown_drain_ms = {DRAIN_MS}\n")),
+            ..Options::default()
+        },
+    )
+    .await;
+    cluster.observe();
+    let all = cluster.ids();
+    let Some(balancer) = balance(&cluster).await else {
+        return;
+    };
+    let repo = cluster.setup(1, "drained", "repo").await;
+    let oracle = Oracle::new();
+    let targets = vec![balancer.client()];
+    let publishers = Load::publishers(targets.clone(), &repo, &oracle, &seed.rng("publishers"), 3);
+    let installers = Load::readers(targets, &repo, &oracle, &seed.rng("installers"), 2);
+    wait_acks(&oracle, 20, &publishers, "load through the balancer").await;
+
+    let mut order = all.clone();
+    rng.shuffle(&mut order);
+    eprintln!("load balancer: restarting {order:?}");
+    for id in order {
+        let leader = cluster.leader().await;
+        let stopping = Instant::now();
+        let status = cluster
+            .terminate(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(id).output_tail(40)));
+        assert!(
+            status.success(),
+            "node {id} exited with {status} on SIGTERM:\n{}",
+            cluster.node(id).output_tail(40)
+        );
+        let stopped_in = stopping.elapsed();
+        assert!(
+            !balancer.in_rotation(id).await.expect("haproxy's states"),
+            "node {id} stopped while haproxy still had it in rotation"
+        );
+        eprintln!(
+            "load balancer: node {id} (leader: node {leader}) drained and stopped in \
+             {stopped_in:?}; outcomes so far: publishes {}, installs {}",
+            publishers.tally(),
+            installers.tally()
+        );
+        let rest = cluster.ids_except(id);
+        cluster.wait_leader(&rest, SETTLE_TIMEOUT).await;
+        wait_acks(
+            &oracle,
+            oracle.len() + 20,
+            &publishers,
+            "writes while a node is down",
+        )
+        .await;
+        cluster.restart(id).await;
+        cluster.wait_caught_up(id, SETTLE_TIMEOUT).await;
+        all_in_rotation(&balancer, &format!("node {id} back in rotation")).await;
+    }
+    wait_acks(
+        &oracle,
+        oracle.len() + 20,
+        &publishers,
+        "writes after the last restart",
+    )
+    .await;
+    let published = publishers.stop().await;
+    let read = installers.stop().await;
+    eprintln!("load balancer: rolling restart: publishes {published}, installs {read}");
+    published.assert_only(
+        "publishes through the balancer during a rolling restart",
+        &[],
+    );
+    read.assert_only(
+        "installs through the balancer during a rolling restart",
+        &[],
+    );
     final_checks(&cluster, &all, &repo, &oracle).await;
 }

@@ -13,8 +13,8 @@ mod failover;
 /// Unpublished versions and a deleted repository: their bytes collected on every node,
 /// segments compacted, nothing referenced lost.
 mod gc;
-/// haproxy in front of three nodes: a node cut off leaves its rotation, and clients
-/// through it see no errors.
+/// haproxy in front of three nodes: a node cut off leaves its rotation, and so does a
+/// node draining before it stops; clients through it see no errors either way.
 mod load_balancer;
 /// A fourth node joins under load and is promoted; another is removed with the CLI.
 mod membership;

@@ -13,7 +13,8 @@
 //! every other voter for its status (`Node.Status`, answered from memory), every
 //! [`Timing::every`], each ask bounded by the same. While the voters that answered (and
 //! this node) are not a majority of every voter configuration, the node's elections are
-//! held back (`runtime_config().elect(false)`): its term stays where it was.
+//! held back (`runtime_config().elect(false)`): its term stays where it was. A learner
+//! asks the same way, only to know whether it is cut off (below).
 //!
 //! A leader heard from again allows them again at once. A majority reachable again allows
 //! them only after [`Timing::grace`] (`election_timeout_max`) of rounds that all reach
@@ -293,7 +294,8 @@ pub(crate) fn spawn(
             }
             let wanted = match look {
                 Look::Open | Look::HeardCutOff | Look::Leading { .. } => true,
-                Look::Probed { reached, of } => {
+                Look::Probed { voter: false, .. } => true,
+                Look::Probed { reached, of, .. } => {
                     let result = if reached { "reached" } else { "short" };
                     metrics.inc(QUORUM_PROBES, &[("result", result)]);
                     if !reached && open {
@@ -335,7 +337,7 @@ pub(crate) fn spawn(
 
 /// What one look found.
 enum Look {
-    /// Nothing to hold back: a learner, the only voter, or a leader heard from.
+    /// Nothing to hold back: the only voter, or a leader heard from.
     Open,
     /// A leader heard from, which said it reaches no quorum.
     HeardCutOff,
@@ -345,9 +347,14 @@ enum Look {
         term: u64,
         since_ack: Option<Duration>,
     },
-    /// The voters were asked: whether a majority (this node included) answered, and how
-    /// many voters answered in all.
-    Probed { reached: bool, of: usize },
+    /// The voters were asked: whether a majority (this node included) answered, how
+    /// many voters answered in all, and whether this node is one of them (a learner has
+    /// no elections to hold back).
+    Probed {
+        reached: bool,
+        of: usize,
+        voter: bool,
+    },
 }
 
 async fn look(cluster: &Cluster, timing: Timing) -> Look {
@@ -371,9 +378,8 @@ async fn look(cluster: &Cluster, timing: Timing) -> Look {
     if state == ServerState::Leader {
         return Look::Leading { term, since_ack };
     }
-    if !voters.contains(&me) {
-        return Look::Open;
-    }
+    // A learner asks too, for whether it is cut off; it has no elections to hold back.
+    let voter = voters.contains(&me);
     let contact = cluster.contact();
     if contact
         .silent_for()
@@ -401,6 +407,7 @@ async fn look(cluster: &Cluster, timing: Timing) -> Look {
     Look::Probed {
         reached: majority_of_every(configs, &reached),
         of,
+        voter,
     }
 }
 

@@ -233,6 +233,37 @@ mod tests {
         assert!(states("").is_empty());
     }
 
+    /// `configs/three-node/haproxy.cfg`, for operators to copy: haproxy takes it, and it
+    /// checks `/readyz` on exactly the HTTP fronts of `node1.toml` … `node3.toml`.
+    #[test]
+    fn the_shipped_three_node_balancer_matches_the_nodes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/three-node");
+        let cfg = std::fs::read_to_string(dir.join("haproxy.cfg")).unwrap();
+        assert!(cfg.contains("option httpchk GET /readyz"));
+        let servers: Vec<&str> = cfg
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("server "))
+            .map(|l| l.split_whitespace().nth(1).unwrap())
+            .collect();
+        let fronts: Vec<String> = (1..=3)
+            .map(|n| {
+                let toml = std::fs::read_to_string(dir.join(format!("node{n}.toml"))).unwrap();
+                toml.lines()
+                    .find_map(|l| l.strip_prefix("http_addr = "))
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(servers, fronts);
+        let have = Command::new("haproxy").arg("-v").output().is_ok();
+        if !have && !in_ci() {
+            eprintln!("skipping haproxy -c: no haproxy here");
+            return;
+        }
+        check_config(&dir.join("haproxy.cfg")).expect("haproxy takes the shipped file");
+    }
+
     #[test]
     fn a_config_haproxy_accepts() {
         let have = Command::new("haproxy").arg("-v").output().is_ok();

@@ -72,7 +72,8 @@ pub(crate) const CUT_OFF: &str = "granary_raft_cut_off";
 /// Rounds of status asks to the voters after a leader fell silent, by result.
 pub(crate) const QUORUM_PROBES: &str = "granary_raft_quorum_probes_total";
 
-/// Gauge: peers this node's last Raft call to failed to reach (see `raft::reachability`).
+/// Gauge: peers this node's Raft calls have failed to reach for a second or more (see
+/// `raft::reachability`).
 pub(crate) const PEERS_UNREACHABLE: &str = "granary_raft_peers_unreachable";
 
 /// What each counter and gauge means, printed as `# HELP`.
@@ -87,7 +88,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         PEERS_UNREACHABLE,
-        "Peers whose last Raft call from this node got no answer (a leader calls every member; a follower calls none). Each is logged when lost, once a minute while down and when it answers again.",
+        "Peers whose Raft calls from this node have got no answer for a second or more, none answered between (a leader calls every member; a follower calls none). Each is logged when lost, once a minute while down and when it answers again; a busy peer that misses a call and answers the next is not counted.",
     ),
     (
         QUORUM_PROBES,

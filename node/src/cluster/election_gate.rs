@@ -252,6 +252,8 @@ pub(crate) fn spawn(
         let mut reached_since: Option<Instant> = None;
         // While leading: the term, and since when this node has led in it.
         let mut leading: Option<(u64, Instant)> = None;
+        // Whether being cut off was logged as a warning (so its end is logged too).
+        let mut warned = false;
         metrics.set(ELECTIONS_HELD_BACK, 0);
         metrics.set(CUT_OFF, 0);
         let mut tick = tokio::time::interval(timing.every);
@@ -284,12 +286,19 @@ pub(crate) fn spawn(
                     Some(why) if cluster.contact().silent_for().is_none() && leading.is_none() => {
                         tracing::debug!(%why, "cut off at the start");
                     }
-                    Some(why) => tracing::warn!(
-                        %why,
-                        "cut off: requests that need the leader are refused at once until a \
-                         majority of voters is reached again"
-                    ),
-                    None => tracing::info!("no longer cut off: a majority of voters is reached"),
+                    Some(why) => {
+                        tracing::warn!(
+                            %why,
+                            "cut off: requests that need the leader are refused at once until \
+                             a majority of voters is reached again"
+                        );
+                        warned = true;
+                    }
+                    None if warned => {
+                        tracing::info!("no longer cut off: a majority of voters is reached");
+                        warned = false;
+                    }
+                    None => tracing::debug!("no longer cut off"),
                 }
             }
             let wanted = match look {

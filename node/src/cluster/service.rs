@@ -53,10 +53,10 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         match self.cluster.leader_read_index_unless_cut_off().await {
             Ok(read_index) => Ok(Response::new(pb::ReadIndexReply { read_index })),
-            Err(_) if self.cluster.cut_off() => Err(super::leader_cut_off()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                 Err(Status::unavailable("not the leader"))
             }
+            Err(_) if self.cluster.leader_known_cut_off() => Err(super::leader_cut_off()),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }

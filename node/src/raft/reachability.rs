@@ -5,7 +5,9 @@
 //! second) and logs each failure itself, several lines at ERROR and WARN each time: a
 //! node down for a day would fill the leader's log with hundreds of thousands of lines
 //! saying the same. Those lines are left out ([`crate::logging`]), and these take their
-//! place, with the error each carried.
+//! place, with the error each carried. A peer counts as lost once its calls have failed
+//! for [`LOST_AFTER`] with no answer between: a busy peer that misses one call and answers
+//! the next is not.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,10 +19,23 @@ use crate::metrics::{Metrics, PEERS_UNREACHABLE};
 /// How often a peer still down is logged again.
 const REMIND_EVERY: Duration = Duration::from_secs(60);
 
+/// How long a peer's calls must go on failing, with no answer between, before it counts
+/// as lost. A busy peer misses a call now and then (openraft gives an AppendEntries one
+/// heartbeat interval, 100 ms with the defaults) and answers the next: that is slow, not
+/// lost, and is not logged. A peer that is down fails every call, retried every 500 ms.
+const LOST_AFTER: Duration = Duration::from_secs(1);
+
 /// The peers whose last Raft call failed to reach them.
 pub(crate) struct Reachability {
     peers: Mutex<Peers>,
     metrics: Arc<Metrics>,
+}
+
+impl Peers {
+    /// Peers lost (not merely failing lately): what the gauge counts.
+    fn lost(&self) -> u64 {
+        self.down.values().filter(|d| d.lost).count() as u64
+    }
 }
 
 #[derive(Default)]
@@ -35,16 +50,19 @@ struct Down {
     since: Instant,
     failed: u64,
     logged: Instant,
+    /// Failing for [`LOST_AFTER`] or longer: logged, and counted in the gauge.
+    lost: bool,
 }
 
 /// What a call's outcome changes, to log.
 #[derive(Debug, PartialEq, Eq)]
 enum Change {
-    /// The first failure after the peer answered (or since this node started).
-    Lost,
+    /// Calls failing for [`LOST_AFTER`] since the peer last answered (or since this node
+    /// started calling it).
+    Lost { failed: u64 },
     /// Still failing, a reminder's interval after the last line.
     Still { down: Duration, failed: u64 },
-    /// An answer after failures.
+    /// An answer after the peer was lost.
     Back { down: Duration, failed: u64 },
 }
 
@@ -73,7 +91,7 @@ impl Reachability {
         if *open == 0 {
             peers.clients.remove(&target);
             if peers.down.remove(&target).is_some() {
-                self.metrics.set(PEERS_UNREACHABLE, peers.down.len() as u64);
+                self.metrics.set(PEERS_UNREACHABLE, peers.lost());
             }
         }
     }
@@ -85,9 +103,10 @@ impl Reachability {
     /// A call to `target` (at `addr`) got no answer: `error` says why.
     pub(crate) fn failed(&self, target: NodeId, addr: &str, error: &dyn std::fmt::Display) {
         match self.note(target, false, Instant::now()) {
-            Some(Change::Lost) => tracing::warn!(
+            Some(Change::Lost { failed }) => tracing::warn!(
                 node = target,
                 addr,
+                failed_calls = failed,
                 error = %error,
                 "cannot reach a peer; Raft retries it, and this is logged again once a minute \
                  while it lasts"
@@ -127,7 +146,8 @@ impl Reachability {
                 let d = down
                     .remove(&target)
                     .unwrap_or_else(|| unreachable!("just seen"));
-                Some(Change::Back {
+                // A slow peer that missed a call or a few: nothing was said, nothing to say.
+                d.lost.then(|| Change::Back {
                     down: now.saturating_duration_since(d.since),
                     failed: d.failed,
                 })
@@ -139,22 +159,29 @@ impl Reachability {
                         since: now,
                         failed: 1,
                         logged: now,
+                        lost: false,
                     },
                 );
-                Some(Change::Lost)
+                None
             }
             (false, Some(d)) => {
                 d.failed += 1;
-                (now.saturating_duration_since(d.logged) >= REMIND_EVERY).then(|| {
+                if !d.lost && now.saturating_duration_since(d.since) >= LOST_AFTER {
+                    d.lost = true;
                     d.logged = now;
-                    Change::Still {
-                        down: now.saturating_duration_since(d.since),
-                        failed: d.failed,
-                    }
-                })
+                    Some(Change::Lost { failed: d.failed })
+                } else {
+                    (d.lost && now.saturating_duration_since(d.logged) >= REMIND_EVERY).then(|| {
+                        d.logged = now;
+                        Change::Still {
+                            down: now.saturating_duration_since(d.since),
+                            failed: d.failed,
+                        }
+                    })
+                }
             }
         };
-        self.metrics.set(PEERS_UNREACHABLE, down.len() as u64);
+        self.metrics.set(PEERS_UNREACHABLE, peers.lost());
         change
     }
 }
@@ -170,58 +197,97 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         assert_eq!(r.note(2, true, at(0)), None, "answers are not news");
-        assert_eq!(r.note(2, false, at(100)), Some(Change::Lost));
+        // Failing, retried every half second: lost once it has failed for a second.
+        assert_eq!(r.note(2, false, at(100)), None);
+        assert_eq!(r.note(2, false, at(600)), None);
+        assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(0), "not lost yet");
+        assert_eq!(r.note(2, false, at(1100)), Some(Change::Lost { failed: 3 }));
         assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(1));
         // Retried every half second for most of a minute: nothing more to say.
         for i in 1..119 {
-            assert_eq!(r.note(2, false, at(100 + i * 500)), None, "retry {i}");
+            assert_eq!(r.note(2, false, at(1100 + i * 500)), None, "retry {i}");
         }
         // Another peer is lost meanwhile, and counted apart.
-        assert_eq!(r.note(3, false, at(30_000)), Some(Change::Lost));
+        assert_eq!(r.note(3, false, at(30_000)), None);
+        assert_eq!(
+            r.note(3, false, at(31_000)),
+            Some(Change::Lost { failed: 2 })
+        );
         assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(2));
         assert_eq!(
-            r.note(2, false, at(60_100)),
+            r.note(2, false, at(61_100)),
             Some(Change::Still {
-                down: Duration::from_secs(60),
-                failed: 120
-            })
-        );
-        assert_eq!(r.note(2, false, at(60_600)), None);
-        assert_eq!(
-            r.note(2, true, at(61_100)),
-            Some(Change::Back {
                 down: Duration::from_secs(61),
-                failed: 121
+                failed: 122
+            })
+        );
+        assert_eq!(r.note(2, false, at(61_600)), None);
+        assert_eq!(
+            r.note(2, true, at(62_100)),
+            Some(Change::Back {
+                down: Duration::from_secs(62),
+                failed: 123
             })
         );
         assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(1));
-        assert_eq!(r.note(2, true, at(61_200)), None);
+        assert_eq!(r.note(2, true, at(62_200)), None);
         // Lost again later: told again.
-        assert_eq!(r.note(2, false, at(90_000)), Some(Change::Lost));
-        assert_eq!(r.note(3, true, at(90_000)).map(|_| ()), Some(()));
+        assert_eq!(r.note(2, false, at(90_000)), None);
+        assert_eq!(
+            r.note(2, false, at(91_000)),
+            Some(Change::Lost { failed: 2 })
+        );
+        assert_eq!(r.note(3, true, at(91_000)).map(|_| ()), Some(()));
         assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(1));
+    }
+
+    #[test]
+    fn a_busy_peer_that_misses_calls_and_answers_between_is_not_lost() {
+        let metrics = Arc::new(Metrics::default());
+        let r = Reachability::new(metrics.clone());
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Under overload: a call in three misses its 100 ms, for a minute.
+        for i in 0..600 {
+            let answered = i % 3 != 0;
+            assert_eq!(r.note(2, answered, at(i * 100)), None, "call {i}");
+            assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(0), "call {i}");
+        }
+        // Missing several in a row, for less than a second: still only slow.
+        for i in 0..9 {
+            assert_eq!(r.note(2, false, at(60_000 + i * 100)), None);
+        }
+        assert_eq!(r.note(2, true, at(60_900)), None, "nothing was said");
+        assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(0));
     }
 
     #[test]
     fn a_peer_no_client_calls_any_more_is_not_counted() {
         let metrics = Arc::new(Metrics::default());
         let r = Reachability::new(metrics.clone());
-        let now = Instant::now();
+        let t0 = Instant::now();
+        let later = t0 + LOST_AFTER;
         // A leader's client for node 2, and a vote's, both failing.
         r.opened(2);
         r.opened(2);
-        assert_eq!(r.note(2, false, now), Some(Change::Lost));
+        assert_eq!(r.note(2, false, t0), None);
+        assert_eq!(r.note(2, false, later), Some(Change::Lost { failed: 2 }));
         r.closed(2);
         assert_eq!(
             metrics.gauge(PEERS_UNREACHABLE),
             Some(1),
             "one client is left"
         );
-        assert_eq!(r.note(2, false, now), None);
+        assert_eq!(r.note(2, false, later), None);
         // The leader steps down: its client goes, and so does what it knew.
         r.closed(2);
         assert_eq!(metrics.gauge(PEERS_UNREACHABLE), Some(0));
         r.opened(2);
-        assert_eq!(r.note(2, false, now), Some(Change::Lost), "news again");
+        assert_eq!(r.note(2, false, later), None, "failing anew");
+        assert_eq!(
+            r.note(2, false, later + LOST_AFTER),
+            Some(Change::Lost { failed: 2 }),
+            "news again"
+        );
     }
 }

@@ -434,6 +434,20 @@ impl Cluster {
         self.node_mut(id).terminate(STOP_TIMEOUT).await
     }
 
+    /// SIGTERM node `id` and wait for it to exit; panics, with its last output, unless it
+    /// exits cleanly within [`STOP_TIMEOUT`].
+    pub async fn stop_cleanly(&mut self, id: u64) {
+        let status = self
+            .terminate(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.node(id).output_tail(40)));
+        assert!(
+            status.success(),
+            "node {id} exited with {status} on SIGTERM:\n{}",
+            self.node(id).output_tail(40)
+        );
+    }
+
     /// Starts node `id` again on its data directory and addresses; waits until ready.
     pub async fn restart(&mut self, id: u64) {
         eprintln!("cluster: restart node {id}");

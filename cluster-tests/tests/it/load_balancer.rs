@@ -1,7 +1,7 @@
 use std::time::Instant;
 
 use granary_cluster_tests::balancer::Balancer;
-use granary_cluster_tests::client::counter_sum;
+use granary_cluster_tests::client::{Repo, counter_sum};
 use granary_cluster_tests::cluster::{Cluster, Options, SETTLE_TIMEOUT};
 use granary_cluster_tests::faults::Firewall;
 use granary_cluster_tests::load::{Kind, Load};
@@ -15,10 +15,24 @@ use crate::common::{final_checks, wait_acks};
 /// above haproxy's two failed checks 100 ms apart.
 const DRAIN_MS: u64 = 1000;
 
-/// haproxy in front of every node of `cluster`, once it has each one in rotation.
-async fn balance(cluster: &Cluster) -> Option<Balancer> {
-    let all = cluster.ids();
-    let fronts: Vec<(u64, String)> = all
+/// Three nodes started with `options`, haproxy in front of them once it has each in
+/// rotation, and a repository in `domain` (`None` without haproxy, outside CI).
+async fn start_balanced(
+    seed: Seed,
+    options: Options,
+    domain: &str,
+) -> Option<(Cluster, Balancer, Repo)> {
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            ..options
+        },
+    )
+    .await;
+    cluster.observe();
+    let fronts: Vec<(u64, String)> = cluster
+        .ids()
         .iter()
         .map(|id| {
             let base = cluster.client(*id).base;
@@ -27,7 +41,8 @@ async fn balance(cluster: &Cluster) -> Option<Balancer> {
         .collect();
     let balancer = Balancer::require(&fronts)?;
     all_in_rotation(&balancer, "every node in rotation").await;
-    Some(balancer)
+    let repo = cluster.setup(1, domain, "repo").await;
+    Some((cluster, balancer, repo))
 }
 
 /// Waits until haproxy has every node in rotation.
@@ -48,7 +63,7 @@ async fn all_in_rotation(balancer: &Balancer, what: &str) {
 async fn through(
     balancer: &Balancer,
     phase: &str,
-    repo: &granary_cluster_tests::client::Repo,
+    repo: &Repo,
     oracle: &Oracle,
     seed: &Seed,
     acks: usize,
@@ -92,21 +107,15 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
     };
     let seed = Seed::from_env();
     let mut rng = seed.rng("load balancer");
-    let mut cluster = Cluster::start_with(
-        seed,
-        Options {
-            nodes: 3,
-            faults: true,
-            ..Options::default()
-        },
-    )
-    .await;
-    cluster.observe();
-    let all = cluster.ids();
-    let Some(balancer) = balance(&cluster).await else {
+    let options = Options {
+        faults: true,
+        ..Options::default()
+    };
+    let Some((mut cluster, balancer, repo)) = start_balanced(seed, options, "balanced").await
+    else {
         return;
     };
-    let repo = cluster.setup(1, "balanced", "repo").await;
+    let all = cluster.ids();
     let oracle = Oracle::new();
 
     // Every node in rotation: nothing but successes.
@@ -184,21 +193,14 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
 async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
     let seed = Seed::from_env();
     let mut rng = seed.rng("rolling restart behind the balancer");
-    let mut cluster = Cluster::start_with(
-        seed,
-        Options {
-            nodes: 3,
-            config_toml: Some(format!("shutdown_drain_ms = {DRAIN_MS}\n")),
-            ..Options::default()
-        },
-    )
-    .await;
-    cluster.observe();
-    let all = cluster.ids();
-    let Some(balancer) = balance(&cluster).await else {
+    let options = Options {
+        config_toml: Some(format!("shutdown_drain_ms = {DRAIN_MS}\n")),
+        ..Options::default()
+    };
+    let Some((mut cluster, balancer, repo)) = start_balanced(seed, options, "drained").await else {
         return;
     };
-    let repo = cluster.setup(1, "drained", "repo").await;
+    let all = cluster.ids();
     let oracle = Oracle::new();
     let targets = vec![balancer.client()];
     let publishers = Load::publishers(targets.clone(), &repo, &oracle, &seed.rng("publishers"), 3);
@@ -211,15 +213,7 @@ async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
     for id in order {
         let leader = cluster.leader().await;
         let stopping = Instant::now();
-        let status = cluster
-            .terminate(id)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(id).output_tail(40)));
-        assert!(
-            status.success(),
-            "node {id} exited with {status} on SIGTERM:\n{}",
-            cluster.node(id).output_tail(40)
-        );
+        cluster.stop_cleanly(id).await;
         let stopped_in = stopping.elapsed();
         assert!(
             !balancer.in_rotation(id).await.expect("haproxy's states"),

@@ -39,15 +39,7 @@ async fn rolling_restart_under_load_loses_nothing_and_errors_are_retryable() {
     rng.shuffle(&mut order);
     eprintln!("rolling restart: order {order:?}");
     for id in order {
-        let status = cluster
-            .terminate(id)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.node(id).output_tail(40)));
-        assert!(
-            status.success(),
-            "node {id} exited with {status} on SIGTERM:\n{}",
-            cluster.node(id).output_tail(40)
-        );
+        cluster.stop_cleanly(id).await;
         let rest = cluster.ids_except(id);
         cluster.wait_leader(&rest, SETTLE_TIMEOUT).await;
         let before = oracle.len();

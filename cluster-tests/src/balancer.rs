@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::client::NodeClient;
 use crate::faults::in_ci;
-use crate::process::free_port;
+use crate::process::free_ports;
 
 /// How often haproxy checks each node, and how many checks in a row take a node out of
 /// rotation or put it back.
@@ -116,7 +116,7 @@ impl Balancer {
 
     fn start(nodes: &[(u64, String)]) -> Result<Balancer, String> {
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let (port, stats_port) = (free_port(local), free_port(local));
+        let [port, stats_port] = free_ports(local);
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let cfg = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg, config(port, stats_port, nodes)).map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::client::{ACCESS_KEY, ClusterStatus, NodeClient, Repo, SECRET_KEY, SIGNING_REGION};
 use crate::faults::{Cgroup, NodeNet};
 use crate::poll;
-use crate::process::{NodeProcess, NodeSpec, free_port, granary_bin};
+use crate::process::{NodeProcess, NodeSpec, free_ports, granary_bin};
 use crate::seed::Seed;
 
 /// How long a node may take to start (RocksDB open, join, catch up) on a busy machine.
@@ -167,11 +167,12 @@ impl Cluster {
         assert!(!self.nodes.contains_key(&id), "node {id} exists");
         let ip = IpAddr::V4(self.ip(id));
         let data_dir = self.root.join(format!("node{id}"));
+        let [http, grpc] = free_ports(ip);
         let spec = NodeSpec {
             node_id: id,
             data_dir,
-            http: SocketAddr::new(ip, free_port(ip)),
-            grpc: SocketAddr::new(ip, free_port(ip)),
+            http: SocketAddr::new(ip, http),
+            grpc: SocketAddr::new(ip, grpc),
             region: self.options.region.clone(),
             join,
             learner,

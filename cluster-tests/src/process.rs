@@ -55,10 +55,21 @@ pub fn granary_bin() -> PathBuf {
 /// A port that is free on `ip` right now (the OS picks it; the node binds it later, so
 /// the address stays the same across restarts).
 pub fn free_port(ip: IpAddr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
-        .port()
+    free_ports::<1>(ip)[0]
+}
+
+/// `N` different ports free on `ip` right now. Each probe is held until all are picked:
+/// probes made one after another, each closed before the next, may be given the same
+/// port twice, and a node given one port for both its listeners cannot start.
+pub fn free_ports<const N: usize>(ip: IpAddr) -> [u16; N] {
+    let probes: [TcpListener; N] = std::array::from_fn(|_| {
+        TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+    });
+    probes.map(|l| {
+        l.local_addr()
+            .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+            .port()
+    })
 }
 
 /// How to start one node.
@@ -414,5 +425,14 @@ mod tests {
         let ip: IpAddr = "127.0.203.11".parse().unwrap();
         let p = free_port(ip);
         TcpListener::bind((ip, p)).expect("the port is free");
+    }
+
+    #[test]
+    fn ports_picked_together_differ() {
+        let ip: IpAddr = "127.0.203.12".parse().unwrap();
+        for _ in 0..200 {
+            let [a, b] = free_ports::<2>(ip);
+            assert_ne!(a, b);
+        }
     }
 }

@@ -12,8 +12,10 @@ use granary_cluster_tests::seed::Seed;
 use crate::common::{final_checks, wait_acks};
 
 /// How long a stopping node serves on with `/readyz` at 503 in these scenarios: well
-/// above haproxy's two failed checks 100 ms apart.
-const DRAIN_MS: u64 = 1000;
+/// above haproxy's two failed checks 100 ms apart, and above the followers' lease
+/// (`election_timeout_max`, 800 ms) plus a look of the election gate, after which a
+/// stopping leader's successor takes over.
+const DRAIN_MS: u64 = 1500;
 
 /// Three nodes started with `options`, haproxy in front of them once it has each in
 /// rotation, and a repository in `domain` (`None` without haproxy, outside CI).
@@ -186,9 +188,9 @@ async fn a_node_cut_off_leaves_the_balancers_rotation_and_clients_see_no_errors(
 /// order the seed picks) with SIGTERM while clients publish and install through the
 /// balancer without pause. Each stopping node drains (`shutdown_drain_ms`): its `/readyz`
 /// answers 503 while it still serves, haproxy takes it out, the requests it holds are
-/// answered, and only then does it stop taking connections. Restarted on its data, it
-/// comes back into rotation. Clients meet no error at all, and nothing acknowledged is
-/// lost.
+/// answered, and only then does it stop taking connections. The leader, draining, hands
+/// over: its successor leads before it has stopped. Restarted on its data, a node comes
+/// back into rotation. Clients meet no error at all, and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
     let seed = Seed::from_env();
@@ -215,6 +217,19 @@ async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
         let stopping = Instant::now();
         cluster.stop_cleanly(id).await;
         let stopped_in = stopping.elapsed();
+        let rest = cluster.ids_except(id);
+        if id == leader {
+            // The leader named a successor as it began to drain, which took over once the
+            // followers' lease had run out: there is a new leader already, before the
+            // followers could have timed out on the old one.
+            let s = cluster.status(rest[0]).await.expect("a survivor's status");
+            assert!(
+                s.leader_id.is_some_and(|l| l != id),
+                "node {id} led and has stopped, but node {} still knows no other leader: {:?}",
+                rest[0],
+                s.leader_id
+            );
+        }
         assert!(
             !balancer.in_rotation(id).await.expect("haproxy's states"),
             "node {id} stopped while haproxy still had it in rotation"
@@ -225,7 +240,6 @@ async fn a_rolling_restart_behind_the_balancer_shows_clients_no_errors() {
             publishers.tally(),
             installers.tally()
         );
-        let rest = cluster.ids_except(id);
         cluster.wait_leader(&rest, SETTLE_TIMEOUT).await;
         wait_acks(
             &oracle,

@@ -51,6 +51,10 @@
 //!             leader silent, Status round short ──────────────────────▶ NoMajority
 //! ```
 //!
+//! The gate also carries out a hand-over: a follower that a leader shutting down named its
+//! successor (`RaftRequest.successor`, see `Cluster::hand_over`) campaigns once it has
+//! heard nothing for the leader's lease, without waiting out its own election timeout.
+//!
 //! Only liveness is at stake, never safety: a held-back node could not have won (winning
 //! takes a majority's votes, and it reaches no majority). Whenever a majority of voters
 //! are up and reach each other, each of them reaches a majority, so none of them is held
@@ -82,6 +86,9 @@ pub(crate) struct LeaderContact {
     at: AtomicU64,
     /// What the last accepted AppendEntries said: its leader reaches no quorum.
     leader_cut_off: AtomicBool,
+    /// What the last accepted AppendEntries said: the member its leader, shutting down,
+    /// names to take over (0: none).
+    successor: AtomicU64,
 }
 
 impl Default for LeaderContact {
@@ -90,17 +97,25 @@ impl Default for LeaderContact {
             origin: Instant::now(),
             at: AtomicU64::new(0),
             leader_cut_off: AtomicBool::new(false),
+            successor: AtomicU64::new(0),
         }
     }
 }
 
 impl LeaderContact {
     /// A leader's AppendEntries was accepted just now; `cut_off`: the leader said it has
-    /// had no quorum's acknowledgement for longer than an election takes.
-    pub(crate) fn heard(&self, cut_off: bool) {
+    /// had no quorum's acknowledgement for longer than an election takes; `successor`:
+    /// the member it names to take over as it shuts down (0: none).
+    pub(crate) fn heard(&self, cut_off: bool, successor: NodeId) {
         let ms = self.origin.elapsed().as_millis() as u64 + 1;
         self.at.fetch_max(ms, Ordering::Relaxed);
         self.leader_cut_off.store(cut_off, Ordering::Relaxed);
+        self.successor.store(successor, Ordering::Relaxed);
+    }
+
+    /// The member the last leader heard from named to take over (0: none).
+    fn successor(&self) -> NodeId {
+        self.successor.load(Ordering::Relaxed)
     }
 
     /// Whether the leader last heard from said it was cut off.
@@ -180,6 +195,25 @@ impl CutOffState {
     /// acknowledgement for longer than an election takes.
     pub(crate) fn leader_unacked(&self) -> bool {
         self.get() == Some(CutOff::Unacked)
+    }
+}
+
+/// A leader shutting down names a successor in its AppendEntries (see
+/// [`Cluster::hand_over`]); while it does, it proposes nothing and confirms no read, so
+/// that no AppendEntries renews the followers' lease and the successor can be elected as
+/// soon as that lease has run out.
+#[derive(Default)]
+pub(crate) struct Handover(AtomicU64);
+
+impl Handover {
+    /// The member named (0: none).
+    pub(crate) fn successor(&self) -> NodeId {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Names `successor`.
+    pub(crate) fn name(&self, successor: NodeId) {
+        self.0.store(successor, Ordering::Relaxed);
     }
 }
 
@@ -263,6 +297,7 @@ pub(crate) fn spawn(
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            take_over_if_named(&cluster, timing).await;
             let look = look(&cluster, timing).await;
             let cut_off = match look {
                 Look::Open => None,
@@ -342,6 +377,36 @@ pub(crate) fn spawn(
             }
         }
     });
+}
+
+/// A follower named by its leader to take over (the leader is shutting down) campaigns
+/// once it has heard nothing for the leader's lease (`election_timeout_max`, which every
+/// follower holds from its last AppendEntries) and a look's interval more: the others'
+/// leases have run out too, so they grant the vote, while their own election timers
+/// would fire only an election timeout later.
+async fn take_over_if_named(cluster: &Cluster, timing: Timing) {
+    let contact = cluster.contact();
+    if contact.successor() != cluster.id() {
+        return;
+    }
+    let Some(silent) = contact.silent_for() else {
+        return;
+    };
+    if silent < timing.grace + timing.every {
+        return;
+    }
+    contact.successor.store(0, Ordering::Relaxed);
+    let state = cluster.raft().metrics().borrow().state;
+    if state != ServerState::Follower {
+        return;
+    }
+    tracing::info!(
+        silent_ms = silent.as_millis() as u64,
+        "the leader is shutting down and named this node to take over: campaigning"
+    );
+    if let Err(e) = cluster.raft().trigger().elect().await {
+        tracing::warn!(error = %e, "could not campaign to take over");
+    }
 }
 
 /// What one look found.
@@ -465,20 +530,20 @@ mod tests {
     async fn contact_is_measured_from_the_last_accepted_append() {
         let c = LeaderContact::default();
         assert_eq!(c.silent_for(), None, "never heard");
-        c.heard(false);
+        c.heard(false, 0);
         tokio::time::advance(Duration::from_millis(250)).await;
         let s = c.silent_for().expect("heard");
         assert!(
             s >= Duration::from_millis(249) && s <= Duration::from_millis(251),
             "{s:?}"
         );
-        c.heard(false);
+        c.heard(false, 0);
         assert!(c.silent_for().expect("heard") < Duration::from_millis(2));
         // What the leader says rides with each contact: the last one counts.
         assert!(!c.leader_cut_off());
-        c.heard(true);
+        c.heard(true, 0);
         assert!(c.leader_cut_off());
-        c.heard(false);
+        c.heard(false, 0);
         assert!(!c.leader_cut_off());
     }
 

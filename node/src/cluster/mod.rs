@@ -173,6 +173,8 @@ pub(crate) struct Cluster {
     /// of voters (see [`election_gate::CutOff`]): a request that needs the leader fails
     /// at once then instead of waiting out its deadline.
     cut_off: Arc<election_gate::CutOffState>,
+    /// Set while this node, leading, hands over to a successor as it shuts down.
+    handover: Arc<election_gate::Handover>,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -195,6 +197,8 @@ fn refused_by_peer(status: &tonic::Status) -> bool {
 pub(crate) struct Standing {
     pub(crate) lease: Arc<Lease>,
     pub(crate) cut_off: Arc<election_gate::CutOffState>,
+    /// The successor this node, leading and shutting down, names in its AppendEntries.
+    pub(crate) handover: Arc<election_gate::Handover>,
 }
 
 impl Standing {
@@ -203,6 +207,7 @@ impl Standing {
         Standing {
             lease: Arc::new(Lease::new(election_timeout_min, election_timeout_max)),
             cut_off: Default::default(),
+            handover: Default::default(),
         }
     }
 }
@@ -242,6 +247,7 @@ impl Cluster {
             membership_turn: Default::default(),
             contact: Default::default(),
             cut_off: standing.cut_off,
+            handover: standing.handover,
         }
     }
 
@@ -258,6 +264,50 @@ impl Cluster {
             self.cut_off.get(),
             Some(election_gate::CutOff::Unacked | election_gate::CutOff::LeaderUnacked)
         )
+    }
+
+    /// Whether this node is handing leadership over as it shuts down: it proposes nothing
+    /// and confirms no read meanwhile (each would send AppendEntries, renewing the lease
+    /// that keeps the successor from being elected); requests wait for the new leader.
+    pub(crate) fn handing_over(&self) -> bool {
+        self.handover.successor() != 0
+    }
+
+    /// On a leader shutting down with other voters: names the most caught-up voter its
+    /// successor in the AppendEntries it still sends (two heartbeat intervals, so every
+    /// follower hears it), then stops sending any. The successor campaigns as soon as
+    /// the followers' lease has run out (see `election_gate`), instead of the followers
+    /// waiting out that lease and an election timeout after this node stops: the cluster
+    /// has a new leader an election timeout sooner, often before this node has stopped.
+    pub(crate) async fn hand_over(&self) {
+        let successor = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            if m.state != openraft::ServerState::Leader || self.cut_off() {
+                return;
+            }
+            let membership = m.membership_config.membership();
+            let matched = |id: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+            };
+            // The most caught-up voter: a candidate with a shorter log than a majority's
+            // would not be elected.
+            membership
+                .voter_ids()
+                .filter(|id| *id != self.me)
+                .max_by_key(|id| (matched(id), std::cmp::Reverse(*id)))
+        };
+        let Some(successor) = successor else {
+            return;
+        };
+        tracing::info!(successor, "shutting down while leading: handing over");
+        self.handover.name(successor);
+        let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval);
+        tokio::time::sleep(heartbeat * 2).await;
+        self.raft.runtime_config().heartbeat(false);
     }
 
     /// Set by the election gate after each of its rounds.
@@ -326,6 +376,8 @@ impl Cluster {
             // here (this node leads) or says where the leader is.
             let leader = match self.other_leader() {
                 Some(leader) => Some(leader),
+                // Handing over: wait for the successor, then forward to it.
+                None if self.handing_over() => None,
                 None => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     // A leader cut off from its quorum never commits: bound the wait. The
@@ -480,6 +532,11 @@ impl Cluster {
         if self.leader_known_cut_off() {
             return Err(leader_cut_off());
         }
+        if self.handing_over() {
+            return Err(tonic::Status::unavailable(
+                "the leader is handing over as it shuts down; retry",
+            ));
+        }
         let written = tokio::select! {
             w = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd)) => w,
             _ = self.cut_off.reached() => return Err(leader_cut_off()),
@@ -603,6 +660,7 @@ impl Cluster {
             }
             let leader = match self.other_leader() {
                 Some(leader) => Some(leader),
+                None if self.handing_over() => None,
                 None => match self.leader_read_index_unless_cut_off().await {
                     Ok(i) => return Ok(i),
                     Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {

@@ -51,6 +51,11 @@ impl pb::cluster_server::Cluster for ClusterService {
         if self.cluster.leader_known_cut_off() {
             return Err(super::leader_cut_off());
         }
+        if self.cluster.handing_over() {
+            return Err(Status::unavailable(
+                "the leader is handing over as it shuts down; retry",
+            ));
+        }
         match self.cluster.leader_read_index_unless_cut_off().await {
             Ok(read_index) => Ok(Response::new(pb::ReadIndexReply { read_index })),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {

@@ -10,7 +10,7 @@ use super::lease::Lease;
 use super::reachability::Reachability;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
 use crate::cluster::Standing;
-use crate::cluster::election_gate::{CutOffState, LeaderContact};
+use crate::cluster::election_gate::{CutOffState, Handover, LeaderContact};
 use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
 use granary_protocol::pb::raft_client::RaftClient;
@@ -33,6 +33,8 @@ pub(crate) struct GrpcNetwork {
     reach: Arc<Reachability>,
     /// Whether this node, leading, is cut off: told to followers in AppendEntries.
     cut_off: Arc<CutOffState>,
+    /// The successor this node, leading and shutting down, names in AppendEntries.
+    handover: Arc<Handover>,
 }
 
 impl GrpcNetwork {
@@ -46,6 +48,7 @@ impl GrpcNetwork {
             lease: standing.lease,
             reach,
             cut_off: standing.cut_off,
+            handover: standing.handover,
         }
     }
 }
@@ -62,6 +65,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             lease: self.lease.clone(),
             reach: self.reach.clone(),
             cut_off: self.cut_off.clone(),
+            handover: self.handover.clone(),
             client: None,
         }
     }
@@ -75,6 +79,7 @@ pub(crate) struct PeerClient {
     lease: Arc<Lease>,
     reach: Arc<Reachability>,
     cut_off: Arc<CutOffState>,
+    handover: Arc<Handover>,
     client: Option<RaftClient<PeerChannel>>,
 }
 
@@ -121,6 +126,10 @@ impl PeerClient {
             payload,
             snapshot_data,
             leader_cut_off: matches!(kind, Kind::Append) && self.cut_off.leader_unacked(),
+            successor: match kind {
+                Kind::Append => self.handover.successor(),
+                _ => 0,
+            },
         };
         // Every way a call can go unanswered is recorded once, here, and becomes
         // openraft's `Unreachable` (which it backs off from).
@@ -276,7 +285,10 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<pb::RaftRequest>,
     ) -> Result<tonic::Response<pb::RaftReply>, tonic::Status> {
-        let leader_cut_off = request.get_ref().leader_cut_off;
+        let (leader_cut_off, successor) = {
+            let r = request.get_ref();
+            (r.leader_cut_off, r.successor)
+        };
         let req: AppendEntriesRequest<TypeConfig> = parse(request)?;
         let answer = self.raft.append_entries(req).await;
         // Accepted from a leader of this node's term or a later one (a conflict is
@@ -285,7 +297,7 @@ impl pb::raft_server::Raft for RaftService {
             .as_ref()
             .is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_)))
         {
-            self.contact.heard(leader_cut_off);
+            self.contact.heard(leader_cut_off, successor);
         }
         reply(answer)
     }

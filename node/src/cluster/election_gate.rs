@@ -308,7 +308,10 @@ pub(crate) fn spawn(
                         Some((t, since)) if t == term => since,
                         _ => leading.insert((term, Instant::now())).1,
                     };
-                    leader_unacked(since_ack, since.elapsed(), timing).then_some(CutOff::Unacked)
+                    // A leader handing over sends no AppendEntries on purpose: unanswered
+                    // ones would say nothing about its reach.
+                    (!cluster.handing_over() && leader_unacked(since_ack, since.elapsed(), timing))
+                        .then_some(CutOff::Unacked)
                 }
             };
             if !matches!(look, Look::Leading { .. }) {

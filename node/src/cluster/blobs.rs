@@ -41,8 +41,6 @@ const ASK_FIRST_ABOVE: u64 = 1 << 20;
 const PULL_CONCURRENCY: usize = 4;
 /// Interval of the anti-entropy scan.
 const SCAN_EVERY: Duration = Duration::from_secs(600);
-/// How often a push waiting for a majority looks whether this node is cut off.
-const CUT_OFF_LOOK: Duration = Duration::from_millis(100);
 
 /// Why a blob could not be replicated.
 #[derive(Debug, thiserror::Error)]
@@ -169,19 +167,18 @@ impl BlobReplicator {
         }
         drop(tx);
         let deadline = Instant::now() + self.cluster.write_deadline();
+        // A node cut off from a majority stops waiting for one (see `election_gate`).
+        let cut_off = self.cluster.until_cut_off();
+        tokio::pin!(cut_off);
         while have < need {
-            // A node cut off from a majority stops waiting for one (see `election_gate`);
-            // it looks again every election gate round.
-            if self.cluster.cut_off() {
-                break;
-            }
-            let look_again = (Instant::now() + CUT_OFF_LOOK).min(deadline);
-            match tokio::time::timeout_at(look_again, rx.recv()).await {
+            let answer = tokio::select! {
+                a = tokio::time::timeout_at(deadline, rx.recv()) => a,
+                _ = &mut cut_off => break,
+            };
+            match answer {
                 Ok(Some(true)) => have += 1,
                 Ok(Some(false)) => {}
-                Ok(None) => break,
-                Err(_) if look_again >= deadline => break,
-                Err(_) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         if have >= need {

@@ -157,8 +157,11 @@ pub(crate) struct Cluster {
     reads: Arc<Mutex<ReadBatch>>,
     /// Fired when the leader says this node was removed from the cluster.
     removed: Arc<tokio::sync::Notify>,
-    /// The leader's lease, by which reads skip the heartbeat round (see `raft::lease`).
-    lease: Arc<Lease>,
+    /// The leader's lease, by which reads skip the heartbeat round (see `raft::lease`),
+    /// whether this node is cut off from a majority of voters (found by the election
+    /// gate: a request that needs the leader fails at once then instead of waiting out
+    /// its deadline) and whether it is handing over as it shuts down.
+    standing: Standing,
     /// The state machine's applied index, as soon as an entry is applied.
     applied: tokio::sync::watch::Receiver<u64>,
     /// Whether a snapshot is being installed, leaving the state incomplete meanwhile.
@@ -169,12 +172,6 @@ pub(crate) struct Cluster {
     membership_turn: Arc<tokio::sync::Mutex<()>>,
     /// When a leader was last heard from (see `election_gate`).
     contact: Arc<election_gate::LeaderContact>,
-    /// Set while the election gate's last round found this node cut off from a majority
-    /// of voters (see [`election_gate::CutOff`]): a request that needs the leader fails
-    /// at once then instead of waiting out its deadline.
-    cut_off: Arc<election_gate::CutOffState>,
-    /// Set while this node, leading, hands over to a successor as it shuts down.
-    handover: Arc<election_gate::Handover>,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -241,19 +238,17 @@ impl Cluster {
             consistency,
             reads: Default::default(),
             removed: Arc::new(tokio::sync::Notify::new()),
-            lease: standing.lease,
+            standing,
             applied,
             installs,
             membership_turn: Default::default(),
             contact: Default::default(),
-            cut_off: standing.cut_off,
-            handover: standing.handover,
         }
     }
 
     /// Whether this node is cut off from a majority of voters (see `election_gate`).
     pub(crate) fn cut_off(&self) -> bool {
-        self.cut_off.get().is_some()
+        self.standing.cut_off.get().is_some()
     }
 
     /// Whether the leader as this node knows it, itself or the one it hears, reaches no
@@ -261,16 +256,31 @@ impl Cluster {
     /// another reason may be asked by a member that has not yet heard of the leader).
     pub(crate) fn leader_known_cut_off(&self) -> bool {
         matches!(
-            self.cut_off.get(),
+            self.standing.cut_off.get(),
             Some(election_gate::CutOff::Unacked | election_gate::CutOff::LeaderUnacked)
         )
+    }
+
+    /// Refuses what a member forwards to this node as its leader while this node cannot
+    /// serve it: cut off from its quorum (for good: the asker fails at once), or handing
+    /// over (the asker retries, and finds the successor).
+    pub(crate) fn serving_as_leader(&self) -> Result<(), tonic::Status> {
+        if self.leader_known_cut_off() {
+            return Err(leader_cut_off());
+        }
+        if self.handing_over() {
+            return Err(tonic::Status::unavailable(
+                "the leader is handing over as it shuts down; retry",
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this node is handing leadership over as it shuts down: it proposes nothing
     /// and confirms no read meanwhile (each would send AppendEntries, renewing the lease
     /// that keeps the successor from being elected); requests wait for the new leader.
     pub(crate) fn handing_over(&self) -> bool {
-        self.handover.successor() != 0
+        self.standing.handover.successor() != 0
     }
 
     /// On a leader shutting down with other voters: names the most caught-up voter its
@@ -304,7 +314,7 @@ impl Cluster {
             return;
         };
         tracing::info!(successor, "shutting down while leading: handing over");
-        self.handover.name(successor);
+        self.standing.handover.name(successor);
         let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval);
         tokio::time::sleep(heartbeat * 2).await;
         self.raft.runtime_config().heartbeat(false);
@@ -312,7 +322,12 @@ impl Cluster {
 
     /// Set by the election gate after each of its rounds.
     pub(crate) fn cut_off_state(&self) -> &election_gate::CutOffState {
-        &self.cut_off
+        &self.standing.cut_off
+    }
+
+    /// Completes once this node is cut off (at once when it is already).
+    pub(crate) async fn until_cut_off(&self) {
+        self.standing.cut_off.reached().await
     }
 
     /// When a leader was last heard from.
@@ -322,7 +337,7 @@ impl Cluster {
 
     /// The leader's lease.
     pub(crate) fn lease(&self) -> &Arc<Lease> {
-        &self.lease
+        &self.standing.lease
     }
 
     /// The peer connections.
@@ -386,7 +401,7 @@ impl Cluster {
                     // So does finding itself cut off meanwhile (see `election_gate`).
                     let written = tokio::select! {
                         w = tokio::time::timeout(left, self.raft.client_write(cmd.clone())) => w,
-                        _ = self.cut_off.reached() => return Err(ProposeError::NoLeader),
+                        _ = self.standing.cut_off.reached() => return Err(ProposeError::NoLeader),
                     };
                     let Ok(written) = written else {
                         return Err(ProposeError::NoLeader);
@@ -497,7 +512,7 @@ impl Cluster {
         let answer = tokio::select! {
             a = tokio::time::timeout(left, call) => a,
             // Its leader said it is cut off, or this node found itself cut off.
-            _ = self.cut_off.reached() => return Err(Forward::Refused(ProposeError::NoLeader)),
+            _ = self.standing.cut_off.reached() => return Err(Forward::Refused(ProposeError::NoLeader)),
         };
         let reply = match answer {
             Err(_) => return Err(Forward::Retry("timed out".into())),
@@ -529,17 +544,10 @@ impl Cluster {
         &self,
         cmd: Command,
     ) -> Result<(CommandResult, u64), tonic::Status> {
-        if self.leader_known_cut_off() {
-            return Err(leader_cut_off());
-        }
-        if self.handing_over() {
-            return Err(tonic::Status::unavailable(
-                "the leader is handing over as it shuts down; retry",
-            ));
-        }
+        self.serving_as_leader()?;
         let written = tokio::select! {
             w = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd)) => w,
-            _ = self.cut_off.reached() => return Err(leader_cut_off()),
+            _ = self.standing.cut_off.reached() => return Err(leader_cut_off()),
         }
         .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
         match written {
@@ -683,7 +691,7 @@ impl Cluster {
                 );
                 let answer = tokio::select! {
                     a = tokio::time::timeout(left, ask) => a,
-                    _ = self.cut_off.reached() => return Err(ReadError::Unavailable),
+                    _ = self.standing.cut_off.reached() => return Err(ReadError::Unavailable),
                 };
                 match answer {
                     Ok(Ok(r)) => return Ok(r.read_index),
@@ -724,7 +732,7 @@ impl Cluster {
     ) -> Result<u64, RaftError<NodeId, CheckIsLeaderError<NodeId, NodeInfo>>> {
         tokio::select! {
             r = self.leader_read_index() => r,
-            _ = self.cut_off.reached() => Err(RaftError::APIError(
+            _ = self.standing.cut_off.reached() => Err(RaftError::APIError(
                 CheckIsLeaderError::QuorumNotEnough(openraft::error::QuorumNotEnough {
                     cluster: String::new(),
                     got: Default::default(),
@@ -744,6 +752,7 @@ impl Cluster {
             || vote.leader_id().voted_for() != Some(self.me)
             || m.last_applied?.leader_id.term != vote.leader_id().term
             || !self
+                .standing
                 .lease
                 .held(self.me, &vote, m.membership_config.membership())
         {

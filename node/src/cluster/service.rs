@@ -48,14 +48,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
-        if self.cluster.leader_known_cut_off() {
-            return Err(super::leader_cut_off());
-        }
-        if self.cluster.handing_over() {
-            return Err(Status::unavailable(
-                "the leader is handing over as it shuts down; retry",
-            ));
-        }
+        self.cluster.serving_as_leader()?;
         match self.cluster.leader_read_index_unless_cut_off().await {
             Ok(read_index) => Ok(Response::new(pb::ReadIndexReply { read_index })),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {

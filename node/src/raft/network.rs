@@ -10,7 +10,7 @@ use super::lease::Lease;
 use super::reachability::Reachability;
 use super::{NodeId, NodeInfo, Raft, TypeConfig};
 use crate::cluster::Standing;
-use crate::cluster::election_gate::{CutOffState, Handover, LeaderContact};
+use crate::cluster::election_gate::LeaderContact;
 use crate::cluster::peers::{PeerChannel, Peers};
 use granary_protocol::pb;
 use granary_protocol::pb::raft_client::RaftClient;
@@ -29,12 +29,10 @@ use serde::de::DeserializeOwned;
 #[derive(Clone)]
 pub(crate) struct GrpcNetwork {
     peers: Peers,
-    lease: Arc<Lease>,
+    /// The lease acks are recorded in; whether this node, leading, is cut off or hands
+    /// over, told to followers in AppendEntries.
+    standing: Standing,
     reach: Arc<Reachability>,
-    /// Whether this node, leading, is cut off: told to followers in AppendEntries.
-    cut_off: Arc<CutOffState>,
-    /// The successor this node, leading and shutting down, names in AppendEntries.
-    handover: Arc<Handover>,
 }
 
 impl GrpcNetwork {
@@ -45,10 +43,8 @@ impl GrpcNetwork {
         let reach = Arc::new(Reachability::new(peers.metrics().clone()));
         GrpcNetwork {
             peers,
-            lease: standing.lease,
+            standing,
             reach,
-            cut_off: standing.cut_off,
-            handover: standing.handover,
         }
     }
 }
@@ -62,10 +58,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             target,
             addr: node.grpc_addr.clone(),
             peers: self.peers.clone(),
-            lease: self.lease.clone(),
+            standing: self.standing.clone(),
             reach: self.reach.clone(),
-            cut_off: self.cut_off.clone(),
-            handover: self.handover.clone(),
             client: None,
         }
     }
@@ -76,10 +70,8 @@ pub(crate) struct PeerClient {
     target: NodeId,
     addr: String,
     peers: Peers,
-    lease: Arc<Lease>,
+    standing: Standing,
     reach: Arc<Reachability>,
-    cut_off: Arc<CutOffState>,
-    handover: Arc<Handover>,
     client: Option<RaftClient<PeerChannel>>,
 }
 
@@ -125,9 +117,9 @@ impl PeerClient {
         let request = pb::RaftRequest {
             payload,
             snapshot_data,
-            leader_cut_off: matches!(kind, Kind::Append) && self.cut_off.leader_unacked(),
+            leader_cut_off: matches!(kind, Kind::Append) && self.standing.cut_off.leader_unacked(),
             successor: match kind {
-                Kind::Append => self.handover.successor(),
+                Kind::Append => self.standing.handover.successor(),
                 _ => 0,
             },
         };
@@ -220,7 +212,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if let Ok(a) = &answer
             && !matches!(a, AppendEntriesResponse::HigherVote(_))
         {
-            self.lease.acked(self.target, &vote, sent);
+            self.standing.lease.acked(self.target, &vote, sent);
         }
         answer
     }

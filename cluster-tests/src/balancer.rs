@@ -50,6 +50,8 @@ pub fn config(port: u16, stats_port: u16, nodes: &[(u64, String)]) -> String {
          \x20   timeout connect 2s\n\
          \x20   timeout client 60s\n\
          \x20   timeout server 60s\n\
+         \x20   retries 3\n\
+         \x20   option redispatch 1\n\
          frontend granary\n\
          \x20   bind 127.0.0.1:{port}\n\
          \x20   default_backend nodes\n\
@@ -210,6 +212,7 @@ mod tests {
         assert!(cfg.contains("server node1 127.0.9.11:4000 check"));
         assert!(cfg.contains("server node2 127.0.9.12:4001 check"));
         assert!(cfg.contains("inter 100ms"));
+        assert!(cfg.contains("option redispatch 1"));
         assert!(cfg.contains("bind 127.0.0.1:8081"));
     }
 

@@ -38,6 +38,7 @@ impl pb::node_server::Node for StatusService {
             leader_id: m.current_leader,
             current_term: m.current_term,
             last_applied_index: m.last_applied.map(|l| l.index),
+            hears_leader: crate::cluster::election_gate::hears_leader(&self.cluster, m.state),
         }))
     }
 }

@@ -377,3 +377,130 @@ async fn unreachable_peers(cluster: &Cluster, id: u64, want: u64) {
     )
     .await;
 }
+
+/// Cut the link between the leader and one follower alone (iptables; the follower is
+/// chosen by the seed), the other follower reaching both: what a restarted follower meets
+/// until the leader's replication, backing off since it went down, reaches it again. The
+/// cut-off follower hears no leader and reaches a majority, but that majority would refuse
+/// its vote (the other follower hears the leader), so it holds its elections back instead
+/// of raising its term, for longer than its own timer would have waited. Meanwhile the
+/// leader and the other follower acknowledge publishes. Once the link is back, the leader
+/// and its term are unchanged, and every node converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_cut_off_from_the_leader_alone_does_not_depose_it() {
+    let Some(mut firewall) = Firewall::require() else {
+        return;
+    };
+    let seed = Seed::from_env();
+    let mut rng = seed.rng("one link");
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            faults: true,
+            // For the gate's line saying why it holds elections back.
+            rust_log: Some("warn,granary_node::cluster::election_gate=info".into()),
+            ..Options::default()
+        },
+    )
+    .await;
+    cluster.observe();
+    let all = cluster.ids();
+    let repo = cluster.setup(1, "onelink", "repo").await;
+    let oracle = Oracle::new();
+    let leader = cluster.leader().await;
+    let term = cluster
+        .status(leader)
+        .await
+        .expect("the leader's status")
+        .term;
+    let followers = cluster.ids_except(leader);
+    let cut = rng.choose(&followers);
+    let other = cluster
+        .ids_except(cut)
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a third node");
+    eprintln!(
+        "one link: cutting node {cut} off from the leader, node {leader} (term {term}); node \
+         {other} reaches both"
+    );
+    let node = cluster.client(cut);
+    let reached = "granary_raft_quorum_probes_total{result=\"reached\"} ";
+    let rounds = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(reached)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let rounds_before = rounds(&node.metrics().await.expect("metrics"));
+    let cut_at = std::time::Instant::now();
+    firewall.isolate(&cluster.net(cut), &cluster.nets(&[leader]));
+
+    let load = Load::publishers(
+        cluster.clients(&[leader, other]),
+        &repo,
+        &oracle,
+        &seed.rng("publishers"),
+        2,
+    );
+    let before = oracle.len();
+    wait_acks(
+        &oracle,
+        before + 20,
+        &load,
+        "the leader and the other follower keep accepting writes",
+    )
+    .await;
+    // With the default timings (400/800 ms) the follower's timer fires 1.2–1.6 s after
+    // its last contact; its gate looks every 100 ms (and waits up to 400 ms for the
+    // leader's answer, which never comes).
+    until(
+        &format!("node {cut} holding its elections back past its election timer"),
+        SETTLE_TIMEOUT,
+        || async {
+            let text = node.metrics().await?;
+            let held_back = counter_sum(&text, "granary_raft_elections_held_back");
+            let rounds = rounds(&text) - rounds_before;
+            let waited = cut_at.elapsed();
+            if held_back == 1 && rounds >= 6 && waited > Duration::from_millis(2500) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "held back {held_back}, {rounds} rounds reaching a majority, {waited:?} \
+                     since the cut"
+                ))
+            }
+        },
+    )
+    .await;
+    let load_tally = load.stop().await;
+    eprintln!("one link: publish outcomes {load_tally}");
+    load_tally.assert_only("publishes through the leader and the other follower", &[]);
+    let s = cluster
+        .status(cut)
+        .await
+        .expect("the cut-off follower's status");
+    assert_eq!(
+        s.term, term,
+        "node {cut}, cut off from the leader alone, raised its term campaigning"
+    );
+    let log = cluster.node(cut).output_tail(2000);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the other voters hear a leader")),
+        "node {cut} did not log why it holds its elections back:\n{log}"
+    );
+
+    firewall.heal();
+    cluster.wait_converged(&all, SETTLE_TIMEOUT).await;
+    let s = cluster
+        .status(leader)
+        .await
+        .expect("the leader after healing");
+    assert_eq!(
+        (s.leader_id, s.term),
+        (Some(leader), term),
+        "node {cut}, back, deposed the leader"
+    );
+    final_checks(&cluster, &all, &repo, &oracle).await;
+}

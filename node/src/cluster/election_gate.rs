@@ -16,6 +16,18 @@
 //! held back (`runtime_config().elect(false)`): its term stays where it was. A learner
 //! asks the same way, only to know whether it is cut off (below).
 //!
+//! They are held back too while the voters that would vote for this node are no majority:
+//! a voter that leads, or that heard its leader within the lease (`election_timeout_max`),
+//! refuses votes (openraft's leader lease), and says so in its status
+//! (`StatusReply.hears_leader`, see [`hears_leader`]). This is the question a pre-vote
+//! asks. It covers a node that its leader's AppendEntries do not reach while the others
+//! hear that leader: a restarted node before the leader's replication, backing off from
+//! the failures while it was down, reaches it again, or a node whose link to the leader
+//! alone is down. Its campaigns would be refused, but each raises its term, and the higher
+//! term, answered to the leader's next AppendEntries, deposes a healthy leader. Once the
+//! leader falls silent everywhere, the others' leases run out and the node may campaign
+//! at once: its own timer fires only an election timeout after its lease.
+//!
 //! A leader heard from again allows them again at once. A majority reachable again allows
 //! them only after [`Timing::grace`] (`election_timeout_max`) of rounds that all reach
 //! one: by then its election timer has long run out, and a node allowed at once would
@@ -26,6 +38,9 @@
 //!
 //! ```text
 //!   follower, leader silent ─▶ Status to every voter ─▶ a majority answered? ─ no ──▶ elect(false)
+//!                                                          yes, but the others hear
+//!                                                          a leader (no majority
+//!                                                          would vote) ──────────▶ elect(false)
 //!                                                          yes, for a grace, ─────▶ elect(true)
 //!                                                          or a leader heard ─────▶ elect(true)
 //! ```
@@ -282,7 +297,10 @@ pub(crate) fn spawn(
 ) {
     tokio::spawn(async move {
         let mut open = true;
-        // While held back: since when every round has reached a majority.
+        // Whether a round reached no majority since elections were last allowed: the
+        // node then campaigns only after a grace of rounds that all reach one.
+        let mut regaining = false;
+        // While regaining: since when every round has reached a majority.
         let mut reached_since: Option<Instant> = None;
         // While leading: the term, and since when this node has led in it.
         let mut leading: Option<(u64, Instant)> = None;
@@ -342,7 +360,12 @@ pub(crate) fn spawn(
             let wanted = match look {
                 Look::Open | Look::HeardCutOff | Look::Leading { .. } => true,
                 Look::Probed { voter: false, .. } => true,
-                Look::Probed { reached, of, .. } => {
+                Look::Probed {
+                    reached,
+                    could_win,
+                    of,
+                    ..
+                } => {
                     let result = if reached { "reached" } else { "short" };
                     metrics.inc(QUORUM_PROBES, &[("result", result)]);
                     if !reached && open {
@@ -357,17 +380,32 @@ pub(crate) fn spawn(
                         }
                     }
                     if !reached {
+                        regaining = true;
                         reached_since = None;
                         false
-                    } else if open {
-                        true
+                    } else if regaining
+                        && reached_since.get_or_insert_with(Instant::now).elapsed() < timing.grace
+                    {
+                        false
                     } else {
-                        let since = *reached_since.get_or_insert_with(Instant::now);
-                        since.elapsed() >= timing.grace
+                        regaining = false;
+                        reached_since = None;
+                        if !could_win && open {
+                            // A restarted node, or one that its leader's AppendEntries
+                            // do not reach while the others hear it: its campaign would
+                            // be refused, and its raised term would depose the leader.
+                            tracing::info!(
+                                answered = of,
+                                "the other voters hear a leader: elections held back until \
+                                 it reaches this node or falls silent"
+                            );
+                        }
+                        could_win
                     }
                 }
             };
             if wanted {
+                regaining = false;
                 reached_since = None;
             }
             if wanted != open {
@@ -412,6 +450,23 @@ async fn take_over_if_named(cluster: &Cluster, timing: Timing) {
     }
 }
 
+/// Whether this node would refuse a candidate's vote now, as openraft does for the lease
+/// (`election_timeout_max`) after it last heard its leader: it leads, a quorum of voters
+/// acknowledges it and it is not handing over; or it follows a leader whose AppendEntries
+/// it accepted within that lease and which did not say it was cut off. Answered to other
+/// voters' gates in `Node.Status` (`StatusReply.hears_leader`).
+pub(crate) fn hears_leader(cluster: &Cluster, state: ServerState) -> bool {
+    let lease = Duration::from_millis(cluster.raft().config().election_timeout_max);
+    match state {
+        ServerState::Leader => cluster.cut_off_state().get().is_none() && !cluster.handing_over(),
+        ServerState::Follower => {
+            let contact = cluster.contact();
+            contact.silent_for().is_some_and(|s| s < lease) && !contact.leader_cut_off()
+        }
+        _ => false,
+    }
+}
+
 /// What one look found.
 enum Look {
     /// Nothing to hold back: the only voter, or a leader heard from.
@@ -424,11 +479,14 @@ enum Look {
         term: u64,
         since_ack: Option<Duration>,
     },
-    /// The voters were asked: whether a majority (this node included) answered, how
-    /// many voters answered in all, and whether this node is one of them (a learner has
-    /// no elections to hold back).
+    /// The voters were asked: whether a majority (this node included) answered; whether
+    /// those that would vote for this node (it, and those that answered and hear no
+    /// leader: see [`hears_leader`]) are a majority, so that it could win an election;
+    /// how many voters answered in all; and whether this node is one of them (a learner
+    /// has no elections to hold back).
     Probed {
         reached: bool,
+        could_win: bool,
         of: usize,
         voter: bool,
     },
@@ -472,17 +530,28 @@ async fn look(cluster: &Cluster, timing: Timing) -> Look {
         let addr = membership.get_node(id)?.grpc_addr.clone();
         let peers = cluster.peers().clone();
         let id = *id;
-        Some(async move { peers.status_of(&addr, timing.ask).await.map(|_| id) })
+        Some(async move {
+            let reply = peers.status_of(&addr, timing.ask).await?;
+            Some((id, reply.hears_leader))
+        })
     });
-    let mut reached: BTreeSet<NodeId> = futures::future::join_all(asks)
+    let answers: Vec<(NodeId, bool)> = futures::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
         .collect();
-    let of = reached.len();
+    let of = answers.len();
+    let mut reached: BTreeSet<NodeId> = answers.iter().map(|(id, _)| *id).collect();
     reached.insert(me);
+    let mut would_vote: BTreeSet<NodeId> = answers
+        .iter()
+        .filter(|(_, hears_leader)| !hears_leader)
+        .map(|(id, _)| *id)
+        .collect();
+    would_vote.insert(me);
     Look::Probed {
         reached: majority_of_every(configs, &reached),
+        could_win: majority_of_every(configs, &would_vote),
         of,
         voter,
     }

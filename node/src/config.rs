@@ -76,9 +76,11 @@ pub struct Config {
     /// On SIGTERM or Ctrl-C, how long the node goes on serving while `GET /readyz`
     /// answers 503 (`shutting down`), in milliseconds: a load balancer checking `/readyz`
     /// sends new clients to the other nodes meanwhile, and the requests already here are
-    /// answered; then the node stops taking connections. Set it above the balancer's
-    /// check interval times the failed checks that take a node out. Default: `0` (stop at
-    /// once: a single node has nowhere else to send its clients).
+    /// answered. Clients still arriving after it (a balancer slower to act on `/readyz`)
+    /// are served until none has for 250 ms, at most this long again; then the node stops
+    /// taking connections. Set it above the balancer's check interval times the failed
+    /// checks that take a node out. Default: `0` (stop at once: a single node has nowhere
+    /// else to send its clients).
     pub shutdown_drain_ms: u64,
     /// Largest clock skew accepted on SigV4 requests, in seconds. Default: `900` (AWS's).
     pub sigv4_max_skew_secs: u64,

@@ -87,6 +87,11 @@ async fn route(
         REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let path = req.uri().path().to_owned();
+    // What a load balancer routes: not its probes, monitoring, or operators' requests.
+    if !matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz") && !path.starts_with("/admin/")
+    {
+        node.client_request();
+    }
     let mut resp = if path == "/metrics" {
         match node.blobs.file_bytes() {
             Ok(bytes) => node.metrics.set(crate::metrics::BLOB_FILE_BYTES, bytes),

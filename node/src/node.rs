@@ -76,6 +76,9 @@ pub struct Node {
     /// Set when the node starts shutting down: `/readyz` answers 503 from then on, while
     /// requests are still served for `Config::shutdown_drain_ms`.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// When the last client request (anything but `/readyz`, `/healthz`, `/metrics` and
+    /// the operators' `/admin/…`) arrived: milliseconds after `started`, plus one (0: none yet).
+    last_request: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -99,11 +102,67 @@ impl Node {
         }
     }
 
+    /// A client request arrived (see [`Node::serve_until_quiet`]).
+    pub(crate) fn client_request(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.last_request
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the last client request (`None`: none yet).
+    fn since_client_request(&self) -> Option<Duration> {
+        match self.last_request.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at - 1)),
+            ),
+        }
+    }
+
+    /// After the drain: goes on serving while clients still arrive, until none has for
+    /// [`QUIET_AFTER_DRAIN`], and at most `longest` more. A load balancer slower to act
+    /// on `/readyz` than the drain allowed (checks further apart, more failed checks
+    /// needed, a busy machine) still sends clients here; stopping to listen would have
+    /// it fail their connections instead.
+    async fn serve_until_quiet(&self, longest: Duration) {
+        let began = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            let since = self.since_client_request().unwrap_or(Duration::MAX);
+            if since >= QUIET_AFTER_DRAIN {
+                if told {
+                    tracing::info!(extra = ?began.elapsed(), "clients stopped arriving");
+                }
+                return;
+            }
+            let left = longest.saturating_sub(began.elapsed());
+            if left.is_zero() {
+                tracing::info!(
+                    extra = ?longest,
+                    "clients still arrive; stopping anyway (a load balancer checking \
+                     /readyz should have taken this node out: is its check interval times \
+                     its failed checks longer than shutdown_drain_ms?)"
+                );
+                return;
+            }
+            if !told {
+                tracing::info!("clients still arrive after the drain: serving on until they stop");
+                told = true;
+            }
+            tokio::time::sleep((QUIET_AFTER_DRAIN - since).min(left)).await;
+        }
+    }
+
     /// Unix milliseconds now.
     pub(crate) fn now_ms() -> i64 {
         (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
     }
 }
+
+/// After its drain a node stops once no client request has arrived for this long.
+const QUIET_AFTER_DRAIN: Duration = Duration::from_millis(250);
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.
 ///
@@ -364,6 +423,7 @@ pub async fn run_embedded(
         config,
         started: std::time::Instant::now(),
         draining: Default::default(),
+        last_request: Default::default(),
     });
     if !node.config.join.is_empty() {
         // A node that joined reads the replicated credentials, so wait until it has applied
@@ -394,6 +454,7 @@ pub async fn run_embedded(
                 // A leader names its successor meanwhile, which then takes over sooner
                 // than an election after this node stops would.
                 tokio::join!(node.cluster.hand_over(), tokio::time::sleep(drain));
+                node.serve_until_quiet(drain).await;
             }
         }
         _ = node.cluster.removed() => {

@@ -280,3 +280,107 @@ fn npm_integrity(tgz: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(tgz))
     )
 }
+
+/// Sends a request that is not a probe every 20 ms until `stop` says so; each outcome
+/// with when it came (since `from`): `Err` for a request that got no HTTP answer.
+async fn clients_until(
+    url: &str,
+    from: Instant,
+    mut stop: impl FnMut() -> bool,
+) -> Vec<(Duration, Result<u16, String>)> {
+    let http = reqwest::Client::new();
+    let mut outcomes = Vec::new();
+    while !stop() {
+        let r = http.get(format!("{url}/not-a-probe")).send().await;
+        outcomes.push((
+            from.elapsed(),
+            r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    outcomes
+}
+
+/// SIGTERM with `shutdown_drain_ms`: `/readyz` answers 503 at once while the node serves
+/// on. Clients that still arrive after the drain (a load balancer slower to act on
+/// `/readyz`) are served until they stop, instead of meeting a closed port; then the node
+/// exits cleanly. Clients that never stop keep it at most another drain.
+#[test]
+fn a_draining_node_serves_clients_that_still_arrive_then_stops() {
+    const DRAIN: Duration = Duration::from_millis(600);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tmp, mut server) =
+        Server::start_with_config(&format!("shutdown_drain_ms = {}\n", DRAIN.as_millis()));
+    let url = server.url();
+    server.sigterm();
+    let sent = Instant::now();
+    let readyz = rt.block_on(async {
+        loop {
+            let r = reqwest::get(format!("{url}/readyz"))
+                .await
+                .expect("/readyz");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            if status == 503 || sent.elapsed() > DRAIN {
+                return (status, text, sent.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(
+        readyz.0 == 503 && readyz.1.contains("shutting down"),
+        "/readyz while draining: {readyz:?}"
+    );
+    // Clients go on for half a drain more than the drain.
+    let until = DRAIN * 3 / 2;
+    let outcomes = rt.block_on(clients_until(&url, sent, || sent.elapsed() >= until));
+    let failed: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests in the {until:?} after SIGTERM (drain {DRAIN:?}) got no answer, \
+         the first: {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed[0]
+    );
+    assert!(outcomes.iter().all(|(_, r)| *r == Ok(404)), "{outcomes:?}");
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after the drain: {status:?}\n{:?}",
+        server.output.lock().unwrap()
+    );
+
+    // Clients that never stop: the node stops anyway, a drain after the drain.
+    let mut server = Server::start_on(
+        &tmp.path().join("data"),
+        &[
+            "--config",
+            tmp.path().join("node.toml").to_str().expect("a UTF-8 path"),
+        ],
+    );
+    let url = server.url();
+    server.sigterm();
+    let sent = Instant::now();
+    let outcomes = rt.block_on(clients_until(&url, sent, || {
+        server.exited() || sent.elapsed() > Duration::from_secs(20)
+    }));
+    let exited_after = sent.elapsed();
+    let status = server.wait_exit(Duration::from_secs(1));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit with clients still arriving: {status:?} after {exited_after:?}"
+    );
+    let first_failure = outcomes.iter().find(|(_, r)| r.is_err()).map(|(at, _)| *at);
+    eprintln!(
+        "clients that never stop: {} requests, the first unanswered {first_failure:?} after \
+         SIGTERM, exited after {exited_after:?}",
+        outcomes.len()
+    );
+    assert!(
+        first_failure.unwrap_or(exited_after) >= DRAIN * 2,
+        "the node stopped listening {first_failure:?} after SIGTERM, before its drain and \
+         the longest wait for clients after it ({:?})",
+        DRAIN * 2
+    );
+}

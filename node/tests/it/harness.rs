@@ -186,24 +186,43 @@ impl Server {
 
     /// SIGTERM and wait for a clean exit; returns the exit status's success.
     pub(crate) fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    }
+
+    /// Sends SIGTERM, without waiting.
+    pub(crate) fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; SIGKILL and `None` after that.
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = c.try_wait() {
-                return status.success();
+                return Some(status);
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                return false;
+                let _ = c.wait();
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the process has exited.
+    pub(crate) fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// Counter or gauge `name` (no labels) from the node's `/metrics`; 0 if absent.

@@ -133,6 +133,18 @@ impl LeaderContact {
         self.successor.load(Ordering::Relaxed)
     }
 
+    /// When `me`, if the last leader heard from named it to take over, is to campaign:
+    /// `after` past that last contact.
+    fn take_over_due(&self, me: NodeId, after: Duration) -> Option<Instant> {
+        if self.successor() != me {
+            return None;
+        }
+        match self.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.origin + Duration::from_millis(at - 1) + after),
+        }
+    }
+
     /// Whether the leader last heard from said it was cut off.
     fn leader_cut_off(&self) -> bool {
         self.leader_cut_off.load(Ordering::Relaxed)
@@ -272,6 +284,13 @@ impl Timing {
             ),
         }
     }
+
+    /// How long a successor waits after its leader's last AppendEntries: the leader's
+    /// lease (`grace`, which every follower holds from its own last AppendEntries) and
+    /// a look's interval more, for the others' last contact coming a little later.
+    fn take_over_after(&self) -> Duration {
+        self.grace + self.every
+    }
 }
 
 /// Whether a leader that last had a quorum's acknowledgement `since_ack` ago (`None`: not
@@ -311,9 +330,15 @@ pub(crate) fn spawn(
         let mut tick = tokio::time::interval(timing.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Named to take over: campaign when due, not at the next look after it.
+            let take_over = cluster
+                .contact()
+                .take_over_due(cluster.id(), timing.take_over_after());
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(take_over.unwrap_or_else(Instant::now)),
+                    if take_over.is_some() => {}
             }
             take_over_if_named(&cluster, timing).await;
             let look = look(&cluster, timing).await;
@@ -422,9 +447,10 @@ pub(crate) fn spawn(
 
 /// A follower named by its leader to take over (the leader is shutting down) campaigns
 /// once it has heard nothing for the leader's lease (`election_timeout_max`, which every
-/// follower holds from its last AppendEntries) and a look's interval more: the others'
-/// leases have run out too, so they grant the vote, while their own election timers
-/// would fire only an election timeout later.
+/// follower holds from its last AppendEntries) and a look's interval more
+/// ([`Timing::take_over_after`]; the gate wakes then): the others' leases have run out
+/// too, so they grant the vote, while their own election timers would fire only an
+/// election timeout later.
 async fn take_over_if_named(cluster: &Cluster, timing: Timing) {
     let contact = cluster.contact();
     if contact.successor() != cluster.id() {
@@ -433,7 +459,7 @@ async fn take_over_if_named(cluster: &Cluster, timing: Timing) {
     let Some(silent) = contact.silent_for() else {
         return;
     };
-    if silent < timing.grace + timing.every {
+    if silent < timing.take_over_after() {
         return;
     }
     contact.successor.store(0, Ordering::Relaxed);
@@ -617,6 +643,32 @@ mod tests {
         assert!(c.leader_cut_off());
         c.heard(false, 0);
         assert!(!c.leader_cut_off());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_named_successor_is_due_to_take_over_a_lease_and_a_look_after_the_last_contact() {
+        let t = Timing::of(&RaftConfig::default());
+        let c = LeaderContact::default();
+        assert_eq!(c.take_over_due(2, t.take_over_after()), None, "never heard");
+        c.heard(false, 2);
+        let heard = Instant::now();
+        assert_eq!(c.take_over_due(3, t.take_over_after()), None, "not named");
+        let due = c.take_over_due(2, t.take_over_after()).expect("named");
+        let after = due - heard;
+        assert!(
+            after >= t.grace + t.every && after <= t.grace + t.every + Duration::from_millis(1),
+            "{after:?}"
+        );
+        // Each AppendEntries still sent moves it on.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        c.heard(false, 2);
+        assert!(
+            c.take_over_due(2, t.take_over_after()).expect("named")
+                >= due + Duration::from_millis(99)
+        );
+        // A leader that names nobody (its hand-over over) is followed as usual.
+        c.heard(false, 0);
+        assert_eq!(c.take_over_due(2, t.take_over_after()), None);
     }
 
     #[test]

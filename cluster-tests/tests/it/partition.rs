@@ -22,6 +22,33 @@ enum Seen {
     Other(String),
 }
 
+/// Three nodes, each in a cgroup of its own so that iptables can cut it off, with the
+/// nodes' `RUST_LOG` if given.
+async fn three_nodes_to_cut(seed: Seed, rust_log: Option<&str>) -> Cluster {
+    let mut cluster = Cluster::start_with(
+        seed,
+        Options {
+            nodes: 3,
+            faults: true,
+            rust_log: rust_log.map(str::to_owned),
+            ..Options::default()
+        },
+    )
+    .await;
+    cluster.observe();
+    cluster
+}
+
+/// The election gate's rounds of status asks with `result` (`short` or `reached`), from
+/// a node's `/metrics` text.
+fn probe_rounds(metrics: &str, result: &str) -> u64 {
+    let series = format!("granary_raft_quorum_probes_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Awaits `f`, printing how long the isolated node took to answer.
 async fn timed<T: std::fmt::Debug>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     let start = std::time::Instant::now();
@@ -67,16 +94,7 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     };
     let seed = Seed::from_env();
     let mut rng = seed.rng("partition");
-    let mut cluster = Cluster::start_with(
-        seed,
-        Options {
-            nodes: 3,
-            faults: true,
-            ..Options::default()
-        },
-    )
-    .await;
-    cluster.observe();
+    let mut cluster = three_nodes_to_cut(seed, None).await;
     let all = cluster.ids();
     let repo = cluster.setup(1, "partition", "repo").await;
     let oracle = Oracle::new();
@@ -269,17 +287,13 @@ async fn isolated_minority_refuses_writes_and_stale_reads_then_converges() {
     let kept = if isolated == leader_before {
         None
     } else {
-        let short = "granary_raft_quorum_probes_total{result=\"short\"} ";
         until(
             &format!("node {isolated} holding its elections back"),
             SETTLE_TIMEOUT,
             || async {
                 let text = node.metrics().await?;
                 let held_back = counter_sum(&text, "granary_raft_elections_held_back");
-                let rounds: u64 = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix(short)?.parse().ok())
-                    .unwrap_or(0);
+                let rounds = probe_rounds(&text, "short");
                 if held_back == 1 && rounds >= 17 {
                     Ok(())
                 } else {
@@ -393,18 +407,9 @@ async fn a_follower_cut_off_from_the_leader_alone_does_not_depose_it() {
     };
     let seed = Seed::from_env();
     let mut rng = seed.rng("one link");
-    let mut cluster = Cluster::start_with(
-        seed,
-        Options {
-            nodes: 3,
-            faults: true,
-            // For the gate's line saying why it holds elections back.
-            rust_log: Some("warn,granary_node::cluster::election_gate=info".into()),
-            ..Options::default()
-        },
-    )
-    .await;
-    cluster.observe();
+    // Info from the gate, for its line saying why it holds elections back.
+    let mut cluster =
+        three_nodes_to_cut(seed, Some("warn,granary_node::cluster::election_gate=info")).await;
     let all = cluster.ids();
     let repo = cluster.setup(1, "onelink", "repo").await;
     let oracle = Oracle::new();
@@ -426,13 +431,7 @@ async fn a_follower_cut_off_from_the_leader_alone_does_not_depose_it() {
          {other} reaches both"
     );
     let node = cluster.client(cut);
-    let reached = "granary_raft_quorum_probes_total{result=\"reached\"} ";
-    let rounds = |text: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(reached)?.parse().ok())
-            .unwrap_or(0)
-    };
-    let rounds_before = rounds(&node.metrics().await.expect("metrics"));
+    let rounds_before = probe_rounds(&node.metrics().await.expect("metrics"), "reached");
     let cut_at = std::time::Instant::now();
     firewall.isolate(&cluster.net(cut), &cluster.nets(&[leader]));
 
@@ -460,7 +459,7 @@ async fn a_follower_cut_off_from_the_leader_alone_does_not_depose_it() {
         || async {
             let text = node.metrics().await?;
             let held_back = counter_sum(&text, "granary_raft_elections_held_back");
-            let rounds = rounds(&text) - rounds_before;
+            let rounds = probe_rounds(&text, "reached") - rounds_before;
             let waited = cut_at.elapsed();
             if held_back == 1 && rounds >= 6 && waited > Duration::from_millis(2500) {
                 Ok(())

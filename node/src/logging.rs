@@ -1,13 +1,20 @@
 //! The node's log: `RUST_LOG`-style filtering (default `info,openraft=warn`) to stderr, in
 //! colour on a terminal and plain otherwise, without openraft's line-per-retry reports of
-//! a peer it cannot reach.
+//! a peer it cannot reach, and without its warnings about stale messages it ignores.
 //!
 //! openraft logs every failed call to an unreachable peer at ERROR (`RPCError`) and WARN
 //! (`error replication to target`, `update progress error`, the backoff that follows), a
 //! few times a second for as long as the peer is down. Those events are dropped here;
 //! [`crate::raft::reachability`] logs the same failures, with their errors, when a peer is
-//! lost, once a minute while it stays down, and when it answers again. Every other
-//! openraft event (a storage error, a remote error, a timeout of anything else) passes.
+//! lost, once a minute while it stays down, and when it answers again.
+//!
+//! openraft also warns, on every member at every election or membership change, that it
+//! ignores a message sent before the change (`A message will be ignored because vote
+//! changed`, `membership_log_id changed: … ignore when …`): a vote answer or a replication
+//! progress report that arrives after the vote or the membership it was sent under has
+//! moved on. Ignoring it is what openraft is meant to do, and an operator reading WARN
+//! lines has nothing to act on, so those are dropped too. Every other openraft event (a
+//! storage error, a remote error, a timeout of anything else, a higher vote seen) passes.
 
 use std::io::IsTerminal;
 
@@ -33,7 +40,8 @@ pub fn init() {
         .init();
 }
 
-/// Drops openraft's reports of calls to a peer that could not be reached.
+/// Drops openraft's reports of calls to a peer that could not be reached, and its notes
+/// that it ignores a stale message.
 pub struct QuietRetries;
 
 impl<S: Subscriber> Layer<S> for QuietRetries {
@@ -51,7 +59,8 @@ impl<S: Subscriber> Layer<S> for QuietRetries {
 
 /// Whether an event says a peer could not be reached: an error, in a field or in the
 /// message, that is openraft's `Unreachable` (what every failed peer call becomes, see
-/// `raft::network`), or the backoff openraft enters after one.
+/// `raft::network`), or the backoff openraft enters after one; or a warning that a
+/// message sent before a vote or membership change is ignored.
 struct Unreachable(bool);
 
 impl Visit for Unreachable {
@@ -61,7 +70,11 @@ impl Visit for Unreachable {
         }
         let text = format!("{value:?}");
         self.0 = if field.name() == "message" {
-            text.contains("Unreachable node:") || text.contains("backoff mode: drain events")
+            text.contains("Unreachable node:")
+                || text.contains("backoff mode: drain events")
+                || text.starts_with("A message will be ignored because vote changed:")
+                || (text.starts_with("membership_log_id changed:")
+                    && text.contains("; ignore when ("))
         } else {
             text.starts_with("Unreachable node:")
         };
@@ -101,7 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn openraft_retries_of_an_unreachable_peer_are_dropped_and_nothing_else() {
+    fn openraft_retries_and_stale_message_notes_are_dropped_and_nothing_else() {
         let kept = Kept::default();
         let subscriber = tracing_subscriber::registry()
             .with(QuietRetries)
@@ -128,6 +141,17 @@ mod tests {
             tracing::info!(target: "openraft::core", "Unreachable node: an info line is not looked into");
             tracing::warn!(target: "granary_node::raft::reachability",
                 error = %unreachable, "cannot reach a peer");
+            // What openraft 0.9 warns, on every member, when an answer arrives after the
+            // vote or membership it was sent under has changed: dropped.
+            tracing::warn!(target: "openraft::core::raft_core",
+                "A message will be ignored because vote changed: msg sent by vote: {}; \
+                 current my vote: {}; when ({})", "T1-N1:committed", "None", "VoteResponse");
+            tracing::warn!(target: "openraft::core::raft_core",
+                "membership_log_id changed: msg sent by: {}; curr: {}; ignore when ({})",
+                "Some(T1-N1-6)", "Some(T1-N1-7)", "UpdateReplicationMatched");
+            // A higher vote seen (the leader stepping down) passes.
+            tracing::warn!(target: "openraft::replication",
+                "error replication to target=2 error=seen a higher vote: T2-N2:uncommitted GT mine: T1-N1:committed");
         });
         assert_eq!(
             *kept.0.lock().unwrap(),
@@ -136,6 +160,7 @@ mod tests {
                 "timeout while confirming leadership for read request",
                 "Unreachable node: an info line is not looked into",
                 "cannot reach a peer",
+                "error replication to target=2 error=seen a higher vote: T2-N2:uncommitted GT mine: T1-N1:committed",
             ]
         );
     }

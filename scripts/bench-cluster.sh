@@ -26,8 +26,10 @@
 #   OVERLOAD=700           an open-loop rate above what the cluster does ("" skips it)
 #   WARMUP=0               seconds of the same load before each publish run, not
 #                          counted (a new node's memory and chunk cache fill then)
+#   PROFILE=release        cargo profile of the granary binary: `release-lto` for the
+#                          production build (fat LTO; a long cold build), see Cargo.toml
 #   SKIP_BUILD=1           do not run cargo build
-#   GRANARY_BIN=...        the granary binary (default: target/release/granary), e.g. an
+#   GRANARY_BIN=...        the granary binary (default: target/$PROFILE/granary), e.g. an
 #                          earlier release to compare with in the same session
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +40,12 @@ KIB=${KIB:-100}
 WARMUP=${WARMUP:-0}
 RATES=${RATES:-500}
 OVERLOAD=${OVERLOAD-700}
+PROFILE=${PROFILE:-release}
 if [[ -z ${SKIP_BUILD:-} ]]; then
-    cargo build --release -p granary-node --bin granary -p granary-cluster-tests --bin cluster-bench
+    cargo build --profile "$PROFILE" -p granary-node --bin granary
+    cargo build --release -p granary-cluster-tests --bin cluster-bench
 fi
-export GRANARY_BIN=${GRANARY_BIN:-$PWD/target/release/granary}
+export GRANARY_BIN=${GRANARY_BIN:-$PWD/target/$PROFILE/granary}
 OUT=bench-out/cluster-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 echo "== failover: $TRIALS trials"

@@ -23,6 +23,7 @@ mod docs;
 pub mod faults;
 mod grpc;
 mod http;
+mod last_seen;
 pub mod limits;
 pub mod logging;
 mod metrics;

@@ -77,8 +77,8 @@ pub struct Node {
     /// requests are still served for `Config::shutdown_drain_ms`.
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// When the last client request (anything but `/readyz`, `/healthz`, `/metrics` and
-    /// the operators' `/admin/…`) arrived: milliseconds after `started`, plus one (0: none yet).
-    last_request: std::sync::atomic::AtomicU64,
+    /// the operators' `/admin/…`) arrived.
+    last_request: crate::last_seen::LastSeen,
 }
 
 impl Node {
@@ -104,21 +104,7 @@ impl Node {
 
     /// A client request arrived (see [`Node::serve_until_quiet`]).
     pub(crate) fn client_request(&self) {
-        let ms = self.started.elapsed().as_millis() as u64 + 1;
-        self.last_request
-            .store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long since the last client request (`None`: none yet).
-    fn since_client_request(&self) -> Option<Duration> {
-        match self.last_request.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => None,
-            at => Some(
-                self.started
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(at - 1)),
-            ),
-        }
+        self.last_request.mark();
     }
 
     /// After the drain: goes on serving while clients still arrive, until none has for
@@ -130,7 +116,7 @@ impl Node {
         let began = tokio::time::Instant::now();
         let mut told = false;
         loop {
-            let since = self.since_client_request().unwrap_or(Duration::MAX);
+            let since = self.last_request.since().unwrap_or(Duration::MAX);
             if since >= QUIET_AFTER_DRAIN {
                 if told {
                     tracing::info!(extra = ?began.elapsed(), "clients stopped arriving");

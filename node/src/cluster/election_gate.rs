@@ -90,15 +90,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use crate::config::RaftConfig;
+use crate::last_seen::LastSeen;
 use crate::metrics::{CUT_OFF, ELECTIONS_HELD_BACK, Metrics, QUORUM_PROBES};
 use crate::raft::NodeId;
 
 /// When this node last accepted AppendEntries (a heartbeat included) from a leader, and
 /// whether that leader said it was cut off.
+#[derive(Default)]
 pub(crate) struct LeaderContact {
-    origin: Instant,
-    /// Milliseconds after `origin`, plus one (0: never).
-    at: AtomicU64,
+    /// The last accepted AppendEntries.
+    at: LastSeen,
     /// What the last accepted AppendEntries said: its leader reaches no quorum.
     leader_cut_off: AtomicBool,
     /// What the last accepted AppendEntries said: the member its leader, shutting down,
@@ -106,24 +107,12 @@ pub(crate) struct LeaderContact {
     successor: AtomicU64,
 }
 
-impl Default for LeaderContact {
-    fn default() -> Self {
-        LeaderContact {
-            origin: Instant::now(),
-            at: AtomicU64::new(0),
-            leader_cut_off: AtomicBool::new(false),
-            successor: AtomicU64::new(0),
-        }
-    }
-}
-
 impl LeaderContact {
     /// A leader's AppendEntries was accepted just now; `cut_off`: the leader said it has
     /// had no quorum's acknowledgement for longer than an election takes; `successor`:
     /// the member it names to take over as it shuts down (0: none).
     pub(crate) fn heard(&self, cut_off: bool, successor: NodeId) {
-        let ms = self.origin.elapsed().as_millis() as u64 + 1;
-        self.at.fetch_max(ms, Ordering::Relaxed);
+        self.at.mark();
         self.leader_cut_off.store(cut_off, Ordering::Relaxed);
         self.successor.store(successor, Ordering::Relaxed);
     }
@@ -139,10 +128,7 @@ impl LeaderContact {
         if self.successor() != me {
             return None;
         }
-        match self.at.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(self.origin + Duration::from_millis(at - 1) + after),
-        }
+        self.at.at().map(|at| at + after)
     }
 
     /// Whether the leader last heard from said it was cut off.
@@ -152,14 +138,7 @@ impl LeaderContact {
 
     /// How long since a leader was last heard from (`None`: never, since the start).
     fn silent_for(&self) -> Option<Duration> {
-        match self.at.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(
-                self.origin
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(at - 1)),
-            ),
-        }
+        self.at.since()
     }
 }
 

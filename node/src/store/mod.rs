@@ -32,6 +32,18 @@ pub(crate) const CF_BLOB_META: &str = "blob_meta";
 
 const ALL_CFS: [&str; 5] = [CF_RAFT_LOG, CF_RAFT_META, CF_STATE, CF_BLOBS, CF_BLOB_META];
 
+/// Write-ahead log kept before RocksDB flushes the column families that hold its oldest
+/// file, so that the file can go.
+///
+/// The small families (`raft_meta`, written with every commit; `state`; `blob_meta`)
+/// seldom fill a memtable, and every WAL file stays until each family with data in it
+/// has flushed. With RocksDB's default cap (four times all the memtables: ~2 GiB with
+/// these families) a node that has been up for a while carries that much WAL, on disk
+/// and replayed at every start: after two minutes of publishes a node held 377 MiB of
+/// WAL and took 2.2 s to open with a cold page cache, where one without WAL took 0.2 s
+/// (docs/BENCHMARKS.md). With this cap a start replays at most about a second's worth.
+const MAX_TOTAL_WAL_BYTES: u64 = 128 << 20;
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,6 +70,11 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database under `dir`, with every column family.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, MAX_TOTAL_WAL_BYTES)
+    }
+
+    /// [`Store::open`] with another cap on the write-ahead log (tests use a small one).
+    fn open_with(dir: &Path, max_total_wal_bytes: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         let mut opts = Options::default();
@@ -65,6 +82,7 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
+        opts.set_max_total_wal_size(max_total_wal_bytes);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
             if [CF_STATE, CF_BLOB_META].contains(name) {
@@ -141,4 +159,101 @@ pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rocksdb::{WriteBatch, WriteOptions};
+
+    use super::*;
+
+    /// The key every commit writes in raft_meta.
+    const COMMITTED_FOR_TEST: &[u8] = b"committed";
+
+    /// The write-ahead log files in the database directory, by name, with their lengths.
+    fn wal_files(dir: &Path) -> Vec<(String, u64)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("db"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| {
+                let len = e.metadata().unwrap().len();
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn the_write_ahead_log_cap_is_in_force() {
+        // RocksDB writes the options it runs with to a file of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        let options = std::fs::read_dir(dir.path().join("db"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("OPTIONS-")
+            })
+            .max()
+            .expect("RocksDB writes an options file");
+        let text = std::fs::read_to_string(options).unwrap();
+        let cap = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("max_total_wal_size="))
+            .expect("max_total_wal_size in the options file");
+        assert_eq!(cap, MAX_TOTAL_WAL_BYTES.to_string());
+    }
+
+    #[test]
+    fn a_small_family_does_not_keep_the_write_ahead_log_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 1 << 20;
+        let store = Store::open_with(dir.path(), cap).unwrap();
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        // What every commit does: a few bytes in raft_meta, in the first WAL file.
+        store
+            .db()
+            .put_cf_opt(store.cf(CF_RAFT_META), COMMITTED_FOR_TEST, b"1", &sync)
+            .unwrap();
+        let first = wal_files(dir.path());
+        assert_eq!(first.len(), 1, "{first:?}");
+        // Then the log grows far past the cap, with a flush of raft_log now and then (as
+        // its memtable fills); raft_meta is never written again.
+        for i in 0..32u64 {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(store.cf(CF_RAFT_LOG), i.to_be_bytes(), noise(128 << 10, i));
+            store.db().write_opt(batch, &sync).unwrap();
+            if i % 8 == 7 {
+                store.db().flush_cf(store.cf(CF_RAFT_LOG)).unwrap();
+            }
+        }
+        let files = wal_files(dir.path());
+        assert!(
+            !files.iter().any(|(name, _)| *name == first[0].0),
+            "the first WAL file outlived the cap: {files:?}"
+        );
+        let total: u64 = files.iter().map(|(_, len)| len).sum();
+        assert!(total <= 2 * cap, "{total} bytes of WAL: {files:?}");
+        // Nothing written was lost with it.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let meta = store
+            .db()
+            .get_cf(store.cf(CF_RAFT_META), COMMITTED_FOR_TEST);
+        assert_eq!(meta.unwrap().as_deref(), Some(&b"1"[..]));
+        for i in 0..32u64 {
+            let entry = store.db().get_cf(store.cf(CF_RAFT_LOG), i.to_be_bytes());
+            assert_eq!(
+                entry.unwrap().map(|v| v.len()),
+                Some(128 << 10),
+                "entry {i}"
+            );
+        }
+    }
 }

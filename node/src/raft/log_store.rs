@@ -30,7 +30,8 @@ use super::{NodeId, TypeConfig, io_err};
 use crate::store::{CF_RAFT_LOG, CF_RAFT_META, Store};
 
 const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
+/// The key of the committed log id in `raft_meta`.
+pub(crate) const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
 /// Written entries kept in memory for readers.

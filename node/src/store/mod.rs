@@ -166,9 +166,7 @@ mod tests {
     use rocksdb::{WriteBatch, WriteOptions};
 
     use super::*;
-
-    /// The key every commit writes in raft_meta.
-    const COMMITTED_FOR_TEST: &[u8] = b"committed";
+    use crate::raft::log_store::COMMITTED;
 
     /// The write-ahead log files in the database directory, by name, with their lengths.
     fn wal_files(dir: &Path) -> Vec<(String, u64)> {
@@ -219,7 +217,7 @@ mod tests {
         // What every commit does: a few bytes in raft_meta, in the first WAL file.
         store
             .db()
-            .put_cf_opt(store.cf(CF_RAFT_META), COMMITTED_FOR_TEST, b"1", &sync)
+            .put_cf_opt(store.cf(CF_RAFT_META), COMMITTED, b"1", &sync)
             .unwrap();
         let first = wal_files(dir.path());
         assert_eq!(first.len(), 1, "{first:?}");
@@ -243,9 +241,7 @@ mod tests {
         // Nothing written was lost with it.
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        let meta = store
-            .db()
-            .get_cf(store.cf(CF_RAFT_META), COMMITTED_FOR_TEST);
+        let meta = store.db().get_cf(store.cf(CF_RAFT_META), COMMITTED);
         assert_eq!(meta.unwrap().as_deref(), Some(&b"1"[..]));
         for i in 0..32u64 {
             let entry = store.db().get_cf(store.cf(CF_RAFT_LOG), i.to_be_bytes());

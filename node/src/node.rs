@@ -256,11 +256,13 @@ pub async fn run_embedded(
     }
     .validate()
     .map_err(|e| Error::Raft(e.to_string()))?;
+    let log = LogStore::new(store.clone());
+    let appends = log.progress();
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
         GrpcNetwork::new(peers.clone(), standing.clone()),
-        LogStore::new(store.clone()),
+        log,
         state_machine,
     )
     .await
@@ -276,8 +278,11 @@ pub async fn run_embedded(
         config.node_id,
         config.read_consistency,
         standing,
-        applied,
-        installs,
+        crate::cluster::StorageProgress {
+            applied,
+            installs,
+            appends,
+        },
     );
     let blobs = BlobStore::new(
         Arc::new(RocksBlobBackend::open_sized(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use openraft::error::ClientWriteError;
+use openraft::error::{ClientWriteError, RaftError};
 
 use crate::cluster::Cluster;
 use crate::raft::ProposeError;
@@ -98,37 +98,25 @@ impl Actor for RepositoryActor {
                 }
                 let retry = (*cmd).clone();
                 let deadline = cluster.write_deadline();
-                match cluster.raft().client_write_ff(*cmd).await {
-                    Ok(pending) => {
-                        // Ends when the entry is applied or Raft shuts down (the responder
-                        // is then dropped), so it cannot outlive the node.
-                        tokio::spawn(async move {
-                            let answer = tokio::time::timeout(deadline, pending).await;
-                            let Ok(answer) = answer else {
-                                // No quorum to commit it (this leader is cut off).
-                                let _ = reply.send(Err(ProposeError::NoLeader));
-                                return;
-                            };
-                            let result = match answer {
-                                Ok(Ok(resp)) => Ok(resp.data),
-                                // Leadership moved after submission: retry within a bound.
-                                Ok(Err(ClientWriteError::ForwardToLeader(_))) => {
-                                    cluster.propose(retry).await
-                                }
-                                Ok(Err(e)) => Err(ProposeError::Fatal(e.to_string())),
-                                Err(_) => {
-                                    Err(ProposeError::Fatal("raft stopped before answering".into()))
-                                }
-                            };
-                            let _ = reply.send(result);
-                        });
-                    }
-                    Err(fatal) => {
-                        // Answer the caller, then fail so the supervisor restarts us.
-                        let _ = reply.send(Err(ProposeError::Fatal(fatal.to_string())));
-                        return Err(format!("proposal failed: {fatal}").into());
-                    }
-                }
+                // Queued now, in mailbox order; answered when applied (or when Raft
+                // stops, so it cannot outlive the node).
+                let pending = cluster.submit(*cmd);
+                tokio::spawn(async move {
+                    let Ok(answer) = tokio::time::timeout(deadline, pending).await else {
+                        // No quorum to commit it (this leader is cut off).
+                        let _ = reply.send(Err(ProposeError::NoLeader));
+                        return;
+                    };
+                    let result = match answer {
+                        Ok((result, _)) => Ok(result),
+                        // Leadership moved after submission: retry within a bound.
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                            cluster.propose(retry).await
+                        }
+                        Err(e) => Err(ProposeError::Fatal(e.to_string())),
+                    };
+                    let _ = reply.send(result);
+                });
             }
             #[cfg(test)]
             RepositoryMsg::Crash => return Err("crash requested by a test".into()),

@@ -172,6 +172,8 @@ pub(crate) struct Cluster {
     membership_turn: Arc<tokio::sync::Mutex<()>>,
     /// When a leader was last heard from (see `election_gate`).
     contact: Arc<election_gate::LeaderContact>,
+    /// This node's proposals as leader, several to an entry at load.
+    proposer: crate::raft::batch::Proposer,
 }
 
 /// Whether a peer refused a call for good: it answered invalid argument or internal
@@ -196,6 +198,8 @@ pub(crate) struct Standing {
     pub(crate) cut_off: Arc<election_gate::CutOffState>,
     /// The successor this node, leading and shutting down, names in its AppendEntries.
     pub(crate) handover: Arc<election_gate::Handover>,
+    /// What each peer's Raft said it understands (see `raft::batch`).
+    pub(crate) features: Arc<crate::raft::batch::PeerFeatures>,
 }
 
 impl Standing {
@@ -205,6 +209,7 @@ impl Standing {
             lease: Arc::new(Lease::new(election_timeout_min, election_timeout_max)),
             cut_off: Default::default(),
             handover: Default::default(),
+            features: Default::default(),
         }
     }
 }
@@ -221,6 +226,16 @@ fn is_leader_cut_off(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::FailedPrecondition
 }
 
+/// What this node's Raft storage reports as it goes.
+pub(crate) struct StorageProgress {
+    /// The state machine's applied index, as soon as an entry is applied.
+    pub(crate) applied: tokio::sync::watch::Receiver<u64>,
+    /// Whether a snapshot is being installed.
+    pub(crate) installs: tokio::sync::watch::Receiver<bool>,
+    /// How far the log's appends have come.
+    pub(crate) appends: Arc<crate::raft::log_store::AppendProgress>,
+}
+
 impl Cluster {
     pub(crate) fn new(
         raft: Raft,
@@ -228,10 +243,20 @@ impl Cluster {
         me: NodeId,
         consistency: ReadConsistency,
         standing: Standing,
-        applied: tokio::sync::watch::Receiver<u64>,
-        installs: tokio::sync::watch::Receiver<bool>,
+        storage: StorageProgress,
     ) -> Self {
+        let StorageProgress {
+            applied,
+            installs,
+            appends,
+        } = storage;
         Cluster {
+            proposer: crate::raft::batch::Proposer::spawn(
+                raft.clone(),
+                me,
+                appends,
+                standing.features.clone(),
+            ),
             raft,
             peers,
             me,
@@ -360,6 +385,15 @@ impl Cluster {
         &self.raft
     }
 
+    /// Proposes `cmd` on this node as leader: queued at once, in submission order (see
+    /// `raft::batch`); the future waits for its outcome.
+    pub(crate) fn submit(
+        &self,
+        cmd: Command,
+    ) -> impl Future<Output = crate::raft::batch::Written> + Send + 'static {
+        self.proposer.submit(cmd)
+    }
+
     /// This node's id.
     pub(crate) fn id(&self) -> NodeId {
         self.me
@@ -400,14 +434,14 @@ impl Cluster {
                     // is recognized).
                     // So does finding itself cut off meanwhile (see `election_gate`).
                     let written = tokio::select! {
-                        w = tokio::time::timeout(left, self.raft.client_write(cmd.clone())) => w,
+                        w = tokio::time::timeout(left, self.proposer.submit(cmd.clone())) => w,
                         _ = self.standing.cut_off.reached() => return Err(ProposeError::NoLeader),
                     };
                     let Ok(written) = written else {
                         return Err(ProposeError::NoLeader);
                     };
                     match written {
-                        Ok(resp) => return Ok(resp.data),
+                        Ok((result, _)) => return Ok(result),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                             self.elsewhere(f)
                         }
@@ -546,12 +580,12 @@ impl Cluster {
     ) -> Result<(CommandResult, u64), tonic::Status> {
         self.serving_as_leader()?;
         let written = tokio::select! {
-            w = tokio::time::timeout(self.write_deadline(), self.raft.client_write(cmd)) => w,
+            w = tokio::time::timeout(self.write_deadline(), self.proposer.submit(cmd)) => w,
             _ = self.standing.cut_off.reached() => return Err(leader_cut_off()),
         }
         .map_err(|_| tonic::Status::unavailable("the leader could not commit in time"))?;
         match written {
-            Ok(resp) => Ok((resp.data, resp.log_id.index)),
+            Ok(written) => Ok(written),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
                 tonic::Status::unavailable("not the leader (leadership moved); retry"),
             ),
@@ -1226,11 +1260,13 @@ pub(crate) mod tests {
         let state_machine = StateMachine::new(store.clone(), Default::default());
         let applied = state_machine.subscribe();
         let installs = state_machine.installs();
+        let log = LogStore::new(store);
+        let appends = log.progress();
         let raft = Raft::new(
             1,
             Arc::new(config),
             GrpcNetwork::new(Peers::new(Secret::from_env(), None, None), standing.clone()),
-            LogStore::new(store),
+            log,
             state_machine,
         )
         .await
@@ -1249,8 +1285,11 @@ pub(crate) mod tests {
             1,
             crate::config::ReadConsistency::Linearizable,
             standing,
-            applied,
-            installs,
+            StorageProgress {
+                applied,
+                installs,
+                appends,
+            },
         )
     }
 

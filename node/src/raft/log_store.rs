@@ -46,6 +46,47 @@ pub(crate) struct LogStore {
     shared: Arc<Shared>,
 }
 
+/// How far this node's log appends have come: how many openraft started, and how many
+/// of those are synced (their callbacks called). Raft's core waits for each append's
+/// sync before it takes its next message, so a proposer that holds its next entry back
+/// until the core is free again gathers what arrives meanwhile into it (`raft::batch`).
+#[derive(Default)]
+pub(crate) struct AppendProgress {
+    started: AtomicU64,
+    done: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl AppendProgress {
+    /// Appends started so far.
+    pub(crate) fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Waits until an append started after `seen` appends had, and every append started
+    /// by then is synced; or until `limit` passes.
+    pub(crate) async fn wait_synced_after(&self, seen: u64, limit: std::time::Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let started = self.started.load(Ordering::Acquire);
+            if started > seen && self.done.load(Ordering::Acquire) >= started {
+                return;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn finished(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+}
+
 /// What every clone shares: the tail and the writer.
 struct Shared {
     /// Entries in index order: every one not yet written, then up to [`KEEP`] written ones.
@@ -54,6 +95,7 @@ struct Shared {
     written: Arc<AtomicU64>,
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    progress: Arc<AppendProgress>,
 }
 
 /// Work for the writer thread, done in the order sent.
@@ -88,11 +130,12 @@ impl LogStore {
     pub(crate) fn new(store: Store) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let written = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(AppendProgress::default());
         let thread = {
-            let (store, written) = (store.clone(), written.clone());
+            let (store, written, progress) = (store.clone(), written.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("log-writer".into())
-                .spawn(move || write_loop(&store, &written, rx))
+                .spawn(move || write_loop(&store, &written, &progress, rx))
                 .expect("starting the raft log writer")
         };
         LogStore {
@@ -102,8 +145,14 @@ impl LogStore {
                 written,
                 writer: Some(tx),
                 thread: Some(thread),
+                progress,
             }),
         }
+    }
+
+    /// How far appends have come (see [`AppendProgress`]).
+    pub(crate) fn progress(&self) -> Arc<AppendProgress> {
+        self.shared.progress.clone()
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry<TypeConfig>>> {
@@ -204,7 +253,12 @@ impl LogStore {
 
 /// The writer thread: takes every job waiting, writes consecutive appends in one synced
 /// batch, then calls their callbacks in order.
-fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
+fn write_loop(
+    store: &Store,
+    written: &AtomicU64,
+    progress: &AppendProgress,
+    rx: mpsc::Receiver<Job>,
+) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     let unsynced = WriteOptions::default();
@@ -232,6 +286,7 @@ fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
             {
                 written.store(i, Ordering::Release);
             }
+            let n = callbacks.len() as u64;
             for cb in callbacks.drain(..) {
                 cb.log_io_completed(
                     result
@@ -240,6 +295,7 @@ fn write_loop(store: &Store, written: &AtomicU64, rx: mpsc::Receiver<Job>) {
                         .map_err(|e| std::io::Error::other(e.to_string())),
                 );
             }
+            progress.finished(n);
         };
         for job in jobs {
             match job {
@@ -371,6 +427,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 tail.pop_front();
             }
         }
+        self.shared.progress.started.fetch_add(1, Ordering::AcqRel);
         self.send(Job::Append(encoded, callback))
     }
 

@@ -12,6 +12,7 @@
 
 // openraft's storage traits return its `StorageError`, a large type; the helpers that feed
 // them return it too rather than boxing and unboxing at every call.
+pub(crate) mod batch;
 pub(crate) mod lease;
 #[allow(clippy::result_large_err)]
 pub(crate) mod log_store;

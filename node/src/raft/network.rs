@@ -128,6 +128,7 @@ impl PeerClient {
         let reply = match self.exchange(kind, request, option.hard_ttl()).await {
             Ok(r) => {
                 self.reach.answered(self.target, &self.addr);
+                self.standing.features.answered(self.target, r.features);
                 r
             }
             Err(e) => {
@@ -263,7 +264,11 @@ fn reply<T: Serialize, E: Serialize>(
         Err(e) => (serde_json::to_vec(&e), true),
     };
     let payload = payload.map_err(|e| tonic::Status::internal(e.to_string()))?;
-    Ok(tonic::Response::new(pb::RaftReply { payload, is_error }))
+    Ok(tonic::Response::new(pb::RaftReply {
+        payload,
+        is_error,
+        features: super::batch::FEATURES,
+    }))
 }
 
 fn parse<T: DeserializeOwned>(req: tonic::Request<pb::RaftRequest>) -> Result<T, tonic::Status> {

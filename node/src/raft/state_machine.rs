@@ -442,6 +442,63 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Applies the commands of the batch entry at `index` in turn, each written before the
+    /// next is decided (it may read what the one before wrote), with how far the entry has
+    /// come; the last command's writes are left in `batch`, for the entry's bookkeeping to
+    /// join. A restart in the middle goes on after the last command written: the state is
+    /// then what applying the whole entry once gives, on every node. (Those commands'
+    /// answers are lost with the restart; nobody waits for them on this node any more.)
+    fn apply_batch(
+        &self,
+        batch: &mut WriteBatch,
+        cmds: &[Command],
+        index: u64,
+    ) -> Result<Vec<CommandResult>, StorageError<NodeId>> {
+        let from = match self.read_meta::<(u64, usize)>(keys::BATCH_PROGRESS)? {
+            Some((at, next)) if at == index => next,
+            _ => 0,
+        };
+        let cf = self.store.cf(CF_STATE);
+        let mut each = Vec::with_capacity(cmds.len());
+        for (i, cmd) in cmds.iter().enumerate() {
+            if i < from {
+                each.push(CommandResult::Done);
+                continue;
+            }
+            let r = apply(&self.store, batch, cmd, index).map_err(io_err)?;
+            each.push(r);
+            if i + 1 == cmds.len() {
+                break;
+            }
+            let progress = serde_json::to_vec(&(index, i + 1)).map_err(io_err)?;
+            batch.put_cf(cf, keys::BATCH_PROGRESS, progress);
+            self.store
+                .db()
+                .write_opt(std::mem::take(batch), &WriteOptions::default())
+                .map_err(io_err)?;
+            self.after_apply(cmd);
+        }
+        batch.delete_cf(cf, keys::BATCH_PROGRESS);
+        Ok(each)
+    }
+
+    /// After `cmd`'s writes: the read cache learns of them, and the blobs a new version
+    /// names are checked for (pulled when this node lacks them).
+    fn after_apply(&self, cmd: &Command) {
+        self.cache.applied(cmd);
+        if let (
+            Some(tx),
+            Command::PublishVersion { version, .. } | Command::RetainVersion { version, .. },
+        ) = (&self.blob_refs, cmd)
+        {
+            for a in &version.assets {
+                let _ = tx.try_send(a.hashes.sha256.clone());
+            }
+        }
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
@@ -468,6 +525,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.write_bookkeeping(&mut batch, &entry.log_id, None)?;
                     CommandResult::Done
                 }
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    let each = self.apply_batch(&mut batch, cmds, entry.log_id.index)?;
+                    self.write_bookkeeping(&mut batch, &entry.log_id, None)?;
+                    CommandResult::Batch(each)
+                }
                 EntryPayload::Normal(cmd) => {
                     let r =
                         apply(&self.store, &mut batch, cmd, entry.log_id.index).map_err(io_err)?;
@@ -485,18 +547,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .db()
                 .write_opt(batch, &WriteOptions::default())
                 .map_err(io_err)?;
-            if let EntryPayload::Normal(cmd) = &entry.payload {
-                self.cache.applied(cmd);
-                if let (
-                    Some(tx),
-                    Command::PublishVersion { version, .. }
-                    | Command::RetainVersion { version, .. },
-                ) = (&self.blob_refs, cmd)
-                {
-                    for a in &version.assets {
-                        let _ = tx.try_send(a.hashes.sha256.clone());
+            match &entry.payload {
+                // The others were taken care of as they were written.
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    if let Some(last) = cmds.last() {
+                        self.after_apply(last);
                     }
                 }
+                EntryPayload::Normal(cmd) => self.after_apply(cmd),
+                _ => {}
             }
             last = Some(entry.log_id.index);
             results.push(result);
@@ -598,6 +657,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use openraft::{CommittedLeaderId, Membership};
+
+    use crate::state::command::ApplyError;
 
     use super::*;
 
@@ -739,6 +800,117 @@ mod tests {
         assert!(
             marker(&dst).is_some(),
             "the marker stays until it is dealt with"
+        );
+    }
+
+    fn domain(name: &str) -> Command {
+        Command::CreateDomain(crate::state::model::DomainRecord {
+            name: name.into(),
+            owner: "111122223333".into(),
+            created_ms: 0,
+            encryption_key: String::new(),
+            tags: Vec::new(),
+        })
+    }
+
+    fn repository(domain: &str, name: &str) -> Command {
+        Command::CreateRepository(crate::state::model::RepositoryRecord {
+            domain: domain.into(),
+            name: name.into(),
+            administrator: "111122223333".into(),
+            description: None,
+            upstreams: Vec::new(),
+            external_connections: Vec::new(),
+            created_ms: 0,
+            tags: Vec::new(),
+        })
+    }
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    /// A batch entry's commands are applied in turn, each seeing what the ones before it
+    /// wrote, each with its own result (a refusal changes nothing of the others); the
+    /// state is what the same commands as entries of their own give.
+    #[tokio::test]
+    async fn a_batch_entry_applies_its_commands_in_turn() {
+        let (one, apart) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cmds = vec![domain("a"), repository("a", "r"), domain("a"), domain("b")];
+        let mut sm = StateMachine::new(Store::open(one.path()).unwrap(), Default::default());
+        let results = sm
+            .apply([entry(1, Command::Batch(cmds.clone()))])
+            .await
+            .unwrap();
+        let [CommandResult::Batch(each)] = &results[..] else {
+            panic!("one batch result: {results:?}")
+        };
+        assert!(
+            matches!(
+                &each[..],
+                [
+                    CommandResult::Domain(_),
+                    CommandResult::Repository(_),
+                    CommandResult::Failed(ApplyError::Conflict { .. }),
+                    CommandResult::Domain(_),
+                ]
+            ),
+            "{each:?}"
+        );
+        assert_eq!(sm.applied_index(), 1);
+
+        let mut separate =
+            StateMachine::new(Store::open(apart.path()).unwrap(), Default::default());
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            separate.apply([entry(1, cmd)]).await.unwrap();
+            assert_eq!(separate.applied_index(), 1, "entry {i}");
+        }
+        assert_eq!(state_of(&sm.store), state_of(&separate.store));
+    }
+
+    /// A node that stops in the middle of a batch entry (its first command written, the
+    /// rest not) goes on from there when it applies the entry again: the first command is
+    /// not decided a second time (it would be refused now, as its domain exists), and the
+    /// state ends as if the entry had been applied once.
+    #[tokio::test]
+    async fn a_batch_cut_short_by_a_restart_goes_on_after_its_last_written_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cmds = vec![domain("b"), repository("b", "r")];
+        // What applying entry 7 had written when the node stopped.
+        let mut batch = WriteBatch::default();
+        apply(&store, &mut batch, &cmds[0], 7).unwrap();
+        batch.put_cf(
+            store.cf(CF_STATE),
+            keys::BATCH_PROGRESS,
+            serde_json::to_vec(&(7u64, 1usize)).unwrap(),
+        );
+        store.db().write(batch).unwrap();
+
+        let mut sm = StateMachine::new(store.clone(), Default::default());
+        let results = sm.apply([entry(7, Command::Batch(cmds))]).await.unwrap();
+        let [CommandResult::Batch(each)] = &results[..] else {
+            panic!("one batch result: {results:?}")
+        };
+        assert!(
+            matches!(
+                &each[..],
+                [CommandResult::Done, CommandResult::Repository(_)]
+            ),
+            "{each:?}"
+        );
+        assert_eq!(sm.applied_index(), 7);
+        let state = crate::state::StateView::new(store.clone());
+        assert!(state.domain("b").unwrap().is_some());
+        assert!(state.repository("b", "r").unwrap().is_some());
+        assert!(
+            sm.read_meta::<(u64, usize)>(keys::BATCH_PROGRESS)
+                .unwrap()
+                .is_none(),
+            "the progress is gone once the entry is applied"
         );
     }
 }

@@ -67,6 +67,11 @@ pub(crate) fn apply(
             now_ms,
         } => tx.put_origin(target, *restrictions, *now_ms, log_index),
         Command::RetainVersion { targets, version } => tx.retain(targets, version, log_index),
+        // The state machine takes a batch apart (`raft::state_machine`); one inside
+        // another is never proposed.
+        Command::Batch(_) => Err(TxError::Refused(ApplyError::Invalid(
+            "a batch of commands cannot be applied as one command".into(),
+        ))),
     };
     match outcome {
         Ok(result) => Ok(result),

@@ -148,6 +148,7 @@ impl ReadCache {
             | Command::ChangePackage { target, .. }
             | Command::PutPackageOrigin { target, .. } => self.bump(target),
             Command::RetainVersion { targets, .. } => targets.iter().for_each(|t| self.bump(t)),
+            Command::Batch(cmds) => cmds.iter().for_each(|c| self.applied(c)),
             _ => self.invalidate_all(),
         }
     }

@@ -99,6 +99,9 @@ pub enum Command {
         /// When (Unix milliseconds).
         now_ms: i64,
     },
+    /// Several commands proposed together, applied in order as if each were an entry of
+    /// its own (see `raft::batch`). Never nested.
+    Batch(Vec<Command>),
 }
 
 /// A package in a repository and format.
@@ -185,4 +188,6 @@ pub enum CommandResult {
     Repository(RepositoryRecord),
     /// Refused; nothing changed.
     Failed(ApplyError),
+    /// The results of a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResult>),
 }

@@ -82,6 +82,9 @@ pub(crate) fn token_key(kid: &str) -> Vec<u8> {
 
 pub(crate) const APPLIED: &[u8] = b"M\0applied\0";
 pub(crate) const MEMBERSHIP: &[u8] = b"M\0membership\0";
+/// While a batch entry is being applied: its index and how many of its commands are
+/// written, so that a restart in its middle goes on from there (`raft::state_machine`).
+pub(crate) const BATCH_PROGRESS: &[u8] = b"M\0batch\0";
 
 /// The first key after every key starting with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {

@@ -512,6 +512,12 @@ impl Peers {
             .add(CALLS, &[("call", call), ("transport", transport)], 1);
     }
 
+    /// Whether a test fault makes peers act as members that predate `what` (see
+    /// [`Faults::unimplemented`]).
+    pub(crate) fn peers_predate(&self, what: &str) -> bool {
+        self.faults.as_ref().is_some_and(|(f, _)| f.lacks(what))
+    }
+
     /// Routes every call through `faults`; `me` is this node's gRPC address.
     pub(crate) fn with_faults(mut self, faults: Arc<Faults>, me: &str) -> Peers {
         self.faults = Some((faults, Arc::from(me)));

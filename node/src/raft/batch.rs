@@ -35,6 +35,19 @@ pub(crate) const BATCHES: u32 = 1;
 /// Everything this release's Raft understands, sent in each of its answers.
 pub(crate) const FEATURES: u32 = BATCHES;
 
+/// The name under which a test fault (`Faults::unimplemented`) makes every peer act as a
+/// member of the release before batch entries: answering without the bit, and failing
+/// every AppendEntries that carries one.
+pub const PREDATES_BATCHES: &str = "raft batch entries";
+
+/// Whether `entry` carries a batch of commands.
+pub(crate) fn is_batch(entry: &openraft::Entry<super::TypeConfig>) -> bool {
+    matches!(
+        entry.payload,
+        openraft::EntryPayload::Normal(Command::Batch(_))
+    )
+}
+
 /// What each peer last said it understands, from its Raft answers.
 #[derive(Default)]
 pub(crate) struct PeerFeatures(Mutex<HashMap<NodeId, u32>>);

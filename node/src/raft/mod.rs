@@ -1,10 +1,12 @@
 //! Metadata consensus: openraft with its log and state machine in the node's RocksDB.
 //!
 //! ```text
-//!  proposer ──client_write(Command)──▶ leader log (raft_log, fsync) ──▶ majority
+//!  proposer (batch: what arrives during a sync shares the next entry)
+//!      │──client_write(Command)──▶ leader log (raft_log, fsync) ──▶ majority
 //!      ▲                                                     │
-//!      └──────── CommandResult ◀── apply (state CF, one WriteBatch per entry,
-//!                                  last applied log id included) ──▶ change notification
+//!      └──────── CommandResult ◀── apply (state CF, one WriteBatch per entry or per
+//!                                  command of a batch, last applied log id included)
+//!                                  ──▶ change notification
 //! ```
 //!
 //! Apply never calls actors; it publishes [`Applied`] on a broadcast channel after each
@@ -12,7 +14,7 @@
 
 // openraft's storage traits return its `StorageError`, a large type; the helpers that feed
 // them return it too rather than boxing and unboxing at every call.
-pub(crate) mod batch;
+pub mod batch;
 pub(crate) mod lease;
 #[allow(clippy::result_large_err)]
 pub(crate) mod log_store;

@@ -128,7 +128,13 @@ impl PeerClient {
         let reply = match self.exchange(kind, request, option.hard_ttl()).await {
             Ok(r) => {
                 self.reach.answered(self.target, &self.addr);
-                self.standing.features.answered(self.target, r.features);
+                // (A test fault plays members of the release before batch entries.)
+                let features = if self.peers.peers_predate(super::batch::PREDATES_BATCHES) {
+                    0
+                } else {
+                    r.features
+                };
+                self.standing.features.answered(self.target, features);
                 r
             }
             Err(e) => {
@@ -204,6 +210,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        // A member of the release before batch entries cannot decode one, and answers
+        // every AppendEntries carrying one with an error (played here by a test fault).
+        if rpc.entries.iter().any(super::batch::is_batch)
+            && self.peers.peers_predate(super::batch::PREDATES_BATCHES)
+        {
+            return Err(RPCError::Unreachable(Unreachable::new(&Msg(
+                "bad raft payload: unknown variant `Batch` (test fault)".into(),
+            ))));
+        }
         let (vote, sent) = (rpc.vote, tokio::time::Instant::now());
         let answer = self
             .call_with(Kind::Append, &rpc, Vec::new(), &option)

@@ -1,7 +1,10 @@
 //! The Raft state machine over the `state` column family.
 //!
 //! Each entry is applied in one WriteBatch that also records the last applied log id (and
-//! membership), so a restart neither replays nor half-applies an entry. Snapshots are a
+//! membership), so a restart neither replays nor half-applies an entry. A batch entry
+//! (`Command::Batch`, see `raft::batch`) is one WriteBatch per command, each recording how
+//! far the entry has come, the last one the applied id: a restart goes on after the last
+//! command written. Snapshots are a
 //! consistent RocksDB snapshot of the state column family, framed as length-prefixed pairs
 //! and streamed into a file (`{data_dir}/raft-snapshots/{id}.snap`): building one never
 //! holds the state in memory, and openraft sends and receives it in chunks from and to

@@ -769,3 +769,34 @@ async fn concurrent_requests_for_a_missing_blob_share_one_pull() {
     );
     cluster.stop().await;
 }
+
+/// Members of the release before batch entries (played by a test fault: they answer
+/// without the bit and fail every AppendEntries carrying a batch) get none, so a burst of
+/// publishes through the leader, which would otherwise share entries, is acknowledged and
+/// readable from every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_of_the_release_before_batch_entries_get_none() {
+    let mut cluster = InprocCluster::start(3).await;
+    let leader = cluster.leader(&cluster.ids()).await;
+    let token = cluster.client(leader).setup("inproc", "repo").await;
+    cluster
+        .faults
+        .unimplemented(granary_node::raft::batch::PREDATES_BATCHES);
+    let packages: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| (format!("burst-{i}"), fake_tgz(cluster.rng.random(), 4096)))
+        .collect();
+    let client = cluster.client(leader);
+    let results = futures::future::join_all(
+        packages
+            .iter()
+            .map(|(name, tgz)| publish(&client, &token, name, tgz)),
+    )
+    .await;
+    for ((name, _), r) in packages.iter().zip(&results) {
+        if let Err(e) = r {
+            panic!("publish {name} through the leader: {e}");
+        }
+    }
+    all_readable(&cluster, &cluster.ids(), &token, &packages).await;
+    cluster.stop().await;
+}

@@ -260,17 +260,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::tests::one_node_cluster;
-    use crate::state::model::{DomainRecord, RepositoryRecord};
-
-    fn domain(name: &str) -> Command {
-        Command::CreateDomain(DomainRecord {
-            name: name.into(),
-            owner: "111122223333".into(),
-            created_ms: 0,
-            encryption_key: String::new(),
-            tags: Vec::new(),
-        })
-    }
+    use crate::raft::state_machine::tests::{domain, repository};
 
     fn last_index(cluster: &crate::cluster::Cluster) -> u64 {
         cluster
@@ -339,19 +329,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cluster = one_node_cluster(dir.path()).await;
         cluster.submit(domain("d")).await.unwrap();
-        cluster
-            .submit(Command::CreateRepository(RepositoryRecord {
-                domain: "d".into(),
-                name: "r".into(),
-                administrator: "111122223333".into(),
-                description: None,
-                upstreams: Vec::new(),
-                external_connections: Vec::new(),
-                created_ms: 0,
-                tags: Vec::new(),
-            }))
-            .await
-            .unwrap();
+        cluster.submit(repository("d", "r")).await.unwrap();
         let origin = |package: &str, now_ms: i64| Command::PutPackageOrigin {
             target: PackageTarget {
                 domain: "d".into(),

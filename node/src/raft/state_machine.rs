@@ -656,7 +656,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use openraft::{CommittedLeaderId, Membership};
@@ -806,7 +806,8 @@ mod tests {
         );
     }
 
-    fn domain(name: &str) -> Command {
+    /// A command creating domain `name`.
+    pub(crate) fn domain(name: &str) -> Command {
         Command::CreateDomain(crate::state::model::DomainRecord {
             name: name.into(),
             owner: "111122223333".into(),
@@ -816,7 +817,8 @@ mod tests {
         })
     }
 
-    fn repository(domain: &str, name: &str) -> Command {
+    /// A command creating repository `name` in `domain`.
+    pub(crate) fn repository(domain: &str, name: &str) -> Command {
         Command::CreateRepository(crate::state::model::RepositoryRecord {
             domain: domain.into(),
             name: name.into(),

@@ -55,10 +55,10 @@ pub(crate) struct PeerFeatures(Mutex<HashMap<NodeId, u32>>);
 impl PeerFeatures {
     /// Records a peer's answer (a member of an earlier release sends none: 0).
     pub(crate) fn answered(&self, peer: NodeId, features: u32) {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.get(&peer) != Some(&features) {
-            seen.insert(peer, features);
-        }
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, features);
     }
 
     /// Whether every one of `peers` has answered with all of `wanted`.

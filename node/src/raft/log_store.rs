@@ -295,7 +295,9 @@ fn write_loop(
                         .map_err(|e| std::io::Error::other(e.to_string())),
                 );
             }
-            progress.finished(n);
+            if n > 0 {
+                progress.finished(n);
+            }
         };
         for job in jobs {
             match job {

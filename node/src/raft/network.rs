@@ -212,8 +212,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
         // A member of the release before batch entries cannot decode one, and answers
         // every AppendEntries carrying one with an error (played here by a test fault).
-        if rpc.entries.iter().any(super::batch::is_batch)
-            && self.peers.peers_predate(super::batch::PREDATES_BATCHES)
+        if self.peers.peers_predate(super::batch::PREDATES_BATCHES)
+            && rpc.entries.iter().any(super::batch::is_batch)
         {
             return Err(RPCError::Unreachable(Unreachable::new(&Msg(
                 "bad raft payload: unknown variant `Batch` (test fault)".into(),
